@@ -1,0 +1,188 @@
+"""Names, architecture maps and key aliases: all of them, as data, in one place.
+
+Every other module asks this one how a thing is spelled in a given format; none of them
+builds a tensor name or a metadata key from pieces of its own.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                 # our family name, also APR `architecture`
+    hf_architecture: str      # HF `architectures[0]`, APR `hf_architecture`
+    hf_model_type: str        # HF `model_type`
+    gguf_arch: str            # GGUF `general.architecture`
+    attention_bias: bool      # q/k/v projections carry a bias by default
+    gguf_rope_permuted: bool  # llama.cpp stores Q/K rows in adjacent-pair rotary order
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "LlamaForCausalLM", "llama", "llama",
+                    attention_bias=False, gguf_rope_permuted=True),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", "qwen2",
+                    attention_bias=True, gguf_rope_permuted=False),
+}
+
+
+def family_from_any(value: str | None) -> str | None:
+    """Map a family name, HF class name, HF model_type or GGUF architecture to our family."""
+    if not value:
+        return None
+    low = value.lower()
+    for fam in FAMILIES.values():
+        if low in (fam.name, fam.hf_architecture.lower(), fam.hf_model_type, fam.gguf_arch):
+            return fam.name
+    return None
+
+
+# --------------------------------------------------------------------------- rotary order
+
+ROPE_HALVES = "halves"      # HF order: rotary pairs are (i, i + d/2) ("NEOX"); APR rope_type 2
+ROPE_ADJACENT = "adjacent"  # GGUF llama order: pairs are (2i, 2i + 1); APR rope_type 0
+APR_ROPE_TYPE = {ROPE_ADJACENT: 0, ROPE_HALVES: 2}
+APR_ROPE_TYPE_INV = {v: k for k, v in APR_ROPE_TYPE.items()}
+
+LAYOUT_ROW_MAJOR = "row-major"
+LAYOUT_ROPE_ADJACENT = "row-major, Q/K rows in adjacent-pair rotary order"
+LAYOUT_GGUF = "GGUF (dims reversed)"
+LAYOUT_GGUF_LLAMA_ROPE = "GGUF llama rotary order (dims reversed, Q/K rows in adjacent pairs)"
+
+# --------------------------------------------------------------------------- APR metadata
+
+# Known keys in the order aprender writes them; custom keys follow.
+APR_KNOWN_KEYS: tuple[str, ...] = (
+    "model_type", "name", "description", "author", "license", "data_source", "data_license",
+    "version", "source", "original_format", "created_at", "total_size", "param_count",
+    "quantization", "sharding", "chat_template", "chat_format", "special_tokens",
+    "architecture", "hf_architecture", "hf_model_type", "hidden_size", "num_layers",
+    "num_heads", "num_kv_heads", "vocab_size", "intermediate_size", "max_position_embeddings",
+    "rope_theta", "rope_type", "rms_norm_eps", "head_dim",
+)
+APR_ALWAYS_PRESENT = ("license", "data_source", "data_license")
+
+# Canonical APR key -> aliases accepted on read (never written).
+APR_KEY_ALIASES: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("n_embd", "d_model", "dim", "embedding_length"),
+    "num_layers": ("num_hidden_layers", "n_layer", "n_layers", "block_count"),
+    "num_heads": ("num_attention_heads", "n_head", "n_heads", "head_count"),
+    "num_kv_heads": ("num_key_value_heads", "n_head_kv", "n_kv_heads", "head_count_kv"),
+    "vocab_size": ("n_vocab",),
+    "intermediate_size": ("ffn_dim", "n_inner", "feed_forward_length"),
+    "max_position_embeddings": ("max_seq_len", "n_positions", "n_ctx", "context_length"),
+    "rms_norm_eps": ("layer_norm_eps", "norm_eps", "layer_norm_rms_epsilon"),
+    "rope_theta": ("rope_freq_base", "freq_base"),
+}
+
+TIED_KEY = "tied_embeddings"         # aprender's custom key for tied embeddings
+ATTENTION_BIAS_KEY = "attention_bias"  # our custom key (no typed key exists)
+TRAINING_PREFIX = "__training__."
+
+# --------------------------------------------------------------------------- HF config.json
+
+# ModelConfig field -> HF config.json key
+HF_CONFIG_KEYS: dict[str, str] = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+# --------------------------------------------------------------------------- GGUF
+
+# ModelConfig field -> GGUF key under the architecture prefix
+GGUF_CONFIG_KEYS: dict[str, str] = {
+    "max_position_embeddings": "{arch}.context_length",
+    "hidden_size": "{arch}.embedding_length",
+    "num_layers": "{arch}.block_count",
+    "intermediate_size": "{arch}.feed_forward_length",
+    "num_heads": "{arch}.attention.head_count",
+    "num_kv_heads": "{arch}.attention.head_count_kv",
+    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon",
+    "rope_theta": "{arch}.rope.freq_base",
+}
+GGUF_ROPE_DIM_KEY = "{arch}.rope.dimension_count"
+GGUF_KEY_LENGTH_KEY = "{arch}.attention.key_length"
+GGUF_VALUE_LENGTH_KEY = "{arch}.attention.value_length"
+GGUF_VOCAB_SIZE_KEY = "{arch}.vocab_size"
+
+# Tensor names: (HF pattern, GGUF pattern); {i} is the layer index.
+TENSOR_NAMES: tuple[tuple[str, str], ...] = (
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+)
+
+# Tensors whose rows are in rotary order (permuted for llama GGUF), with the config field
+# holding the head count to permute with.
+ROTARY_TENSORS: dict[str, str] = {
+    "self_attn.q_proj.weight": "num_heads",
+    "self_attn.q_proj.bias": "num_heads",
+    "self_attn.k_proj.weight": "num_kv_heads",
+    "self_attn.k_proj.bias": "num_kv_heads",
+}
+
+# HF tensors that are not parameters and never go into GGUF.
+HF_NON_PARAMETERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+_HF_TO_GGUF = [(_pattern(h), g) for h, g in TENSOR_NAMES]
+_GGUF_TO_HF = [(_pattern(g), h) for h, g in TENSOR_NAMES]
+
+
+def _translate(name: str, table) -> str | None:
+    for pat, target in table:
+        m = pat.match(name)
+        if m:
+            return target.format(i=m.group("i")) if "i" in pat.groupindex else target
+    return None
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    """GGUF name of an HF tensor, or None if llama.cpp has no such tensor."""
+    return _translate(name, _HF_TO_GGUF)
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """HF (canonical) name of a GGUF tensor, or None if it is not one we know."""
+    return _translate(name, _GGUF_TO_HF)
+
+
+def rotary_head_field(name: str) -> str | None:
+    """For a Q/K projection tensor, the config field whose head count permutes its rows."""
+    for suffix, field in ROTARY_TENSORS.items():
+        if name.endswith("." + suffix):
+            return field
+    return None
+
+
+def layer_of(name: str) -> int | None:
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
