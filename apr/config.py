@@ -136,9 +136,11 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         vals.setdefault("num_kv_heads", vals["num_heads"])
-        rs = cfg.get("rope_scaling")
-        if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
-            raise UnsupportedError(f"{where}: rope_scaling {rs!r} is not supported")
+        for key in ("rope_scaling", "rope_parameters"):
+            rs = cfg.get(key)
+            if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
+                raise UnsupportedError(f"{where}: {key} {rs!r} is not supported "
+                                       "(only plain rotary embeddings)")
         if "rope_theta" not in vals:
             rp = cfg.get("rope_parameters") or {}
             if rp.get("rope_theta") is not None:
@@ -161,7 +163,8 @@ class ModelConfig:
         d["attention_dropout"] = 0.0
         d["initializer_range"] = 0.02
         d["use_cache"] = True
-        d["torch_dtype"] = torch_dtype
+        d["torch_dtype"] = d["dtype"] = torch_dtype
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.family == "llama":
             d["mlp_bias"] = False
             d["pretraining_tp"] = 1
@@ -244,9 +247,11 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ GGUF
     @classmethod
-    def from_gguf_kv(cls, kv: Mapping[str, Any], tensor_names: set[str], where: str = "GGUF") -> "ModelConfig":
-        """From GGUF key/values. The stored rotary order follows the family's llama.cpp
-        convention; tied embeddings are inferred from a missing output.weight."""
+    def from_gguf_kv(cls, kv: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                     where: str = "GGUF") -> "ModelConfig":
+        """From GGUF key/values and the tensor shapes (by HF name). The stored rotary order
+        follows the family's llama.cpp convention; the vocabulary size is the embedding's row
+        count; tied embeddings are inferred from a missing output.weight."""
         arch = kv.get("general.architecture")
         fam = family_from_any(arch)
         if fam is None or FAMILIES[fam].gguf_arch != arch:
@@ -270,17 +275,20 @@ class ModelConfig:
         if rope_dim is not None and int(rope_dim) != head_dim:
             raise UnsupportedError(f"{where}: partial rotary ({GGUF_ROPE_DIM_KEY.format(arch=arch)}"
                                    f"={rope_dim}, head_dim={head_dim}) is not supported")
-        vals["vocab_size"] = int(kv.get("__embedding_rows__") or 0)
+        emb = shapes.get("model.embed_tokens.weight")
+        if not emb:
+            raise ConfigError(f"{where}: no token_embd.weight tensor")
+        vals["vocab_size"] = int(emb[0])
         vals["rope_theta"] = float(vals.get("rope_theta", 10000.0))
         vals["rms_norm_eps"] = float(vals.get("rms_norm_eps", 1e-5))
         for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                   "max_position_embeddings"):
             if k in vals:
                 vals[k] = int(vals[k])
-        has_bias = any(n.endswith("attn_q.bias") for n in tensor_names)
+        has_bias = any(n.endswith("self_attn.q_proj.bias") for n in shapes)
         return cls(family=fam,
                    rope_type=ROPE_ADJACENT if FAMILIES[fam].gguf_rope_permuted else ROPE_HALVES,
-                   tie_word_embeddings="output.weight" not in tensor_names,
+                   tie_word_embeddings="lm_head.weight" not in shapes,
                    attention_bias=has_bias, **vals)
 
     def to_gguf_kv(self) -> dict[str, Any]:

@@ -1,0 +1,309 @@
+"""Conversions between APR, GGUF and HF directories, through the canonical view.
+
+Rules every direction follows:
+- data is never transposed; GGUF gets the reversed dimension list only;
+- APR and HF hold Q/K rows in HF (halves) rotary order; GGUF llama holds them in llama.cpp's
+  adjacent-pair order (Q permuted with the head count, K with the KV-head count);
+- tied embeddings: APR writes lm_head.weight as a copy of the embedding plus
+  `tied_embeddings: true`; GGUF and HF omit lm_head;
+- norms and biases (1-D tensors) stay F32 in GGUF and whenever the rest is quantized;
+- a tensor whose dtype and row order do not change is copied byte for byte.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from . import names
+from .atomic import atomic_dir, atomic_file, check_output
+from .config import ModelConfig
+from .container import TensorSource, write_apr
+from .dtypes import DType, dtype_by_name, encode, nbytes
+from .errors import AprError, ConfigError, UnsupportedError
+from .gguf_io import GgufTensor, write_gguf
+from .layout import adjacent_to_halves, halves_to_adjacent
+from .model import ModelView, TensorRef, open_model
+from .safetensors_io import StTensor, write_safetensors
+from .tokenizer import to_apr_metadata, to_gguf_fields, to_hf_files
+
+CONVERT_DTYPES = ("f32", "f16", "bf16", "q8_0")
+# what each target format can store; anything else is dequantized to F32
+STORABLE = {
+    "apr": {"F32", "F16", "BF16", "F64", "Q4_K", "Q6_K", "APR_Q4", "APR_Q8"},
+    "gguf": {"F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_K", "Q6_K"},
+    "hf": {"F32", "F16", "BF16", "F64"},
+}
+# --dtype name -> stored dtype per target format
+REQUESTED = {
+    "f32": {"apr": "F32", "gguf": "F32", "hf": "F32"},
+    "f16": {"apr": "F16", "gguf": "F16", "hf": "F16"},
+    "bf16": {"apr": "BF16", "gguf": "BF16", "hf": "BF16"},
+    "q8_0": {"apr": "APR_Q8", "gguf": "Q8_0"},
+}
+GGUF_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
+HF_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def target_format(dst: str | os.PathLike) -> str:
+    s = str(dst)
+    if s.endswith(".apr"):
+        return "apr"
+    if s.endswith(".gguf"):
+        return "gguf"
+    if s.endswith(".safetensors"):
+        raise UnsupportedError(f"{dst}: write an HF model as a directory (config.json, "
+                               "model.safetensors, tokenizer.json), not a lone .safetensors file")
+    if Path(s).suffix and not Path(s).is_dir():
+        raise UnsupportedError(f"{dst}: unknown output format {Path(s).suffix!r} "
+                               "(use .apr, .gguf, or a directory for HF)")
+    return "hf"
+
+
+@dataclass
+class Planned:
+    """One output tensor: where it comes from and how it is stored."""
+    name: str                  # canonical HF name
+    src: TensorRef
+    dtype: DType               # target dtype
+    rotary: str | None         # None, or "to_adjacent"/"to_halves" with heads
+    heads: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.src.shape
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+    def data(self) -> np.ndarray:
+        """Stored bytes of the output tensor, computed from the source on demand."""
+        src = self.src
+        if src.dtype == self.dtype and src.rotary_heads is None and self.rotary is None:
+            return src.raw()                           # byte-for-byte copy
+        if src.dtype == self.dtype and self.dtype.numpy is not None:
+            values = src.raw()                         # plain dtype: reorder rows exactly
+        else:
+            values = src.numpy(np.float32)
+        if src.rotary_heads:
+            values = adjacent_to_halves(values, src.rotary_heads)
+        if self.rotary == "to_adjacent":
+            values = halves_to_adjacent(values, self.heads)
+        if self.dtype.numpy is not None and values.dtype == self.dtype.numpy:
+            return np.ascontiguousarray(values)
+        return encode(values, self.dtype)
+
+
+@dataclass
+class ConvertReport:
+    src: str
+    dst: str
+    src_format: str
+    dst_format: str
+    tensors: int = 0
+    bytes_written: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_tensors(view: ModelView, config: ModelConfig) -> list[str]:
+    """Every tensor the config implies is present with its shape; returns the extras."""
+    expected = config.tensor_shapes(include_lm_head=True)
+    for name, shape in expected.items():
+        ref = view.tensors.get(name)
+        if ref is None:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            raise ConfigError(f"{view.path}: tensor {name} is missing (the config implies it)")
+        if tuple(ref.shape) != tuple(shape):
+            raise ConfigError(f"{view.path}: tensor {name} has shape {list(ref.shape)}, "
+                              f"the config implies {list(shape)}")
+    return sorted(n for n in view.tensors if n not in expected)
+
+
+def _choose_dtype(ref: TensorRef, fmt: str, requested: str | None, notes: list[str]) -> DType:
+    one_d = len(ref.shape) <= 1
+    if requested is None:
+        name = ref.dtype.name if ref.dtype.name in STORABLE[fmt] else "F32"
+        if fmt == "gguf" and one_d:
+            name = "F32"
+        return dtype_by_name(name)
+    target = REQUESTED[requested].get(fmt)
+    if target is None:
+        raise UnsupportedError(f"--dtype {requested} cannot be stored in {fmt.upper()} "
+                               f"(choose from {', '.join(k for k, v in REQUESTED.items() if fmt in v)})")
+    dt = dtype_by_name(target)
+    if one_d and (fmt == "gguf" or dt.numpy is None):
+        return dtype_by_name("F32")
+    if dt.numpy is None and ref.shape[-1] % dt.block_size:
+        notes.append(f"{ref.name}: row length {ref.shape[-1]} is not a multiple of "
+                     f"{dt.block_size}; stored F32")
+        return dtype_by_name("F32")
+    return dt
+
+
+def plan(view: ModelView, fmt: str, requested: str | None, report: ConvertReport) -> tuple[ModelConfig, list[Planned]]:
+    config = view.require_config()
+    report.dropped = _check_tensors(view, config)
+    out_config = config.replace(rope_type=names.ROPE_HALVES)
+    family = names.FAMILIES[config.family]
+    wanted = out_config.tensor_shapes(include_lm_head=(fmt == "apr") or not config.tie_word_embeddings)
+    planned = []
+    for name in wanted:
+        src = view.tensors.get(name)
+        if src is None:        # tied and absent: APR stores a copy of the embedding
+            src = view.tensors["model.embed_tokens.weight"]
+        rotary, heads = None, 0
+        fld = names.rotary_head_field(name)
+        if fmt == "gguf" and family.gguf_rope_permuted and fld:
+            rotary, heads = "to_adjacent", getattr(config, fld)
+        planned.append(Planned(name, src, _choose_dtype(src, fmt, requested, report.notes), rotary, heads))
+    if fmt == "gguf" and family.gguf_rope_permuted:
+        out_config = out_config.replace(rope_type=names.ROPE_ADJACENT)
+    return out_config, planned
+
+
+def _progress(total: int, label: str, enabled: bool) -> Callable[[Any], None]:
+    if not enabled:
+        return lambda _t: None
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False, file=sys.stderr)
+    return lambda t: bar.update(t.nbytes)
+
+
+def _custom_keys(view: ModelView) -> dict[str, Any]:
+    """Custom metadata worth carrying over from an APR source (provenance and the like)."""
+    if view.format != "apr":
+        return {}
+    skip = set(names.APR_KNOWN_KEYS) | {names.TIED_KEY, names.ATTENTION_BIAS_KEY}
+    for aliases in names.APR_KEY_ALIASES.values():
+        skip.update(aliases)
+    return {k: v for k, v in view.metadata.items() if k not in skip and not k.startswith("tokenizer.")}
+
+
+def _source_name(view: ModelView) -> str:
+    if view.format == "apr" and view.metadata.get("name"):
+        return str(view.metadata["name"])
+    if view.format == "gguf" and view.metadata.get("general.name"):
+        return str(view.metadata["general.name"])
+    p = view.path
+    return (p.name if p.is_dir() else p.stem) or "model"
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
+            force: bool = False, allow_no_tokenizer: bool = False,
+            progress: bool = False) -> ConvertReport:
+    """Convert `src` (any format) to `dst` (.apr, .gguf, or a directory for HF)."""
+    if dtype is not None and dtype not in CONVERT_DTYPES:
+        raise UnsupportedError(f"--dtype {dtype}: choose from {', '.join(CONVERT_DTYPES)}")
+    fmt = target_format(dst)
+    dst_path = check_output(dst, force)
+    if Path(src).resolve() == dst_path.resolve():
+        raise AprError(f"{dst}: output would overwrite the input")
+    with open_model(src, verify=True) as view:
+        report = ConvertReport(str(src), str(dst), view.format, fmt)
+        if view.tokenizer is None and not allow_no_tokenizer:
+            raise AprError(f"{src}: has no tokenizer; the {fmt.upper()} file would not be "
+                           "self-contained (pass --allow-no-tokenizer to write it anyway)")
+        out_config, planned = plan(view, fmt, dtype, report)
+        for p in planned:
+            report.dtypes[p.dtype.name] = report.dtypes.get(p.dtype.name, 0) + 1
+        report.tensors = len(planned)
+        report.bytes_written = sum(p.nbytes for p in planned)
+        tick = _progress(report.bytes_written, f"writing {Path(dst).name}", progress)
+        {"apr": _write_apr, "gguf": _write_gguf, "hf": _write_hf}[fmt](
+            view, out_config, planned, dst_path, report, tick)
+    return report
+
+
+# --------------------------------------------------------------------------- writers
+
+def _write_apr(view, config, planned, dst, report, tick) -> None:
+    meta: dict[str, Any] = {
+        "model_type": config.family,
+        "name": _source_name(view),
+        "source": str(view.path.name),
+        "original_format": view.format,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "total_size": report.bytes_written,
+        "param_count": config.param_count(),
+    }
+    if view.format == "apr":
+        for k in ("description", "author", "license", "data_source", "data_license", "version",
+                  "chat_template", "chat_format", "special_tokens"):
+            if view.metadata.get(k) is not None:
+                meta[k] = view.metadata[k]
+    meta.update(config.to_apr_metadata())
+    meta.update(_custom_keys(view))
+    if view.tokenizer is not None:
+        meta.update(to_apr_metadata(view.tokenizer))
+        if view.tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(f"{view.path}: tokenizer has {view.tokenizer.vocab_size} tokens but the "
+                              f"embedding has {config.vocab_size} rows")
+
+    def source(p: Planned) -> TensorSource:
+        def data():
+            arr = p.data()
+            tick(p)
+            return arr
+        return TensorSource(p.name, p.dtype, p.shape, data)
+
+    with atomic_file(dst) as tmp:
+        write_apr(tmp, meta, [source(p) for p in planned])
+
+
+def _write_gguf(view, config, planned, dst, report, tick) -> None:
+    fam = names.FAMILIES[config.family]
+    kv: list[tuple[str, Any, Any]] = [("general.name", _source_name(view), None)]
+    types = {p.dtype.name for p in planned if len(p.shape) > 1}
+    main = types.pop() if len(types) == 1 else ("Q8_0" if "Q8_0" in types else "F32")
+    kv.append(("general.file_type", GGUF_FILE_TYPE.get(main, 0), None))
+    if any(p.dtype.numpy is None for p in planned):
+        kv.append(("general.quantization_version", 2, None))
+    for key, value in config.to_gguf_kv().items():
+        kv.append((key, value, None))
+    if view.tokenizer is not None:
+        kv.extend(to_gguf_fields(view.tokenizer, config.vocab_size))
+    else:
+        report.notes.append("no tokenizer: the GGUF carries no tokenizer.ggml.* keys")
+    tensors = [GgufTensor(names.hf_to_gguf_name(p.name), p.dtype, p.shape, p.data, p.nbytes)
+               for p in planned]
+    with atomic_file(dst) as tmp:
+        write_gguf(tmp, fam.gguf_arch, kv, tensors, tick)
+
+
+def _write_hf(view, config, planned, dst, report, tick) -> None:
+    dtypes = {p.dtype.name for p in planned if len(p.shape) > 1}
+    torch_dtype = HF_TORCH_DTYPE.get(dtypes.pop() if len(dtypes) == 1 else "F32", "float32")
+    hf_cfg = config.to_hf_config(torch_dtype)
+    tok = view.tokenizer
+    if tok is not None:
+        if tok.bos_token_id is not None:
+            hf_cfg["bos_token_id"] = tok.bos_token_id
+        if tok.eos_token_id is not None:
+            hf_cfg["eos_token_id"] = tok.eos_token_id
+
+    def st(p: Planned) -> StTensor:
+        def data():
+            arr = p.data()
+            tick(p)
+            return arr
+        return StTensor(p.name, p.dtype, p.shape, data)
+
+    with atomic_dir(dst) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
+        if tok is not None:
+            for fname, text in to_hf_files(tok).items():
+                (tmp / fname).write_text(text, encoding="utf-8")
+            gen = {k: v for k, v in (("bos_token_id", tok.bos_token_id),
+                                     ("eos_token_id", tok.eos_token_id)) if v is not None}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        write_safetensors(tmp / "model.safetensors", [st(p) for p in planned])

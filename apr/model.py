@@ -1,0 +1,254 @@
+"""The canonical model view: one shape for an APR file, a GGUF file, a .safetensors file
+or an HF directory.
+
+    view = open_model("model.gguf")
+    view.config            # ModelConfig (None for a container that holds no model)
+    view.tokenizer         # TokenizerData or None
+    view.tensors["model.layers.0.self_attn.q_proj.weight"].numpy(order="hf")
+
+Tensors are keyed by canonical HF name with their HF shape, their stored dtype, and their
+layout as stored (for example GGUF llama rotary order). Nothing is read until asked for.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import names
+from .config import ModelConfig
+from .container import AprFile
+from .dtypes import DType, decode
+from .errors import AprError, FormatError
+from .gguf_io import GgufFile
+from .layout import adjacent_to_halves
+from .safetensors_io import SafetensorsFile, hf_weight_files, read_json
+from .tokenizer import TokenizerData, from_apr_metadata, from_gguf_fields, from_hf_dir
+
+FORMATS = ("apr", "gguf", "safetensors", "hf")
+
+
+@dataclass
+class TensorRef:
+    name: str                       # canonical name (HF for model tensors)
+    dtype: DType                    # as stored
+    shape: tuple[int, ...]          # HF row-major shape
+    layout: str                     # how the data sits in the file (names.LAYOUT_*)
+    source_name: str                # the name in the file
+    nbytes: int
+    _raw: Callable[[], np.ndarray] = field(repr=False)
+    rotary_heads: int | None = None  # rows in adjacent-pair rotary order, permuted with this head count
+
+    def raw(self) -> np.ndarray:
+        """Stored data, no copy: typed array with the HF shape, or flat uint8 for block types."""
+        return self._raw()
+
+    def numpy(self, dtype=np.float32, order: str = "stored") -> np.ndarray:
+        """Decoded values with the HF shape. order="hf" undoes a stored rotary permutation so
+        the rows are in HF order; order="stored" keeps the file's row order."""
+        if order not in ("stored", "hf"):
+            raise ValueError(f"order must be 'stored' or 'hf', not {order!r}")
+        values = decode(self.raw(), self.dtype, self.shape)
+        if dtype is not None and values.dtype != dtype:
+            values = values.astype(dtype)
+        if order == "hf" and self.rotary_heads:
+            values = adjacent_to_halves(values, self.rotary_heads)
+        return values
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class ModelView:
+    path: Path
+    format: str
+    config: ModelConfig | None
+    tokenizer: TokenizerData | None
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorRef]
+    training: dict[str, TensorRef] = field(default_factory=dict)   # APR __training__. tensors
+    info: dict[str, Any] = field(default_factory=dict)             # version, checksums, size...
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        for c in self._closers:
+            c()
+        self._closers.clear()
+
+    def __enter__(self) -> "ModelView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def require_config(self) -> ModelConfig:
+        if self.config is None:
+            raise AprError(f"{self.path}: holds no model architecture "
+                           f"({self.info.get('config_note', 'no architecture metadata')})")
+        return self.config
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    if not path.exists():
+        raise AprError(f"{path}: no such file or directory")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"APR\x00":
+        return "apr"
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n < 100 * 1024 * 1024 and head[8:9] == b"{":
+            return "safetensors"
+    if path.suffix == ".apr":
+        raise FormatError(f"{path}: not an APR file (magic {head[:4]!r}, expected b'APR\\x00')")
+    if path.suffix == ".gguf":
+        raise FormatError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise FormatError(f"{path}: looks like a pickle/zip checkpoint; pickles are never loaded "
+                          "(convert it to safetensors first)")
+    raise FormatError(f"{path}: not a model file (APR, GGUF or safetensors; starts with {head[:8]!r})")
+
+
+def open_model(path: str | os.PathLike, verify: bool = False) -> ModelView:
+    """Open any supported model file or HF directory. `verify` also checks whole-file
+    checksums where the format has them (APR's footer CRC) and raises on a mismatch."""
+    p = Path(path)
+    fmt = detect_format(p)
+    return {"apr": _open_apr, "gguf": _open_gguf, "safetensors": _open_safetensors,
+            "hf": _open_hf}[fmt](p, verify)
+
+
+# --------------------------------------------------------------------------- APR
+
+def _open_apr(path: Path, verify: bool) -> ModelView:
+    f = AprFile.open(path)
+    info: dict[str, Any] = {"version": ".".join(map(str, f.version)), "flags": f.flags, "size_bytes": f.file_size,
+                            "header_crc_valid": True}
+    if verify:
+        info["checksum_valid"] = f.verify_footer()
+        if not info["checksum_valid"]:
+            f.close()
+            raise FormatError(f"{path}: footer CRC mismatch: the file was modified or corrupted "
+                              f"after it was written")
+    meta = dict(f.metadata)
+    config, note = None, None
+    if any(k in meta for k in ("architecture", "hf_architecture", "hidden_size")):
+        config = ModelConfig.from_apr_metadata(meta, where=str(path))
+    else:
+        note = "no architecture keys in the metadata"
+    layout_q = names.LAYOUT_ROPE_ADJACENT if config and config.rope_type == names.ROPE_ADJACENT \
+        else names.LAYOUT_ROW_MAJOR
+    tensors, training = {}, {}
+    for name, e in f.tensors.items():
+        heads = _rotary_heads(config, name)
+        ref = TensorRef(name=name, dtype=e.dtype, shape=tuple(e.shape),
+                        layout=layout_q if heads else names.LAYOUT_ROW_MAJOR,
+                        source_name=name, nbytes=e.size, _raw=_bind(f.raw, name),
+                        rotary_heads=heads)
+        (training if name.startswith(names.TRAINING_PREFIX) else tensors)[name] = ref
+    view = ModelView(path, "apr", config, from_apr_metadata(meta), meta, tensors, training, info,
+                     [f.close])
+    if note:
+        view.info["config_note"] = note
+    return view
+
+
+def _rotary_heads(config: ModelConfig | None, name: str) -> int | None:
+    """Head count to undo the rotary permutation of a tensor, if its rows are permuted."""
+    if config is None or config.rope_type != names.ROPE_ADJACENT:
+        return None
+    fld = names.rotary_head_field(name)
+    return getattr(config, fld) if fld else None
+
+
+def _bind(fn, name):
+    return lambda: fn(name)
+
+
+# --------------------------------------------------------------------------- GGUF
+
+def _open_gguf(path: Path, verify: bool) -> ModelView:
+    g = GgufFile(path)
+    hf_names = {}
+    for gname in g.entries:
+        hf_names[gname] = names.gguf_to_hf_name(gname) or gname
+    shapes = {hf_names[n]: e.shape for n, e in g.entries.items()}
+    kv = dict(g.kv)
+    emb = shapes.get("model.embed_tokens.weight")
+    config = None
+    note = None
+    try:
+        config = ModelConfig.from_gguf_kv(kv, shapes, where=str(path))
+    except AprError as e:
+        if "general.architecture" in kv and names.family_from_any(str(kv["general.architecture"])):
+            raise
+        note = str(e)
+    layout = names.LAYOUT_GGUF_LLAMA_ROPE
+    tensors = {}
+    for gname, e in g.entries.items():
+        name = hf_names[gname]
+        heads = _rotary_heads(config, name)
+        tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
+                                  layout=layout if heads else names.LAYOUT_GGUF, source_name=gname,
+                                  nbytes=int(e.tensor.n_bytes), _raw=_bind(g.raw, gname),
+                                  rotary_heads=heads)
+    tok = from_gguf_fields(g.reader)
+    info = {"version": g.version, "size_bytes": path.stat().st_size,
+            "embedding_rows": emb[0] if emb else None}
+    if note:
+        info["config_note"] = note
+    return ModelView(path, "gguf", config, tok, kv, tensors, {}, info, [])
+
+
+# --------------------------------------------------------------------------- safetensors / HF
+
+def _st_tensors(files: list[SafetensorsFile]) -> dict[str, TensorRef]:
+    tensors = {}
+    for st in files:
+        for name, e in st.entries.items():
+            if name in tensors:
+                raise FormatError(f"{st.path}: tensor {name!r} also appears in {tensors[name].layout}")
+            tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
+                                      layout=names.LAYOUT_ROW_MAJOR, source_name=name,
+                                      nbytes=e.end - e.begin, _raw=_bind(st.raw, name))
+    return tensors
+
+
+def _open_safetensors(path: Path, verify: bool) -> ModelView:
+    st = SafetensorsFile(path)
+    cfg_path = path.parent / "config.json"
+    config, note = None, None
+    if cfg_path.exists():
+        config = ModelConfig.from_hf_config(read_json(cfg_path, "model config"), where=str(cfg_path))
+    else:
+        note = "a lone .safetensors file carries no architecture (no config.json beside it)"
+    view = ModelView(path, "safetensors", config, from_hf_dir(path.parent) if config else None,
+                     dict(st.metadata), _st_tensors([st]), {}, {"size_bytes": st.size}, [])
+    if note:
+        view.info["config_note"] = note
+    return view
+
+
+def _open_hf(path: Path, verify: bool) -> ModelView:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FormatError(f"{path}: not an HF model directory (no config.json)")
+    raw_cfg = read_json(cfg_path, "model config")
+    config = ModelConfig.from_hf_config(raw_cfg, where=str(cfg_path))
+    files = [SafetensorsFile(f) for f in hf_weight_files(path)]
+    tensors = _st_tensors(files)
+    for name in list(tensors):
+        if names.HF_NON_PARAMETERS.search(name):
+            del tensors[name]
+    size = sum(f.size for f in files)
+    return ModelView(path, "hf", config, from_hf_dir(path), raw_cfg, tensors, {},
+                     {"size_bytes": size, "files": [f.path.name for f in files]}, [])

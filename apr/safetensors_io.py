@@ -1,0 +1,155 @@
+"""HF safetensors files and HF model directories.
+
+Reading memory-maps the file and hands out views; writing streams tensor by tensor. The
+`safetensors` package's NumPy API loads whole tensors into memory and has no bfloat16, so
+the (tiny, documented) container is handled here directly; the package itself is the
+oracle our tests read our files back with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .dtypes import DType, dtype_by_name
+from .errors import FormatError, UnsupportedError
+
+MAX_HEADER = 100 * 1024 * 1024
+# safetensors dtype strings we read and write (our DType names coincide)
+SAFETENSORS_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I8", "U8")
+
+
+@dataclass
+class SafetensorsEntry:
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int   # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed at open, tensors as memory-mapped views."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        where = str(self.path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{where}: truncated: {size} bytes is too short for a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise FormatError(f"{where}: not a safetensors file (header length {n} "
+                                  f"does not fit a {size}-byte file)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{where}: safetensors header is not valid JSON ({e.__class__.__name__})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{where}: safetensors header is not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.size = size
+        self.entries: dict[str, SafetensorsEntry] = {}
+        for name, info in header.items():
+            try:
+                dt = str(info["dtype"])
+                shape = tuple(int(d) for d in info["shape"])
+                b, e = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{where}: tensor {name!r}: malformed header entry") from None
+            if dt not in SAFETENSORS_DTYPES:
+                raise UnsupportedError(f"{where}: tensor {name!r} has dtype {dt}, not supported")
+            dtype = dtype_by_name(dt)
+            expect = int(np.prod(shape, dtype=np.int64)) * dtype.numpy.itemsize
+            if e - b != expect or b < 0:
+                raise FormatError(f"{where}: tensor {name!r}: {e - b} bytes for shape {list(shape)} {dt} "
+                                  f"(expected {expect})")
+            if self.data_start + e > size:
+                raise FormatError(f"{where}: truncated: tensor {name!r} ends at byte {self.data_start + e} "
+                                  f"but the file has {size} bytes")
+            self.entries[name] = SafetensorsEntry(name, dtype, shape, self.data_start + b, self.data_start + e)
+        self._mm: np.memmap | None = None
+
+    def raw(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of a tensor with its dtype and shape."""
+        ent = self.entries[name]
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        flat = self._mm[ent.begin:ent.end]
+        return flat.view(ent.dtype.numpy).reshape(ent.shape)
+
+
+@dataclass
+class StTensor:
+    """A tensor to write: name, dtype, shape and a function returning its array."""
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    data: Callable[[], np.ndarray]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Iterable[StTensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Stream tensors into a safetensors file at `path` (the caller makes it atomic)."""
+    tensors = list(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for t in tensors:
+        if t.dtype.name not in SAFETENSORS_DTYPES:
+            raise UnsupportedError(f"safetensors cannot store {t.dtype.name} (tensor {t.name!r})")
+        n = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.numpy.itemsize
+        header[t.name] = {"dtype": t.dtype.name, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            arr = np.ascontiguousarray(t.data())
+            if arr.dtype != t.dtype.numpy or tuple(arr.shape) != tuple(t.shape):
+                raise FormatError(f"tensor {t.name!r}: got {arr.dtype} {list(arr.shape)}, "
+                                  f"declared {t.dtype.name} {list(t.shape)}")
+            f.write(arr.tobytes())
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path.parent}: no {path.name} ({what})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def hf_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of an HF directory: a sharded index or a single file."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index, "sharded weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (directory / f).exists():
+                raise FormatError(f"{index}: shard {f} is missing")
+        return [directory / f for f in files]
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return found
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise UnsupportedError(f"{directory}: only pickle weights (*.bin/*.pt) found; "
+                               "they are never loaded here, convert them to safetensors first")
+    raise FormatError(f"{directory}: no safetensors weights (model.safetensors or an index)")

@@ -1,0 +1,607 @@
+"""The embedded tokenizer: byte-level BPE (GPT-2 style: GPT-2, Llama-3, Qwen2) in every format.
+
+One in-memory form, `TokenizerData`, is read from and written to
+
+* HF ``tokenizer.json`` (+ ``tokenizer_config.json``): `from_hf_tokenizer_json`, `from_hf_dir`,
+  `to_hf_files`;
+* APR ``tokenizer.*`` custom metadata keys (see APR-FORMAT.md): `to_apr_metadata`,
+  `from_apr_metadata`;
+* GGUF ``tokenizer.ggml.*`` key/values: `to_gguf_fields`, `from_gguf_fields`;
+
+and `build_tokenizer` turns it into a real `tokenizers.Tokenizer` that encodes and decodes like
+the source tokenizer.
+
+What a file stores is only the vocabulary, the merges, token types, special ids and the
+pre-tokenizer's *name* (GGUF carries nothing but ``tokenizer.ggml.pre``). Everything else that
+an exact tokenizer needs (split regex, normalizer, ``ignore_merges``, llama.cpp's default for
+adding BOS) is derived from that name through one table, `PRE_TOKENIZERS`.
+
+Conventions:
+
+* Token types are llama.cpp's: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+  6 byte. HF added tokens with ``special=true`` become 3, other added tokens 4.
+* Ids missing from an HF tokenizer (holes between the BPE vocabulary and the added tokens) are
+  filled with ``"<unk>"`` of type 5 (unused), as the APR format asks.
+* Rows that exist only because the embedding matrix is larger than the vocabulary (Qwen2.5 pads
+  151665 tokens to 151936 rows) are *row pads*: type 5, named ``<|pad_{id}|>`` (or
+  ``<|pad_{id}_{k}|>`` when that name is taken). llama.cpp's converter names them ``[PAD{id}]``
+  (older versions typed them 4, user-defined); both spellings are read back as type 5. Row pads
+  and gap fillers sit in the BPE vocabulary so that their ids decode, but no merge produces them
+  and they are never matched in text, so they never change an encoding.
+* Every writer makes token strings unique (llama.cpp asserts it): a repeated string (e.g. the
+  gap filler ``<unk>``) is renamed to a row-pad name and typed 5.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import tokenizers
+
+from .errors import ConfigError, FormatError, UnsupportedError
+
+# llama.cpp token types (gguf.TokenType).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+GAP_TOKEN = "<unk>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Known pre-tokenizers: the one place where a pre-tokenizer name becomes behaviour.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreTokenizerSpec:
+    """How a named byte-level BPE pre-tokenizer behaves (HF semantics)."""
+
+    name: str                      # tokenizer.ggml.pre as llama.cpp's converter writes it
+    split_regex: str | None        # Split(regex, isolated) before ByteLevel; None: GPT-2's
+    #                                built-in ByteLevel regex (ByteLevel(use_regex=True))
+    normalizer: str | None = None  # "NFC" or None
+    ignore_merges: bool = False    # BPE: a pre-token that is itself in the vocab wins outright
+    add_bos: bool = False          # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
+    aliases: tuple[str, ...] = ()  # other names llama.cpp treats the same way
+
+
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN35_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                 r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {s.name: s for s in (
+    PreTokenizerSpec("gpt-2", None),
+    PreTokenizerSpec("llama-bpe", _LLAMA3_REGEX, ignore_merges=True, add_bos=True,
+                     aliases=("llama3", "llama-v3")),
+    PreTokenizerSpec("qwen2", _QWEN2_REGEX, normalizer="NFC", aliases=("deepseek-r1-qwen",)),
+    PreTokenizerSpec("qwen35", _QWEN35_REGEX),
+)}
+_SPEC_BY_ANY_NAME: dict[str, PreTokenizerSpec] = {
+    n: s for s in PRE_TOKENIZERS.values() for n in (s.name, *s.aliases)}
+
+
+def pre_tokenizer_spec(pre_type: str | None) -> PreTokenizerSpec | None:
+    """The table entry for a pre-tokenizer name (or alias); None if unknown."""
+    return _SPEC_BY_ANY_NAME.get(pre_type) if pre_type else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-memory form
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizerData:
+    """A byte-level BPE tokenizer as stored in a model file. ``vocab[i]`` is token id ``i``."""
+
+    vocab: list[str]
+    merges: list[str]                    # "left right"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    padding_token_id: int | None = None
+    model_type: str = "BPE"
+    pre_type: str | None = None          # llama.cpp pre-tokenizer name; None: unknown
+    token_type: list[int] = field(default_factory=list)  # empty: all normal
+    add_bos_token: bool = False
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_type:
+            self.token_type = [NORMAL] * len(self.vocab)
+        if len(self.token_type) != len(self.vocab):
+            raise ConfigError(f"tokenizer has {len(self.vocab)} tokens but "
+                              f"{len(self.token_type)} token types")
+        for name in ("bos_token_id", "eos_token_id", "padding_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < len(self.vocab):
+                raise ConfigError(f"tokenizer {name} {value} is outside the vocabulary "
+                                  f"(size {len(self.vocab)})")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+_PAD_RE = re.compile(r"<\|pad_(\d+)(?:_\d+)?\|>|\[PAD(\d+)\]")
+
+
+def is_row_pad(token: str, token_id: int) -> bool:
+    """True for a row-pad name of this id: ``<|pad_{id}|>``, ``<|pad_{id}_{k}|>``, ``[PAD{id}]``."""
+    m = _PAD_RE.fullmatch(token)
+    return m is not None and int(m.group(1) or m.group(2)) == token_id
+
+
+def _pad_names(token_id: int) -> Iterator[str]:
+    yield f"<|pad_{token_id}|>"
+    k = 1
+    while True:
+        yield f"<|pad_{token_id}_{k}|>"
+        k += 1
+
+
+def _unique_tokens(td: TokenizerData, n_rows: int | None = None) -> tuple[list[str], list[int]]:
+    """Token strings and types with every string unique, padded with row pads to ``n_rows``."""
+    tokens, types = list(td.vocab), list(td.token_type)
+    taken = set(tokens)
+    seen: set[str] = set()
+    for i in range(n_rows if n_rows is not None else len(tokens)):
+        if i >= len(tokens):
+            tokens.append("")
+            types.append(UNUSED)
+        if i < len(td.vocab) and tokens[i] not in seen:
+            seen.add(tokens[i])
+            continue
+        name = next(n for n in _pad_names(i) if n not in taken)
+        tokens[i], types[i] = name, UNUSED
+        taken.add(name)
+        seen.add(name)
+    return tokens, types
+
+
+def _spec_or_raise(td: TokenizerData, default_pre: str | None) -> PreTokenizerSpec:
+    spec = pre_tokenizer_spec(td.pre_type) or pre_tokenizer_spec(default_pre)
+    if spec is None:
+        known = ", ".join(PRE_TOKENIZERS)
+        raise UnsupportedError(
+            f"tokenizer pre-tokenizer {td.pre_type!r} is unknown (known: {known}); "
+            "pass default_pre to choose one explicitly")
+    return spec
+
+
+def _check_bpe(td: TokenizerData) -> None:
+    if td.model_type.upper() != "BPE":
+        raise UnsupportedError(f"tokenizer model type {td.model_type!r} is not supported "
+                               "(only byte-level BPE)")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers.Tokenizer and HF files
+# ---------------------------------------------------------------------------------------------
+
+def _byte_level(use_regex: bool, trim_offsets: bool = True) -> dict[str, Any]:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": trim_offsets,
+            "use_regex": use_regex}
+
+
+def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool) -> dict[str, Any]:
+    """The tokenizer.json document (as a dict) for ``td`` under ``spec``."""
+    _check_bpe(td)
+    tokens, types = _unique_tokens(td)
+    if spec.split_regex is None:
+        pre_tokenizer = _byte_level(use_regex=True)
+    else:
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": spec.split_regex}, "behavior": "Isolated",
+             "invert": False},
+            _byte_level(use_regex=False, trim_offsets=False)]}
+    # Added tokens are matched in the raw text before the model runs. tokenizers ignores the
+    # "id" of an added token that is not in the model vocabulary (it appends it instead), so
+    # every token, added ones included, is in the BPE vocabulary at its own id.
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": types[i] == CONTROL}
+             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
+    post_processor: dict[str, Any] = _byte_level(use_regex=False, trim_offsets=False)
+    if add_bos and td.bos_token_id is not None:
+        bos = tokens[td.bos_token_id]
+        post_processor = {"type": "Sequence", "processors": [post_processor, {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [td.bos_token_id], "tokens": [bos]}}}]}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": spec.normalizer} if spec.normalizer else None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": spec.ignore_merges,
+                  "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [m.split(" ", 1) for m in td.merges]},
+    }
+
+
+def build_tokenizer(td: TokenizerData, *, add_bos: bool = False,
+                    default_pre: str | None = None) -> tokenizers.Tokenizer:
+    """A `tokenizers.Tokenizer` that encodes and decodes like the source tokenizer.
+
+    Byte-level BPE with the pre-tokenizer, normalizer and ``ignore_merges`` of ``td.pre_type``
+    (see `PRE_TOKENIZERS`); control tokens are special added tokens, user-defined ones plain
+    added tokens. ``encode(text)`` adds no BOS unless ``add_bos=True`` (then it adds
+    ``td.bos_token_id`` when ``add_special_tokens`` is on, as HF does). An unknown ``pre_type``
+    raises UnsupportedError unless ``default_pre`` names the pre-tokenizer to use instead.
+    """
+    spec = _spec_or_raise(td, default_pre)
+    try:
+        return tokenizers.Tokenizer.from_str(json.dumps(_tokenizer_json(td, spec, add_bos)))
+    except Exception as e:  # tokenizers raises plain Exception on a bad vocab/merges pair
+        raise ConfigError(f"tokenizer cannot be built: {str(e).splitlines()[0]}") from e
+
+
+def to_hf_files(td: TokenizerData, *, model_max_length: int | None = None,
+                default_pre: str | None = None) -> dict[str, str]:
+    """Text of ``tokenizer.json`` and ``tokenizer_config.json`` for an HF model directory.
+
+    The tokenizer adds BOS exactly when ``td.add_bos_token`` (both in tokenizer.json's
+    post-processor and through ``add_bos_token`` in the config), as the original HF files do.
+    """
+    spec = _spec_or_raise(td, default_pre)
+    doc = _tokenizer_json(td, spec, add_bos=td.add_bos_token)
+    tokens, types = _unique_tokens(td)
+
+    def token(i: int | None) -> str | None:
+        return None if i is None else tokens[i]
+
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(td.bos_token_id),
+        "eos_token": token(td.eos_token_id),
+        "pad_token": token(td.padding_token_id),
+        "add_bos_token": bool(td.add_bos_token and td.bos_token_id is not None),
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {str(a["id"]): {k: a[k] for k in (
+            "content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+            for a in doc["added_tokens"]},
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    if td.chat_template is not None:
+        config["chat_template"] = td.chat_template
+    return {"tokenizer.json": json.dumps(doc, ensure_ascii=False, indent=1),
+            "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading HF tokenizer.json
+# ---------------------------------------------------------------------------------------------
+
+_KNOWN_BOS = ("<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>")
+_KNOWN_EOS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+
+
+def _load_json(text_or_path: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(text_or_path, Mapping):
+        return dict(text_or_path)
+    if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
+        try:
+            text = Path(text_or_path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise FormatError(f"cannot read {text_or_path}: {e.strerror}") from e
+    else:
+        text = str(text_or_path)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"tokenizer JSON is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FormatError("tokenizer JSON is not an object")
+    return doc
+
+
+def _flatten(component: Mapping[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    """A pre-tokenizer (``key="pretokenizers"``) or normalizer as a flat list of steps."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        return [s for sub in component.get(key, []) for s in _flatten(sub, key)]
+    return [dict(component)]
+
+
+def _detect_pre_type(doc: Mapping[str, Any]) -> str | None:
+    """The name in `PRE_TOKENIZERS` whose behaviour the tokenizer.json has; None if none."""
+    steps = _flatten(doc.get("pre_tokenizer"), "pretokenizers")
+    norm = _flatten(doc.get("normalizer"), "normalizers")
+    if len(norm) > 1 or (norm and norm[0].get("type") != "NFC"):
+        return None
+    normalizer = "NFC" if norm else None
+    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        return None
+    if [s.get("type") for s in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+        regex = None
+    elif ([s.get("type") for s in steps] == ["Split", "ByteLevel"]
+          and not steps[1].get("use_regex", True)
+          and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+          and "Regex" in steps[0].get("pattern", {})):
+        regex = steps[0]["pattern"]["Regex"]
+    else:
+        return None
+    ignore_merges = bool(doc.get("model", {}).get("ignore_merges", False))
+    for spec in PRE_TOKENIZERS.values():
+        if (spec.split_regex, spec.normalizer, spec.ignore_merges) == (
+                regex, normalizer, ignore_merges):
+            return spec.name
+    return None
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string, an AddedToken dict, or null."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _bos_from_post_processor(doc: Mapping[str, Any]) -> str | None:
+    """The special token a TemplateProcessing post-processor puts before ``$A``, if any."""
+    for step in _flatten(doc.get("post_processor"), "processors"):
+        if step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            if single and "SpecialToken" in single[0]:
+                return single[0]["SpecialToken"]["id"]
+    return None
+
+
+def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
+                           tokenizer_config: str | Path | Mapping[str, Any] | None = None,
+                           ) -> TokenizerData:
+    """Parse an HF tokenizer.json (text, path or parsed dict) of a byte-level BPE tokenizer.
+
+    ``tokenizer_config`` (dict, path or JSON text of tokenizer_config.json) supplies bos/eos/pad
+    tokens, ``add_bos_token`` and ``chat_template``; without it BOS comes from the
+    post-processor's template and BOS/EOS from well-known token names.
+    """
+    doc = _load_json(text_or_path)
+    model = doc.get("model") or {}
+    mtype = model.get("type") or ("BPE" if "merges" in model else "unknown")
+    if mtype != "BPE":
+        raise UnsupportedError(f"tokenizer model type {mtype!r} is not supported "
+                               "(only byte-level BPE)")
+    steps = _flatten(doc.get("pre_tokenizer"), "pretokenizers")
+    if model.get("byte_fallback") or not any(s.get("type") == "ByteLevel" for s in steps):
+        raise UnsupportedError("tokenizer is a SentencePiece-style BPE (no byte-level "
+                               "pre-tokenizer); only byte-level BPE is supported")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise UnsupportedError("tokenizer BPE with a subword prefix/suffix is not supported")
+
+    by_id: dict[int, tuple[str, int]] = {int(i): (t, NORMAL) for t, i in model["vocab"].items()}
+    for a in doc.get("added_tokens") or []:
+        by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
+    n = max(by_id) + 1 if by_id else 0
+    vocab, token_type = [], []
+    for i in range(n):
+        tok, typ = by_id.get(i, (GAP_TOKEN, UNUSED))
+        if typ == NORMAL and is_row_pad(tok, i):
+            typ = UNUSED
+        vocab.append(tok)
+        token_type.append(typ)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    ids: dict[str, int] = {}
+    for i, tok in enumerate(vocab):
+        ids.setdefault(tok, i)
+    config = _load_json(tokenizer_config) if tokenizer_config is not None else None
+    if config is not None:
+        bos = _token_content(config.get("bos_token"))
+        eos = _token_content(config.get("eos_token"))
+        pad = _token_content(config.get("pad_token"))
+        add_bos = config.get("add_bos_token")
+        chat_template = config.get("chat_template")
+    else:
+        bos = eos = pad = add_bos = chat_template = None
+    post_bos = _bos_from_post_processor(doc)
+    if bos is None:
+        bos = post_bos or next((t for t in _KNOWN_BOS if t in ids), None)
+    if eos is None and config is None:
+        eos = next((t for t in _KNOWN_EOS if t in ids), None)
+    if add_bos is None:
+        add_bos = post_bos is not None
+    if isinstance(chat_template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {c.get("name"): c.get("template") for c in chat_template}
+        chat_template = named.get("default", next(iter(named.values()), None))
+
+    def token_id(tok: str | None, what: str) -> int | None:
+        if tok is None:
+            return None
+        if tok not in ids:
+            raise ConfigError(f"tokenizer {what} token {tok!r} is not in the vocabulary")
+        return ids[tok]
+
+    return TokenizerData(
+        vocab=vocab, merges=merges, token_type=token_type,
+        bos_token_id=token_id(bos, "bos"), eos_token_id=token_id(eos, "eos"),
+        padding_token_id=token_id(pad, "pad"), model_type="BPE",
+        pre_type=_detect_pre_type(doc), add_bos_token=bool(add_bos),
+        chat_template=chat_template if isinstance(chat_template, str) else None)
+
+
+def from_hf_dir(path: str | Path) -> TokenizerData | None:
+    """The tokenizer of an HF model directory (tokenizer.json, tokenizer_config.json and
+    chat_template.jinja when present); None if it has no tokenizer.json."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    config_path = path / "tokenizer_config.json"
+    config = _load_json(config_path) if config_path.is_file() else None
+    td = from_hf_tokenizer_json(path / "tokenizer.json", config)
+    jinja = path / "chat_template.jinja"
+    if td.chat_template is None and jinja.is_file():
+        td.chat_template = jinja.read_text(encoding="utf-8")
+    return td
+
+
+# ---------------------------------------------------------------------------------------------
+# APR metadata
+# ---------------------------------------------------------------------------------------------
+
+def to_apr_metadata(td: TokenizerData) -> dict[str, Any]:
+    """The ``tokenizer.*`` custom metadata keys of an APR file (None values omitted)."""
+    _check_bpe(td)
+    meta: dict[str, Any] = {
+        "tokenizer.vocabulary": list(td.vocab),
+        "tokenizer.merges": list(td.merges),
+        "tokenizer.vocab_size": td.vocab_size,
+        "tokenizer.bos_token_id": td.bos_token_id,
+        "tokenizer.eos_token_id": td.eos_token_id,
+        "tokenizer.model_type": td.model_type,
+        "tokenizer.pre_type": td.pre_type,
+        "tokenizer.token_type": [int(t) for t in td.token_type],
+        "tokenizer.padding_token_id": td.padding_token_id,
+        "tokenizer.add_bos_token": bool(td.add_bos_token),
+        "tokenizer.chat_template": td.chat_template,
+    }
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
+    """The tokenizer embedded in APR metadata; None if there is no ``tokenizer.vocabulary``.
+
+    A missing ``tokenizer.add_bos_token`` takes the pre-tokenizer's llama.cpp default."""
+    if meta.get("tokenizer.vocabulary") is None:
+        return None
+    vocab = [str(t) for t in meta["tokenizer.vocabulary"]]
+    model_type = str(meta.get("tokenizer.model_type", "BPE"))
+    if model_type.upper() != "BPE":
+        raise UnsupportedError(f"tokenizer model type {model_type!r} is not supported "
+                               "(only byte-level BPE)")
+    if meta.get("tokenizer.merges") is None:
+        raise ConfigError("APR tokenizer has tokenizer.vocabulary but no tokenizer.merges")
+    size = meta.get("tokenizer.vocab_size")
+    if size is not None and int(size) != len(vocab):
+        raise ConfigError(f"tokenizer.vocab_size is {size} but tokenizer.vocabulary has "
+                          f"{len(vocab)} tokens")
+    pre_type = meta.get("tokenizer.pre_type")
+    add_bos = meta.get("tokenizer.add_bos_token")
+    if add_bos is None:
+        spec = pre_tokenizer_spec(pre_type)
+        add_bos = spec.add_bos if spec else False
+    return TokenizerData(
+        vocab=vocab, merges=[str(m) for m in meta["tokenizer.merges"]],
+        bos_token_id=_opt_int(meta.get("tokenizer.bos_token_id")),
+        eos_token_id=_opt_int(meta.get("tokenizer.eos_token_id")),
+        padding_token_id=_opt_int(meta.get("tokenizer.padding_token_id")),
+        model_type="BPE", pre_type=str(pre_type) if pre_type else None,
+        token_type=[int(t) for t in meta.get("tokenizer.token_type") or []],
+        add_bos_token=bool(add_bos), chat_template=meta.get("tokenizer.chat_template"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+# ---------------------------------------------------------------------------------------------
+
+def to_gguf_fields(td: TokenizerData, n_rows: int) -> list[tuple[str, Any, Any]]:
+    """``(key, value, gguf.GGUFValueType)`` for the ``tokenizer.*`` keys of a GGUF file.
+
+    ``tokenizer.ggml.tokens`` has exactly ``n_rows`` (embedding rows) unique entries: the
+    vocabulary followed by row pads of type 5. A vocabulary longer than ``n_rows`` is a
+    ConfigError. Arrays are written with value type ARRAY; their element type follows from the
+    values (strings, or INT32 for token types, as llama.cpp reads them).
+    """
+    import gguf
+
+    _check_bpe(td)
+    if td.vocab_size > n_rows:
+        raise ConfigError(f"tokenizer has {td.vocab_size} tokens but the embedding has only "
+                          f"{n_rows} rows")
+    tokens, types = _unique_tokens(td, n_rows)
+    t = gguf.GGUFValueType
+    fields: list[tuple[str, Any, Any]] = [
+        ("tokenizer.ggml.model", "gpt2", t.STRING),
+        ("tokenizer.ggml.pre", td.pre_type or "default", t.STRING),
+        ("tokenizer.ggml.tokens", tokens, t.ARRAY),
+        ("tokenizer.ggml.token_type", [int(x) for x in types], t.ARRAY),
+        ("tokenizer.ggml.merges", list(td.merges), t.ARRAY),
+    ]
+    for key, value in (("bos_token_id", td.bos_token_id), ("eos_token_id", td.eos_token_id),
+                       ("padding_token_id", td.padding_token_id)):
+        if value is not None:
+            fields.append((f"tokenizer.ggml.{key}", int(value), t.UINT32))
+    fields.append(("tokenizer.ggml.add_bos_token", bool(td.add_bos_token), t.BOOL))
+    if td.chat_template is not None:
+        fields.append(("tokenizer.chat_template", td.chat_template, t.STRING))
+    return fields
+
+
+_GGUF_MODEL_NAMES = {"llama": "SentencePiece (llama)", "bert": "WordPiece (bert)",
+                     "t5": "Unigram (t5)", "rwkv": "RWKV", "plamo2": "PLaMo-2"}
+
+
+def _field_value(f: Any) -> Any:
+    """A GGUFReader field's value: scalar, str, or list (gguf's ``contents()`` if present)."""
+    if hasattr(f, "contents"):
+        return f.contents()
+    import gguf
+
+    def one(part: Any, vtype: Any) -> Any:
+        if vtype == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        return part.tolist()[0]
+
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        return [one(f.parts[i], f.types[-1]) for i in f.data]
+    return one(f.parts[f.data[0]], f.types[0])
+
+
+def from_gguf_fields(reader: Any) -> TokenizerData | None:
+    """The tokenizer of a `gguf.GGUFReader`; None if it has no ``tokenizer.ggml.tokens``.
+
+    ``[PAD{id}]`` / ``<|pad_{id}|>`` row pads are typed 5 (unused) whatever the file says;
+    a pre-tokenizer of ``"default"`` reads as None (unknown).
+    """
+    fields = reader.fields
+
+    def get(key: str) -> Any:
+        return _field_value(fields[key]) if key in fields else None
+
+    tokens = get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return None
+    model = get("tokenizer.ggml.model")
+    if model != "gpt2":
+        what = _GGUF_MODEL_NAMES.get(model, repr(model))
+        raise UnsupportedError(f"GGUF tokenizer model {what} is not supported "
+                               "(only byte-level BPE, tokenizer.ggml.model 'gpt2')")
+    merges = get("tokenizer.ggml.merges")
+    if merges is None:
+        raise FormatError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
+    types = [int(x) for x in get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)]
+    types = [UNUSED if is_row_pad(tok, i) else typ
+             for i, (tok, typ) in enumerate(zip(tokens, types))]
+    pre = get("tokenizer.ggml.pre")
+    pre_type = None if pre in (None, "", "default") else str(pre)
+    add_bos = get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:
+        spec = pre_tokenizer_spec(pre_type)
+        add_bos = spec.add_bos if spec else False
+    return TokenizerData(
+        vocab=list(tokens), merges=list(merges), token_type=types,
+        bos_token_id=_opt_int(get("tokenizer.ggml.bos_token_id")),
+        eos_token_id=_opt_int(get("tokenizer.ggml.eos_token_id")),
+        padding_token_id=_opt_int(get("tokenizer.ggml.padding_token_id")),
+        model_type="BPE", pre_type=pre_type, add_bos_token=bool(add_bos),
+        chat_template=get("tokenizer.chat_template"))

@@ -1,0 +1,117 @@
+"""Test oracles: small random HF models saved by transformers itself, a small byte-level BPE
+tokenizer trained here, and llama.cpp run in a subprocess (a GGML assert kills its process)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def stdlib_files(n: int = 12) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = ["textwrap.py", "string.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py",
+             "heapq.py", "colorsys.py", "copy.py", "keyword.py", "numbers.py", "queue.py",
+             "random.py", "statistics.py", "csv.py", "difflib.py"]
+    return [root / f for f in names[:n]]
+
+
+@lru_cache(maxsize=4)
+def tokenizer_json(vocab_size: int = 400) -> str:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on a few stdlib files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train([str(p) for p in stdlib_files()], trainer)
+    return tok.to_str()
+
+
+def write_tokenizer(directory: Path, vocab_size: int = 400) -> None:
+    (directory / "tokenizer.json").write_text(tokenizer_json(vocab_size), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "model_max_length": 2048}), encoding="utf-8")
+
+
+def make_hf_model(directory: Path, family: str, *, hidden: int = 64, layers: int = 2,
+                  heads: int = 4, kv_heads: int = 2, ffn: int = 96, vocab: int = 448,
+                  tied: bool = False, bias: bool | None = None, rope_theta: float = 10000.0,
+                  eps: float = 1e-6, seed: int = 0, tokenizer: bool = True, dtype=None) -> Path:
+    """Save a random-initialized HF model with save_pretrained (and a tokenizer whose real
+    size, 400 tokens, is below vocab_size)."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
+                  tie_word_embeddings=tied, rope_theta=rope_theta, rms_norm_eps=eps,
+                  max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(attention_bias=bool(bias), **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    with torch.no_grad():   # make norms and biases non-trivial so order bugs show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+    if dtype is not None:
+        model = model.to(dtype)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer:
+        write_tokenizer(directory)
+    return directory
+
+
+def hf_logits(directory: Path, ids: list[int], dtype=None) -> np.ndarray:
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype or torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.tensor([ids])).logits[0]
+    return out.float().numpy()
+
+
+LLAMA_SCRIPT = textwrap.dedent("""
+    import sys, json, numpy as np
+    from llama_cpp import Llama
+    path, ids, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    llm = Llama(path, logits_all=True, type_k=0, type_v=0, n_ctx=max(64, len(ids)),
+                n_batch=max(64, len(ids)), n_threads=2, verbose=False, seed=0)
+    llm.eval(ids)
+    np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+""")
+
+
+class LlamaCppError(RuntimeError):
+    pass
+
+
+def llama_cpp_logits(gguf_path: Path, ids: list[int], workdir: Path) -> np.ndarray:
+    """F32 logits from llama.cpp (F32 KV cache) for every position, in a subprocess."""
+    out = workdir / "llama_logits.npy"
+    proc = subprocess.run([sys.executable, "-c", LLAMA_SCRIPT, str(gguf_path), json.dumps(ids), str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        raise LlamaCppError(f"llama.cpp failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return np.load(out)

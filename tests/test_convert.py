@@ -1,0 +1,195 @@
+"""Conversions against their real consumers: transformers loads our HF directories,
+llama.cpp loads and runs our GGUF, and the tensors survive every round trip."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from apr import open_model
+from apr.container import AprFile
+from apr.convert import convert
+from apr.errors import AprError, ConfigError, OutputExistsError, UnsupportedError
+from apr.layout import halves_to_adjacent
+from oracles import hf_logits, llama_cpp_logits, make_hf_model
+
+IDS = [1, 5, 17, 42, 99, 300, 7, 250, 3, 401, 12, 77]
+
+MODELS = {
+    # GQA 4/2, untied, rope base 1e4, no bias
+    "llama": dict(family="llama", heads=4, kv_heads=2, tied=False, rope_theta=1e4, eps=1e-5),
+    # biases, tied, rope base 1e6
+    "qwen2": dict(family="qwen2", heads=4, kv_heads=2, tied=True, rope_theta=1e6, eps=1e-6),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def hf_model(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param) / "hf"
+    make_hf_model(d, **MODELS[request.param])
+    return request.param, d
+
+
+def hf_state(d) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_hf_to_apr_metadata_and_tensors(hf_model, tmp_path):
+    family, d = hf_model
+    apr_path = tmp_path / "m.apr"
+    convert(d, apr_path)
+    with AprFile.open(apr_path) as f:
+        assert f.verify_footer()
+        meta = f.metadata
+        assert f.flags & 0x0400 and f.flags & 0x0200
+        for key in ("architecture", "hf_architecture", "hidden_size", "num_layers", "num_heads",
+                    "num_kv_heads", "vocab_size", "intermediate_size", "max_position_embeddings",
+                    "rope_theta", "rope_type", "rms_norm_eps", "head_dim"):
+            assert key in meta, key
+        for alias in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            assert alias not in meta
+        assert meta["architecture"] == family
+        assert meta["rope_type"] == 2
+        assert meta["rope_theta"] == MODELS[family]["rope_theta"]
+        assert len(meta["tokenizer.vocabulary"]) == 400 and meta["vocab_size"] == 448
+        assert "lm_head.weight" in f.tensors          # aprender convention, tied or not
+        assert meta["tied_embeddings"] is MODELS[family]["tied"]
+        state = hf_state(d)
+        for name, ref in state.items():
+            assert np.array_equal(f.raw(name), ref), name     # never transposed or reordered
+        if MODELS[family]["tied"]:
+            assert np.array_equal(f.raw("lm_head.weight"), state["model.embed_tokens.weight"])
+
+
+def test_hf_apr_hf_logits_identical(hf_model, tmp_path):
+    family, d = hf_model
+    convert(d, tmp_path / "m.apr")
+    convert(tmp_path / "m.apr", tmp_path / "back")
+    assert np.array_equal(hf_logits(tmp_path / "back", IDS), hf_logits(d, IDS))
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is MODELS[family]["tied"]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "back")
+    orig = AutoTokenizer.from_pretrained(d)
+    text = "def f(x):\n    return x * 2  # héllo\n"
+    assert tok.encode(text) == orig.encode(text)
+
+
+def test_hf_apr_gguf_llama_cpp_logits(hf_model, tmp_path):
+    family, d = hf_model
+    convert(d, tmp_path / "m.apr")
+    convert(tmp_path / "m.apr", tmp_path / "m.gguf")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    kv = {k: f.contents() for k, f in r.fields.items()}
+    assert kv["general.architecture"] == family
+    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                "attention.head_count", "attention.head_count_kv",
+                "attention.layer_norm_rms_epsilon", "rope.freq_base"):
+        assert f"{family}.{key}" in kv, key
+    assert kv[f"{family}.rope.freq_base"] == pytest.approx(MODELS[family]["rope_theta"])
+    tokens = kv["tokenizer.ggml.tokens"]
+    assert len(tokens) == 448 and len(set(tokens)) == 448
+    names = {t.name: t for t in r.tensors}
+    assert ("output.weight" in names) is (not MODELS[family]["tied"])
+    assert not any("inv_freq" in n or n.startswith("__training__") for n in names)
+    for n, t in names.items():
+        if len(t.shape) == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, n
+    # Q/K rows permuted for llama (K with the KV-head count), untouched for qwen2
+    state = hf_state(d)
+    q = np.asarray(names["blk.0.attn_q.weight"].data)
+    k = np.asarray(names["blk.0.attn_k.weight"].data)
+    hq, hk = state["model.layers.0.self_attn.q_proj.weight"], state["model.layers.0.self_attn.k_proj.weight"]
+    if family == "llama":
+        assert np.array_equal(q, halves_to_adjacent(hq, 4)) and np.array_equal(k, halves_to_adjacent(hk, 2))
+    else:
+        assert np.array_equal(q, hq) and np.array_equal(k, hk)
+    got = llama_cpp_logits(tmp_path / "m.gguf", IDS, tmp_path)
+    want = hf_logits(d, IDS)
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [("f16", 2e-2), ("bf16", 1e-1), ("q8_0", 1e-1)])
+def test_gguf_dtypes_run_in_llama_cpp(dtype, tol, tmp_path_factory, tmp_path):
+    d = make_hf_model(tmp_path / "hf", **MODELS["llama"])
+    convert(d, tmp_path / f"m.{dtype}.gguf", dtype=dtype)
+    r = gguf.GGUFReader(tmp_path / f"m.{dtype}.gguf")
+    want_type = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[dtype]
+    assert r.get_tensor(1).tensor_type.name in (want_type, "F32")
+    assert any(t.tensor_type.name == want_type for t in r.tensors)
+    got = llama_cpp_logits(tmp_path / f"m.{dtype}.gguf", IDS, tmp_path)
+    want = hf_logits(d, IDS)
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    # and back to APR: dequantized values within the dtype's rounding of the originals
+    convert(tmp_path / f"m.{dtype}.gguf", tmp_path / "back.apr")
+    with open_model(tmp_path / "back.apr") as v:
+        state = hf_state(d)
+        w = state["model.layers.1.mlp.down_proj.weight"]
+        got_w = v.tensors["model.layers.1.mlp.down_proj.weight"].numpy()
+        assert np.linalg.norm(got_w - w) / np.linalg.norm(w) < {"f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2}[dtype]
+
+
+def test_gguf_to_apr_undoes_llama_permutation_bit_exact(hf_model, tmp_path):
+    family, d = hf_model
+    convert(d, tmp_path / "m.gguf")
+    convert(tmp_path / "m.gguf", tmp_path / "m.apr")
+    state = hf_state(d)
+    with open_model(tmp_path / "m.apr") as v:
+        assert v.config.rope_type == "halves"
+        for name, ref in state.items():
+            assert np.array_equal(v.tensors[name].raw(), ref), name
+    with open_model(tmp_path / "m.gguf") as g:
+        assert g.config.rope_type == ("adjacent" if family == "llama" else "halves")
+        q = g.tensors["model.layers.1.self_attn.q_proj.weight"]
+        assert np.array_equal(q.numpy(order="hf"), state["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_f16_hf_copies_bytes(tmp_path):
+    d = make_hf_model(tmp_path / "hf", dtype=torch.float16, **MODELS["qwen2"])
+    convert(d, tmp_path / "m.apr")
+    convert(tmp_path / "m.apr", tmp_path / "m.gguf")
+    convert(tmp_path / "m.gguf", tmp_path / "m2.apr")
+    state = hf_state(d)
+    with open_model(tmp_path / "m2.apr") as v:
+        for name, ref in state.items():
+            t = v.tensors[name]
+            if ref.ndim == 2:
+                assert t.dtype.name == "F16" and np.array_equal(t.raw(), ref), name
+
+
+def test_refuses_overwrite_and_unknown_architecture(tmp_path):
+    d = make_hf_model(tmp_path / "hf", **MODELS["qwen2"])
+    out = tmp_path / "m.apr"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="--force"):
+        convert(d, out)
+    assert out.read_bytes() == b"precious"
+    convert(d, out, force=True)
+    assert out.read_bytes()[:4] == b"APR\x00"
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg["model_type"] = "mistral"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match="MistralForCausalLM"):
+        convert(d, tmp_path / "x.apr")
+    assert not (tmp_path / "x.apr").exists()
+
+
+def test_tokenizer_longer_than_embedding_is_refused(tmp_path):
+    d = make_hf_model(tmp_path / "hf", vocab=320, **{k: v for k, v in MODELS["llama"].items()})
+    with pytest.raises(ConfigError, match="400"):
+        convert(d, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_missing_tokenizer_needs_consent(tmp_path):
+    d = make_hf_model(tmp_path / "hf", tokenizer=False, **MODELS["llama"])
+    with pytest.raises(AprError, match="no tokenizer"):
+        convert(d, tmp_path / "m.apr")
+    convert(d, tmp_path / "m.apr", allow_no_tokenizer=True)
+    with open_model(tmp_path / "m.apr") as v:
+        assert v.tokenizer is None and v.config.family == "llama"
