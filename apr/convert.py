@@ -87,9 +87,9 @@ class Planned:
         """Stored bytes of the output tensor, computed from the source on demand."""
         src = self.src
         if src.dtype == self.dtype and src.rotary_heads is None and self.rotary is None:
-            return src.raw()                           # byte-for-byte copy
+            return src.read()                          # byte-for-byte copy
         if src.dtype == self.dtype and self.dtype.numpy is not None:
-            values = src.raw()                         # plain dtype: reorder rows exactly
+            values = src.read()                        # plain dtype: reorder rows exactly
         else:
             values = src.numpy(np.float32)
         if src.rotary_heads:

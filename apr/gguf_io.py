@@ -63,6 +63,9 @@ class GgufFile:
 def field_value(field) -> Any:
     """Python value of a GGUF key/value field (lists for arrays)."""
     value = field.contents()
+    if field.types and field.types[0] == VT.FLOAT32:
+        # the shortest decimal that is the same float32: 1e-06, not 9.999999974752427e-07
+        return float(str(np.float32(value)))
     if isinstance(value, np.generic):
         value = value.item()
     return value

@@ -41,17 +41,34 @@ class TensorRef:
     nbytes: int
     _raw: Callable[[], np.ndarray] = field(repr=False)
     rotary_heads: int | None = None  # rows in adjacent-pair rotary order, permuted with this head count
+    _span: tuple[Path, int] | None = field(default=None, repr=False)  # (file, absolute offset)
 
     def raw(self) -> np.ndarray:
-        """Stored data, no copy: typed array with the HF shape, or flat uint8 for block types."""
+        """Stored data, no copy: typed array with the HF shape, or flat uint8 for block types
+        (a view of the memory-mapped file)."""
         return self._raw()
+
+    def read(self) -> np.ndarray:
+        """Stored data like `raw()`, but as a private copy read from the file. Streaming code
+        uses it so that pages of a large file do not stay resident once a tensor is done."""
+        if self._span is None:
+            return np.array(self._raw())
+        path, offset = self._span
+        flat = np.empty(self.nbytes, dtype=np.uint8)
+        with open(path, "rb", buffering=0) as f:
+            got = f.readinto(flat) if f.seek(offset) == offset else 0
+        if got != self.nbytes:
+            raise FormatError(f"{path}: tensor {self.source_name!r} is truncated")
+        if self.dtype.numpy is None:
+            return flat
+        return flat.view(self.dtype.numpy).reshape(self.shape)
 
     def numpy(self, dtype=np.float32, order: str = "stored") -> np.ndarray:
         """Decoded values with the HF shape. order="hf" undoes a stored rotary permutation so
         the rows are in HF order; order="stored" keeps the file's row order."""
         if order not in ("stored", "hf"):
             raise ValueError(f"order must be 'stored' or 'hf', not {order!r}")
-        values = decode(self.raw(), self.dtype, self.shape)
+        values = decode(self.read(), self.dtype, self.shape)
         if dtype is not None and values.dtype != dtype:
             values = values.astype(dtype)
         if order == "hf" and self.rotary_heads:
@@ -153,7 +170,7 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
         ref = TensorRef(name=name, dtype=e.dtype, shape=tuple(e.shape),
                         layout=layout_q if heads else names.LAYOUT_ROW_MAJOR,
                         source_name=name, nbytes=e.size, _raw=_bind(f.raw, name),
-                        rotary_heads=heads)
+                        rotary_heads=heads, _span=(path, f.data_offset + e.offset))
         (training if name.startswith(names.TRAINING_PREFIX) else tensors)[name] = ref
     view = ModelView(path, "apr", config, from_apr_metadata(meta), meta, tensors, training, info,
                      [f.close])
@@ -200,7 +217,7 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
         tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
                                   layout=layout if heads else names.LAYOUT_GGUF, source_name=gname,
                                   nbytes=int(e.tensor.n_bytes), _raw=_bind(g.raw, gname),
-                                  rotary_heads=heads)
+                                  rotary_heads=heads, _span=(path, int(e.tensor.data_offset)))
     tok = from_gguf_fields(g.reader)
     info = {"version": g.version, "size_bytes": path.stat().st_size,
             "embedding_rows": emb[0] if emb else None}
@@ -219,7 +236,8 @@ def _st_tensors(files: list[SafetensorsFile]) -> dict[str, TensorRef]:
                 raise FormatError(f"{st.path}: tensor {name!r} also appears in {tensors[name].layout}")
             tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
                                       layout=names.LAYOUT_ROW_MAJOR, source_name=name,
-                                      nbytes=e.end - e.begin, _raw=_bind(st.raw, name))
+                                      nbytes=e.end - e.begin, _raw=_bind(st.raw, name),
+                                      _span=(st.path, e.begin))
     return tensors
 
 

@@ -401,20 +401,20 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     ids: dict[str, int] = {}
     for i, tok in enumerate(vocab):
         ids.setdefault(tok, i)
-    config = _load_json(tokenizer_config) if tokenizer_config is not None else None
-    if config is not None:
-        bos = _token_content(config.get("bos_token"))
-        eos = _token_content(config.get("eos_token"))
-        pad = _token_content(config.get("pad_token"))
-        add_bos = config.get("add_bos_token")
-        chat_template = config.get("chat_template")
-    else:
-        bos = eos = pad = add_bos = chat_template = None
+    config = _load_json(tokenizer_config) if tokenizer_config is not None else {}
     post_bos = _bos_from_post_processor(doc)
-    if bos is None:
+    # A key the config has (even as null) is authoritative; an absent one is guessed.
+    if "bos_token" in config:
+        bos = _token_content(config["bos_token"])
+    else:
         bos = post_bos or next((t for t in _KNOWN_BOS if t in ids), None)
-    if eos is None and config is None:
+    if "eos_token" in config:
+        eos = _token_content(config["eos_token"])
+    else:
         eos = next((t for t in _KNOWN_EOS if t in ids), None)
+    pad = _token_content(config.get("pad_token"))
+    add_bos = config.get("add_bos_token")
+    chat_template = config.get("chat_template")
     if add_bos is None:
         add_bos = post_bos is not None
     if isinstance(chat_template, list):  # [{"name": ..., "template": ...}, ...]
