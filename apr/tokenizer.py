@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import gguf
 import tokenizers
 
 from .errors import ConfigError, FormatError, UnsupportedError
@@ -94,7 +95,13 @@ def pre_tokenizer_spec(pre_type: str | None) -> PreTokenizerSpec | None:
 
 @dataclass
 class TokenizerData:
-    """A byte-level BPE tokenizer as stored in a model file. ``vocab[i]`` is token id ``i``."""
+    """A byte-level BPE tokenizer as stored in a model file. ``vocab[i]`` is token id ``i``.
+
+    ``token_type[i]`` is llama.cpp's type of token ``i`` (see the module notes); ``pre_type``
+    names an entry of `PRE_TOKENIZERS` (or an alias); ``add_bos_token`` says whether the
+    original tokenizer puts BOS in front when asked for special tokens (Llama-3 does, Qwen2 and
+    GPT-2 do not).
+    """
 
     vocab: list[str]
     merges: list[str]                    # "left right"
@@ -481,7 +488,8 @@ def _opt_int(value: Any) -> int | None:
 def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
     """The tokenizer embedded in APR metadata; None if there is no ``tokenizer.vocabulary``.
 
-    A missing ``tokenizer.add_bos_token`` takes the pre-tokenizer's llama.cpp default."""
+    A missing ``tokenizer.add_bos_token`` takes the pre-tokenizer's llama.cpp default; a missing
+    ``tokenizer.token_type`` makes every token normal except bos/eos/padding (control)."""
     if meta.get("tokenizer.vocabulary") is None:
         return None
     vocab = [str(t) for t in meta["tokenizer.vocabulary"]]
@@ -500,21 +508,27 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
     if add_bos is None:
         spec = pre_tokenizer_spec(pre_type)
         add_bos = spec.add_bos if spec else False
+    special = {key: _opt_int(meta.get(f"tokenizer.{key}"))
+               for key in ("bos_token_id", "eos_token_id", "padding_token_id")}
+    token_type = [int(t) for t in meta.get("tokenizer.token_type") or []]
+    if not token_type:
+        token_type = [NORMAL] * len(vocab)
+        for i in special.values():
+            if i is not None and 0 <= i < len(vocab):
+                token_type[i] = CONTROL
     return TokenizerData(
-        vocab=vocab, merges=[str(m) for m in meta["tokenizer.merges"]],
-        bos_token_id=_opt_int(meta.get("tokenizer.bos_token_id")),
-        eos_token_id=_opt_int(meta.get("tokenizer.eos_token_id")),
-        padding_token_id=_opt_int(meta.get("tokenizer.padding_token_id")),
+        vocab=vocab, merges=[str(m) for m in meta["tokenizer.merges"]], **special,
         model_type="BPE", pre_type=str(pre_type) if pre_type else None,
-        token_type=[int(t) for t in meta.get("tokenizer.token_type") or []],
-        add_bos_token=bool(add_bos), chat_template=meta.get("tokenizer.chat_template"))
+        token_type=token_type, add_bos_token=bool(add_bos),
+        chat_template=meta.get("tokenizer.chat_template"))
 
 
 # ---------------------------------------------------------------------------------------------
 # GGUF
 # ---------------------------------------------------------------------------------------------
 
-def to_gguf_fields(td: TokenizerData, n_rows: int) -> list[tuple[str, Any, Any]]:
+def to_gguf_fields(td: TokenizerData, n_rows: int
+                   ) -> list[tuple[str, Any, gguf.GGUFValueType]]:
     """``(key, value, gguf.GGUFValueType)`` for the ``tokenizer.*`` keys of a GGUF file.
 
     ``tokenizer.ggml.tokens`` has exactly ``n_rows`` (embedding rows) unique entries: the
@@ -522,15 +536,13 @@ def to_gguf_fields(td: TokenizerData, n_rows: int) -> list[tuple[str, Any, Any]]
     ConfigError. Arrays are written with value type ARRAY; their element type follows from the
     values (strings, or INT32 for token types, as llama.cpp reads them).
     """
-    import gguf
-
     _check_bpe(td)
     if td.vocab_size > n_rows:
         raise ConfigError(f"tokenizer has {td.vocab_size} tokens but the embedding has only "
                           f"{n_rows} rows")
     tokens, types = _unique_tokens(td, n_rows)
     t = gguf.GGUFValueType
-    fields: list[tuple[str, Any, Any]] = [
+    fields: list[tuple[str, Any, gguf.GGUFValueType]] = [
         ("tokenizer.ggml.model", "gpt2", t.STRING),
         ("tokenizer.ggml.pre", td.pre_type or "default", t.STRING),
         ("tokenizer.ggml.tokens", tokens, t.ARRAY),
@@ -555,7 +567,6 @@ def _field_value(f: Any) -> Any:
     """A GGUFReader field's value: scalar, str, or list (gguf's ``contents()`` if present)."""
     if hasattr(f, "contents"):
         return f.contents()
-    import gguf
 
     def one(part: Any, vtype: Any) -> Any:
         if vtype == gguf.GGUFValueType.STRING:

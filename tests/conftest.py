@@ -23,7 +23,7 @@ def llama_cpp_source_dir() -> Path:
         return Path(env)
     root = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     tree = root / "vendor" / "llama.cpp"
-    if (tree / "convert_hf_to_gguf.py").exists() and (tree / "models").is_dir():
+    if (tree / "conversion" / "base.py").exists() and (tree / "models").is_dir():
         return tree
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -33,7 +33,8 @@ def llama_cpp_source_dir() -> Path:
              f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(CACHE)],
             check=True, stdout=subprocess.DEVNULL)
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-    wanted = (prefix + "models/", prefix + "gguf-py/", prefix + "convert_hf_to_gguf.py")
+    wanted = (prefix + "models/", prefix + "gguf-py/", prefix + "conversion/",
+              prefix + "convert_hf_to_gguf.py")
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(wanted)]
         tar.extractall(CACHE, members=members, filter="data")
