@@ -1,4 +1,5 @@
-"""apr-ref command line: inspect, convert and export model files (APR v2, GGUF, HF)."""
+"""apr-ref command line: inspect, convert and export model files (APR v2, GGUF, HF), and run
+the reference transformer on them (logits, run, bench)."""
 from __future__ import annotations
 
 import functools
@@ -211,6 +212,197 @@ def export(model, dst, dtype, force, allow_no_tokenizer, quiet, as_json) -> None
     if not str(dst).endswith(".gguf"):
         raise AprError(f"{dst}: export writes GGUF; name the output NAME.gguf (or use convert)")
     _run_convert(model, dst, dtype, force, allow_no_tokenizer, quiet, as_json)
+
+
+# --------------------------------------------------------------------------- model commands
+
+_device_opt = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+                           show_default=True, help="cuda without a usable GPU is an error, never a CPU run.")
+
+
+def _compute_dtype(name: str):
+    import numpy as np
+    return {"f32": np.float32, "f64": np.float64}[name]
+
+
+_cdtype_opt = click.option("--dtype", "compute", type=click.Choice(["f32", "f64"]), default="f32",
+                           show_default=True, help="Compute dtype of the reference model.")
+
+
+def _load(model_path: str, device: str, compute: str, quiet: bool = True):
+    from ref.load import load_model
+    model, view = load_model(model_path, device=device, dtype=_compute_dtype(compute))
+    if device == "auto" and not quiet:
+        click.echo(f"device: {model.backend.description}", err=True)
+    return model, view
+
+
+def _tokenizer(view, tokenizer_path: str | None):
+    """The tokenizer to use: --tokenizer if given, else the model's embedded one."""
+    from pathlib import Path
+    from apr.tokenizer import build_tokenizer, from_hf_dir, from_hf_tokenizer_json
+    if tokenizer_path:
+        p = Path(tokenizer_path)
+        td = from_hf_dir(p) if p.is_dir() else from_hf_tokenizer_json(p)
+        if td is None:
+            raise AprError(f"{tokenizer_path}: no tokenizer.json there")
+    else:
+        td = view.tokenizer
+        if td is None:
+            raise AprError(f"{view.path}: no embedded tokenizer; pass --tokenizer "
+                           "TOKENIZER_JSON_OR_DIR, or give token ids with --tokens")
+    if td.vocab_size > view.config.vocab_size:
+        raise AprError(f"tokenizer has {td.vocab_size} tokens but the model's embedding has "
+                       f"{view.config.vocab_size} rows")
+    return td, build_tokenizer(td)
+
+
+def _token_ids(view, tokens: str | None, prompt: str | None, tokenizer_path: str | None) -> list[int]:
+    if (tokens is None) == (prompt is None):
+        raise AprError("give exactly one of --tokens 1,2,3 or --prompt TEXT")
+    if tokens is not None:
+        try:
+            ids = [int(t) for t in tokens.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            raise AprError(f"--tokens {tokens!r}: expected comma-separated integers") from None
+    else:
+        ids = _tokenizer(view, tokenizer_path)[1].encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise AprError("no tokens to run (empty --tokens or --prompt)")
+    bad = [t for t in ids if not 0 <= t < view.config.vocab_size]
+    if bad:
+        raise AprError(f"token ids {bad[:5]} are outside the vocabulary [0, {view.config.vocab_size})")
+    return ids
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--tokens", help="Comma-separated token ids, e.g. 1,2,3.")
+@click.option("--prompt", help="Text, tokenized with the embedded tokenizer (or --tokenizer).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="tokenizer.json or HF directory.")
+@click.option("-o", "--output", type=click.Path(), help="Write the logits (T, vocab) to a .npy file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --output.")
+@click.option("--top", default=5, show_default=True, help="Show the top N next tokens per position.")
+@_device_opt
+@_cdtype_opt
+@_json_opt
+@handle_errors
+def logits(model_path, tokens, prompt, tokenizer_path, output, force, top, device, compute, as_json):
+    """Logits of the reference model for a token sequence."""
+    import numpy as np
+    from apr.atomic import atomic_file, check_output
+    if output:
+        check_output(output, force)
+    model, view = _load(model_path, device, compute, quiet=as_json)
+    ids = _token_ids(view, tokens, prompt, tokenizer_path)
+    out = model.backend.to_numpy(model.forward(np.array([ids])))[0]
+    if output:
+        with atomic_file(output) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, out)
+    order = np.argsort(-out, axis=-1)[:, :top]
+    doc = {"model": str(view.path), "format": view.format, "tokens": ids, "shape": list(out.shape),
+           "dtype": str(out.dtype), "finite": bool(np.isfinite(out).all()),
+           "positions": [{"token": t, "top": [{"id": int(j), "logit": float(out[i, j])} for j in order[i]]}
+                         for i, t in enumerate(ids)],
+           "output": output}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"{view.path} ({view.format}): logits {out.shape[0]} x {out.shape[1]} ({out.dtype}), "
+               f"{'all finite' if doc['finite'] else 'NOT FINITE'}")
+    for i, pos in enumerate(doc["positions"]):
+        tops = ", ".join(f"{x['id']}:{x['logit']:.4f}" for x in pos["top"])
+        click.echo(f"  [{i}] token {pos['token']:>6} -> top {tops}")
+    if output:
+        click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("prompt")
+@click.option("--max-tokens", default=64, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(),
+              help="tokenizer.json or HF directory, for a model without an embedded tokenizer.")
+@_device_opt
+@_cdtype_opt
+@_json_opt
+@handle_errors
+def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokenizer_path, device,
+        compute, as_json):
+    """Generate a continuation of PROMPT with the reference model (KV cache)."""
+    from ref.generate import generate
+    model, view = _load(model_path, device, compute, quiet=as_json)
+    td, tok = _tokenizer(view, tokenizer_path)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise AprError("the prompt encodes to no tokens")
+    eos = [t for t in (td.eos_token_id,) if t is not None]
+    res = generate(model, ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, eos_ids=eos)
+    text = tok.decode(res.new_ids, skip_special_tokens=True)
+    if as_json:
+        click.echo(json.dumps({"model": str(view.path), "prompt": prompt, "completion": text,
+                               **res.to_dict()}, indent=2))
+        return
+    click.echo(prompt + text)
+    click.echo(f"[{len(res.new_ids)} tokens, stop: {res.stop_reason}, "
+               f"prefill {res.prefill_tokens_per_second:.1f} tok/s, "
+               f"decode {res.decode_tokens_per_second:.1f} tok/s]", err=True)
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--prompt-tokens", default=64, show_default=True, help="Prompt length (prefill).")
+@click.option("--gen-tokens", default=32, show_default=True, help="Tokens decoded per iteration.")
+@click.option("--iterations", default=5, show_default=True, help="Measured iterations.")
+@click.option("--warmup", default=1, show_default=True, help="Iterations run first and not measured.")
+@_device_opt
+@_cdtype_opt
+@_json_opt
+@handle_errors
+def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, compute, as_json):
+    """Prefill and decode speed of the reference model (greedy, KV cache)."""
+    import numpy as np
+    from ref.generate import generate
+    if iterations < 1 or prompt_tokens < 1 or gen_tokens < 1 or warmup < 0:
+        raise AprError("--iterations, --prompt-tokens and --gen-tokens must be >= 1, --warmup >= 0")
+    model, view = _load(model_path, device, compute, quiet=as_json)
+    cfg = view.config
+    if prompt_tokens + gen_tokens > cfg.max_position_embeddings:
+        raise AprError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds "
+                       f"max_position_embeddings {cfg.max_position_embeddings}")
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, prompt_tokens).tolist()
+    runs = []
+    for i in range(warmup + iterations):
+        res = generate(model, prompt, gen_tokens)      # no eos: always gen_tokens tokens
+        if i >= warmup:
+            runs.append(res)
+
+    def stats(values):
+        v = np.asarray(values, dtype=np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+
+    doc = {"model": str(view.path), "device": model.backend.description, "dtype": compute,
+           "params": cfg.param_count(), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+           "iterations": iterations, "warmup": warmup,
+           "prefill_tokens_per_second": stats([r.prefill_tokens_per_second for r in runs]),
+           "decode_tokens_per_second": stats([r.decode_tokens_per_second for r in runs]),
+           "time_to_first_token_ms": stats([1000 * r.prefill_seconds for r in runs])}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"{view.path}: {cfg.param_count() / 1e6:.2f}M params on {doc['device']}, {compute}")
+    for key, label in (("prefill_tokens_per_second", "prefill tok/s"), ("decode_tokens_per_second", "decode tok/s"),
+                       ("time_to_first_token_ms", "TTFT ms")):
+        s = doc[key]
+        click.echo(f"  {label:<14} {s['mean']:10.1f}  ± {s['std']:.1f}  (min {s['min']:.1f}, max {s['max']:.1f}, "
+                   f"{iterations} runs after {warmup} warm-up)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""Build a reference Model from any model file through apr.open_model."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from apr import open_model
+from apr.errors import ConfigError
+from apr.model import ModelView
+
+from .backend import Backend, get_backend
+from .model import Model
+
+
+def model_from_view(view: ModelView, backend: Backend | None = None, dtype: Any = np.float32) -> Model:
+    """Dequantize every parameter the config implies to `dtype`, in the file's own rotary
+    order (config.rope_type says which, and the model's rotary follows it)."""
+    config = view.require_config()
+    params = {}
+    for name, shape in config.tensor_shapes().items():
+        ref = view.tensors.get(name)
+        if ref is None:
+            raise ConfigError(f"{view.path}: tensor {name} is missing (the config implies it)")
+        if tuple(ref.shape) != tuple(shape):
+            raise ConfigError(f"{view.path}: tensor {name} has shape {list(ref.shape)}, "
+                              f"the config implies {list(shape)}")
+        params[name] = ref.numpy(dtype, order="stored")
+    return Model(config, params, backend or get_backend("cpu"), dtype)
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Any = np.float32,
+               verify: bool = True) -> tuple[Model, ModelView]:
+    """(model, view) for a file or HF directory; the view carries tokenizer and metadata."""
+    backend = get_backend(device)
+    view = open_model(path, verify=verify)
+    return model_from_view(view, backend, dtype), view
