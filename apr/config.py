@@ -100,6 +100,8 @@ class ModelConfig:
                 shapes[p + "self_attn.k_proj.bias"] = (self.kv_size,)
                 shapes[p + "self_attn.v_proj.bias"] = (self.kv_size,)
             shapes[p + "self_attn.o_proj.weight"] = (h, self.q_size)
+            if self.attention_bias and FAMILIES[self.family].output_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
             shapes[p + "post_attention_layernorm.weight"] = (h,)
             shapes[p + "mlp.gate_proj.weight"] = (f, h)
             shapes[p + "mlp.up_proj.weight"] = (f, h)

@@ -19,13 +19,14 @@ class Family:
     gguf_arch: str            # GGUF `general.architecture`
     attention_bias: bool      # q/k/v projections carry a bias by default
     gguf_rope_permuted: bool  # llama.cpp stores Q/K rows in adjacent-pair rotary order
+    output_bias: bool         # with attention_bias, o_proj has a bias too (HF Llama; not Qwen2)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", "llama", "llama",
-                    attention_bias=False, gguf_rope_permuted=True),
+                    attention_bias=False, gguf_rope_permuted=True, output_bias=True),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", "qwen2",
-                    attention_bias=True, gguf_rope_permuted=False),
+                    attention_bias=True, gguf_rope_permuted=False, output_bias=False),
 }
 
 
@@ -130,6 +131,7 @@ TENSOR_NAMES: tuple[tuple[str, str], ...] = (
     ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
     ("model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
     ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias"),
     ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
     ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
     ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),

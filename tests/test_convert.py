@@ -23,6 +23,8 @@ MODELS = {
     "llama": dict(family="llama", heads=4, kv_heads=2, tied=False, rope_theta=1e4, eps=1e-5),
     # biases, tied, rope base 1e6
     "qwen2": dict(family="qwen2", heads=4, kv_heads=2, tied=True, rope_theta=1e6, eps=1e-6),
+    # llama with q/k/v/o biases, tied, GQA 4/1
+    "llama-bias": dict(family="llama", heads=4, kv_heads=1, tied=True, bias=True, rope_theta=1e4),
 }
 
 
@@ -39,39 +41,40 @@ def hf_state(d) -> dict[str, np.ndarray]:
 
 
 def test_hf_to_apr_metadata_and_tensors(hf_model, tmp_path):
-    family, d = hf_model
+    key, d = hf_model
+    family = MODELS[key]["family"]
     apr_path = tmp_path / "m.apr"
     convert(d, apr_path)
     with AprFile.open(apr_path) as f:
         assert f.verify_footer()
         meta = f.metadata
         assert f.flags & 0x0400 and f.flags & 0x0200
-        for key in ("architecture", "hf_architecture", "hidden_size", "num_layers", "num_heads",
+        for field in ("architecture", "hf_architecture", "hidden_size", "num_layers", "num_heads",
                     "num_kv_heads", "vocab_size", "intermediate_size", "max_position_embeddings",
                     "rope_theta", "rope_type", "rms_norm_eps", "head_dim"):
-            assert key in meta, key
+            assert field in meta, field
         for alias in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
             assert alias not in meta
         assert meta["architecture"] == family
         assert meta["rope_type"] == 2
-        assert meta["rope_theta"] == MODELS[family]["rope_theta"]
+        assert meta["rope_theta"] == MODELS[key]["rope_theta"]
         assert len(meta["tokenizer.vocabulary"]) == 400 and meta["vocab_size"] == 448
         assert "lm_head.weight" in f.tensors          # aprender convention, tied or not
-        assert meta["tied_embeddings"] is MODELS[family]["tied"]
+        assert meta["tied_embeddings"] is MODELS[key]["tied"]
         state = hf_state(d)
         for name, ref in state.items():
             assert np.array_equal(f.raw(name), ref), name     # never transposed or reordered
-        if MODELS[family]["tied"]:
+        if MODELS[key]["tied"]:
             assert np.array_equal(f.raw("lm_head.weight"), state["model.embed_tokens.weight"])
 
 
 def test_hf_apr_hf_logits_identical(hf_model, tmp_path):
-    family, d = hf_model
+    key, d = hf_model
     convert(d, tmp_path / "m.apr")
     convert(tmp_path / "m.apr", tmp_path / "back")
     assert np.array_equal(hf_logits(tmp_path / "back", IDS), hf_logits(d, IDS))
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert cfg["tie_word_embeddings"] is MODELS[family]["tied"]
+    assert cfg["tie_word_embeddings"] is MODELS[key]["tied"]
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tmp_path / "back")
     orig = AutoTokenizer.from_pretrained(d)
@@ -80,21 +83,22 @@ def test_hf_apr_hf_logits_identical(hf_model, tmp_path):
 
 
 def test_hf_apr_gguf_llama_cpp_logits(hf_model, tmp_path):
-    family, d = hf_model
+    key, d = hf_model
+    family = MODELS[key]["family"]
     convert(d, tmp_path / "m.apr")
     convert(tmp_path / "m.apr", tmp_path / "m.gguf")
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     kv = {k: f.contents() for k, f in r.fields.items()}
     assert kv["general.architecture"] == family
-    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
-                "attention.head_count", "attention.head_count_kv",
-                "attention.layer_norm_rms_epsilon", "rope.freq_base"):
-        assert f"{family}.{key}" in kv, key
-    assert kv[f"{family}.rope.freq_base"] == pytest.approx(MODELS[family]["rope_theta"])
+    for field in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                  "attention.head_count", "attention.head_count_kv",
+                  "attention.layer_norm_rms_epsilon", "rope.freq_base"):
+        assert f"{family}.{field}" in kv, field
+    assert kv[f"{family}.rope.freq_base"] == pytest.approx(MODELS[key]["rope_theta"])
     tokens = kv["tokenizer.ggml.tokens"]
     assert len(tokens) == 448 and len(set(tokens)) == 448
     names = {t.name: t for t in r.tensors}
-    assert ("output.weight" in names) is (not MODELS[family]["tied"])
+    assert ("output.weight" in names) is (not MODELS[key]["tied"])
     assert not any("inv_freq" in n or n.startswith("__training__") for n in names)
     for n, t in names.items():
         if len(t.shape) == 1:
@@ -105,7 +109,8 @@ def test_hf_apr_gguf_llama_cpp_logits(hf_model, tmp_path):
     k = np.asarray(names["blk.0.attn_k.weight"].data)
     hq, hk = state["model.layers.0.self_attn.q_proj.weight"], state["model.layers.0.self_attn.k_proj.weight"]
     if family == "llama":
-        assert np.array_equal(q, halves_to_adjacent(hq, 4)) and np.array_equal(k, halves_to_adjacent(hk, 2))
+        kv_heads = MODELS[key]["kv_heads"]
+        assert np.array_equal(q, halves_to_adjacent(hq, 4)) and np.array_equal(k, halves_to_adjacent(hk, kv_heads))
     else:
         assert np.array_equal(q, hq) and np.array_equal(k, hk)
     got = llama_cpp_logits(tmp_path / "m.gguf", IDS, tmp_path)
@@ -134,7 +139,8 @@ def test_gguf_dtypes_run_in_llama_cpp(dtype, tol, tmp_path_factory, tmp_path):
 
 
 def test_gguf_to_apr_undoes_llama_permutation_bit_exact(hf_model, tmp_path):
-    family, d = hf_model
+    key, d = hf_model
+    family = MODELS[key]["family"]
     convert(d, tmp_path / "m.gguf")
     convert(tmp_path / "m.gguf", tmp_path / "m.apr")
     state = hf_state(d)

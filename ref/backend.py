@@ -1,0 +1,116 @@
+"""Array backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Every op in `ref.ops` takes the array module from its inputs (`array_module(x)`), so the
+same code runs on either. A `Backend` is what a caller picks once (from ``--device``) to put
+arrays where the model lives and to bring results back.
+
+``--device cuda`` without a usable GPU is an error, never a silent CPU run; ``--device auto``
+picks CUDA when usable, else the CPU, and says which (and why) in ``Backend.description``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from apr.errors import AprError
+
+DEVICES = ("cpu", "cuda", "auto")
+DEFAULT_DTYPE = np.float32     # training and inference
+CHECK_DTYPE = np.float64       # gradient checks and comparisons against oracles
+
+
+def array_module(x: Any) -> ModuleType:
+    """The array module (numpy or cupy) that owns ``x``; numpy for anything not a CuPy array."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
+    """In place: ``target[index[i]] += rows[i]`` for every i, accumulating repeated indices
+    (a plain ``target[index] += rows`` keeps only one of the repeats)."""
+    xp = array_module(target)
+    if xp is np:
+        np.add.at(target, index, rows)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, rows)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the arrays live. ``name`` is "cpu" or "cuda" (what was actually chosen);
+    ``description`` says so in words (with the GPU name, or why ``auto`` chose the CPU)."""
+    name: str
+    xp: ModuleType
+    description: str
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cuda"
+
+    def to_device(self, a: Any, dtype: Any = None) -> Any:
+        """``a`` (NumPy array, CuPy array or nested list) as an array of this backend,
+        converted to ``dtype`` when given (no copy when nothing changes)."""
+        if self.xp is np:
+            a = array_module(a).asnumpy(a) if array_module(a) is not np else a
+            return np.asarray(a, dtype=dtype)
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """``a`` as a NumPy array on the host (a device-to-host copy on the GPU)."""
+        if array_module(a) is np:
+            return np.asarray(a)
+        return a.get()
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (for honest timings); nothing to do on the CPU."""
+        if self.is_gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def cpu_backend() -> Backend:
+    return Backend("cpu", np, f"cpu (NumPy {np.__version__})")
+
+
+def _cuda_backend() -> Backend:
+    """CuPy on GPU 0, after checking that a kernel really runs there.
+    Raises AprError naming the reason when there is no usable GPU."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a CUDA library that fails to load
+        raise AprError(f"--device cuda: no usable GPU (cupy is not importable: {e})") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+        if count < 1:
+            raise RuntimeError("no CUDA device found")
+        probe = cupy.arange(4, dtype=cupy.float32)
+        if float((probe * 2).sum()) != 12.0:
+            raise RuntimeError("a test kernel gave a wrong result")
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    except AprError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AprError(f"--device cuda: no usable GPU ({msg})") from None
+    return Backend("cuda", cupy, f"cuda ({gpu}, CuPy {cupy.__version__})")
+
+
+def get_backend(device: str = "auto") -> Backend:
+    """The backend for ``--device``: "cpu", "cuda" (error when no GPU is usable) or "auto"."""
+    if device == "cpu":
+        return cpu_backend()
+    if device == "cuda":
+        return _cuda_backend()
+    if device == "auto":
+        try:
+            return _cuda_backend()
+        except AprError as e:
+            why = str(e).split("no usable GPU", 1)[-1].strip()
+            return Backend("cpu", np, f"cpu (NumPy {np.__version__}; auto: no usable GPU {why})")
+    raise AprError(f"--device {device!r}: unknown device (expected one of {', '.join(DEVICES)})")

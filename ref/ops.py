@@ -1,0 +1,267 @@
+"""The ops of a Llama/Qwen2 decoder, each a forward/backward pair, side by side (as in llm.c).
+
+Conventions, the same for every pair:
+
+* ``op_forward(inputs..., options...) -> (out, cache)``: ``cache`` holds what the backward needs
+  and nothing else.
+* ``op_backward(dout, cache)`` returns the gradients of the forward's differentiable inputs, in
+  the forward's argument order (one array, or a tuple when there are several).
+* Pure functions of arrays: the array module (NumPy or CuPy) comes from the inputs, so the
+  same code runs on the CPU and the GPU. Nothing here loops over batch, heads or positions in
+  Python; every contraction is one (batched) matmul.
+
+Shapes: B batch, T query positions, S key positions (S = T without a KV cache), C model width,
+H query heads, K key/value heads (H a multiple of K), D head width, V vocabulary, N = B*T rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+from apr.names import ROPE_ADJACENT, ROPE_HALVES
+
+from .backend import array_module, scatter_add_rows
+
+Array = Any  # a numpy.ndarray or a cupy.ndarray
+
+
+# --------------------------------------------------------------------------- embedding
+
+def embedding_forward(ids: Array, weight: Array) -> tuple[Array, tuple]:
+    """out[b, t] = weight[ids[b, t]]   (ids: integer array of any shape; weight: (V, C))."""
+    return weight[ids], (ids, weight.shape)
+
+
+def embedding_backward(dout: Array, cache: tuple) -> Array:
+    """dweight[v] = sum of dout[b, t] over every (b, t) with ids[b, t] = v.
+    A token that occurs several times gets the sum of all its rows (scatter-add)."""
+    ids, shape = cache
+    xp = array_module(dout)
+    dweight = xp.zeros(shape, dtype=dout.dtype)
+    scatter_add_rows(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    return dweight
+
+
+# --------------------------------------------------------------------------- rmsnorm
+
+def rmsnorm_forward(x: Array, weight: Array, eps: float) -> tuple[Array, tuple]:
+    """y = w * x / sqrt(mean(x^2) + eps), over the last axis.  Cache: x_hat = x * rstd, rstd."""
+    xp = array_module(x)
+    rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+    x_hat = x * rstd
+    return x_hat * weight, (x_hat, rstd, weight)
+
+
+def rmsnorm_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
+    """With g = dout * w:   dx = rstd * (g - x_hat * mean(g * x_hat))
+                            dw = sum over rows of dout * x_hat."""
+    x_hat, rstd, weight = cache
+    xp = array_module(dout)
+    g = dout * weight
+    dx = rstd * (g - x_hat * xp.mean(g * x_hat, axis=-1, keepdims=True))
+    c = x_hat.shape[-1]
+    dweight = (dout.reshape(-1, c) * x_hat.reshape(-1, c)).sum(axis=0)
+    return dx, dweight
+
+
+# --------------------------------------------------------------------------- linear
+
+def linear_forward(x: Array, weight: Array, bias: Optional[Array] = None) -> tuple[Array, tuple]:
+    """y = x @ W^T + b, with W in the HF layout (out_features, in_features).
+    x may have any leading axes; the product is one 2-D matmul over all rows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ weight.T
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], weight.shape[0]), (x, weight, bias is not None)
+
+
+def linear_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Optional[Array]]:
+    """dx = dy @ W;   dW = dy^T @ x;   db = sum over rows of dy   (None without a bias)."""
+    x, weight, has_bias = cache
+    d2 = dout.reshape(-1, dout.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx = (d2 @ weight).reshape(x.shape)
+    dweight = d2.T @ x2
+    dbias = d2.sum(axis=0) if has_bias else None
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------- rotary embedding
+
+def rope_inv_freq(head_dim: int, theta: float, xp: Any = np) -> Array:
+    """inv_freq[i] = 1 / theta^(2i / D), i = 0 .. D/2-1 (as HF computes it, here in float64)."""
+    return 1.0 / (theta ** (xp.arange(0, head_dim, 2, dtype=xp.float64) / head_dim))
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, dtype: Any) -> tuple[Array, Array]:
+    """cos and sin of the angles positions[t] * inv_freq[i]: two (T, D/2) arrays in ``dtype``.
+    The angles are computed in float64 whatever ``dtype`` is."""
+    xp = array_module(positions)
+    angles = positions.astype(xp.float64)[:, None] * rope_inv_freq(head_dim, theta, xp)[None, :]
+    return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
+
+
+def _rope_pairs(x: Array, rope_type: str) -> tuple[Array, Array]:
+    """The two members (a, b) of every rotary pair along the last axis, each (..., D/2).
+    "halves" (HF): pair i is (x[i], x[i + D/2]).  "adjacent" (GGUF llama): (x[2i], x[2i+1])."""
+    if rope_type == ROPE_HALVES:
+        half = x.shape[-1] // 2
+        return x[..., :half], x[..., half:]
+    if rope_type == ROPE_ADJACENT:
+        return x[..., 0::2], x[..., 1::2]
+    raise ValueError(f"rope_type={rope_type!r} (expected {ROPE_HALVES!r} or {ROPE_ADJACENT!r})")
+
+
+def _rope_unpairs(a: Array, b: Array, rope_type: str) -> Array:
+    """Inverse of `_rope_pairs`: put the pair members back in the stored order."""
+    xp = array_module(a)
+    if rope_type == ROPE_HALVES:
+        return xp.concatenate([a, b], axis=-1)
+    return xp.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+
+
+def rope_forward(x: Array, cos: Array, sin: Array, rope_type: str) -> tuple[Array, tuple]:
+    """Rotate every pair (a, b) of x (..., T, D) by its angle:
+        a' = a cos - b sin,    b' = a sin + b cos      (cos, sin: (T, D/2), from `rope_tables`)."""
+    a, b = _rope_pairs(x, rope_type)
+    out = _rope_unpairs(a * cos - b * sin, a * sin + b * cos, rope_type)
+    return out, (cos, sin, rope_type)
+
+
+def rope_backward(dout: Array, cache: tuple) -> Array:
+    """A rotation is orthogonal, so dx = R^T dout: the rotation by the opposite angle,
+        da = da' cos + db' sin,    db = -da' sin + db' cos."""
+    cos, sin, rope_type = cache
+    a, b = _rope_pairs(dout, rope_type)
+    return _rope_unpairs(a * cos + b * sin, b * cos - a * sin, rope_type)
+
+
+# --------------------------------------------------------------------------- attention
+
+def causal_mask(t: int, s: int, xp: Any, dtype: Any) -> Array:
+    """(T, S) additive mask: 0 where query t (at absolute position S - T + t) may see key s,
+    i.e. s <= S - T + t, and -inf elsewhere."""
+    allowed = xp.arange(s)[None, :] <= (s - t) + xp.arange(t)[:, None]
+    return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
+
+
+def attention_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
+    """Causal grouped-query attention.
+    q: (B, H, T, D); k, v: (B, K, S, D) with S >= T (the last T keys are the queries' own).
+    Query head h uses key/value head h // G, G = H / K (the HF repeat_kv order):
+        P = softmax(q k^T / sqrt(D) + mask),   out = P v         -> (B, H, T, D).
+    The G query heads of one K/V head are stacked along the rows (B, K, G*T, D), so each
+    group is one matmul against its shared K/V, with no copy of K or V."""
+    xp = array_module(q)
+    b, h, t, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    g = h // kv_heads
+    scale = 1.0 / math.sqrt(d)
+    qg = q.reshape(b, kv_heads, g * t, d)
+    scores = (qg @ k.swapaxes(-1, -2)).reshape(b, kv_heads, g, t, s)
+    scores *= scale
+    scores += causal_mask(t, s, xp, scores.dtype)
+    probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
+    out = (probs @ v).reshape(b, h, t, d)
+    return out, (qg, k, v, probs, scale)
+
+
+def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
+    """With P the probabilities and dS the gradient of the (scaled) scores:
+        dV = P^T dout,   dP = dout V^T,   dS = P * (dP - rowsum(dP * P)),
+        dq = dS K / sqrt(D),   dK = dS^T q / sqrt(D)
+    dK and dV sum over the G query heads that share each K/V head (the stacked rows)."""
+    qg, k, v, probs, scale = cache
+    b, h, t, d = dout.shape
+    kv_heads = k.shape[1]
+    dout_g = dout.reshape(b, kv_heads, -1, d)
+    dv = probs.swapaxes(-1, -2) @ dout_g
+    dprobs = dout_g @ v.swapaxes(-1, -2)
+    dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+    dscores *= scale
+    dq = (dscores @ k).reshape(b, h, t, d)
+    dk = dscores.swapaxes(-1, -2) @ qg
+    return dq, dk, dv
+
+
+def _softmax_inplace(x: Array) -> Array:
+    """softmax over the last axis, overwriting x: exp(x - max) / sum(exp(x - max))."""
+    xp = array_module(x)
+    x -= x.max(axis=-1, keepdims=True)
+    xp.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+# --------------------------------------------------------------------------- swiglu
+
+def sigmoid(z: Array) -> Array:
+    """1 / (1 + exp(-z)) = (1 + tanh(z / 2)) / 2: the tanh form cannot overflow for any z."""
+    xp = array_module(z)
+    return 0.5 + 0.5 * xp.tanh(0.5 * z)
+
+
+def swiglu_forward(gate: Array, up: Array) -> tuple[Array, tuple]:
+    """out = silu(gate) * up,  silu(z) = z * sigmoid(z)."""
+    sig = sigmoid(gate)
+    return gate * sig * up, (gate, up, sig)
+
+
+def swiglu_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
+    """dup = dout * silu(gate);
+    dgate = dout * up * silu'(gate),  silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z)))."""
+    gate, up, sig = cache
+    dup = dout * gate * sig
+    dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
+    return dgate, dup
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_forward(logits: Array, targets: Array,
+                          ignore_index: int = IGNORE_INDEX) -> tuple[Array, tuple]:
+    """Mean softmax cross-entropy over the targets that are not ``ignore_index``:
+        loss = (1/n) sum_{kept rows r} [logsumexp(logits[r]) - logits[r, targets[r]]]
+    logits: (..., V); targets: the same leading shape. The log-softmax subtracts the row
+    maximum first, so it neither overflows nor underflows. Returns a 0-d array."""
+    xp = array_module(logits)
+    vocab = logits.shape[-1]
+    z = logits.reshape(-1, vocab)
+    t = targets.reshape(-1)
+    keep = t != ignore_index
+    count = int(keep.sum())
+    if count == 0:
+        raise ValueError(f"cross-entropy: every target is ignore_index={ignore_index}; "
+                         "the mean over no targets is undefined")
+    kept = t[keep]
+    if int(kept.min()) < 0 or int(kept.max()) >= vocab:
+        raise ValueError(f"cross-entropy: target ids must lie in [0, {vocab}) "
+                         f"(got {int(kept.min())}..{int(kept.max())})")
+    rows = xp.arange(z.shape[0])
+    safe_t = xp.where(keep, t, 0)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    shifted_target = shifted[rows, safe_t]
+    probs = xp.exp(shifted, out=shifted)                    # unnormalized, in place
+    total = probs.sum(axis=-1)
+    log_prob_target = shifted_target - xp.log(total)
+    loss = -(log_prob_target * keep).sum() / count
+    probs /= total[:, None]                                 # now the softmax probabilities
+    weight = keep.astype(logits.dtype) / count
+    return loss, (probs, safe_t, weight, logits.shape)
+
+
+def cross_entropy_backward(dloss: float, cache: tuple) -> Array:
+    """dlogits[r] = dloss * (softmax(logits[r]) - onehot(targets[r])) / n for kept rows,
+    and 0 for ignored rows."""
+    probs, safe_t, weight, shape = cache
+    xp = array_module(probs)
+    w = weight * dloss
+    dlogits = probs * w[:, None]
+    dlogits[xp.arange(probs.shape[0]), safe_t] -= w
+    return dlogits.reshape(shape)
