@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, UnsupportedError
 from .names import (APR_KEY_ALIASES, APR_ROPE_TYPE, APR_ROPE_TYPE_INV, ATTENTION_BIAS_KEY,
-                    FAMILIES, GGUF_CONFIG_KEYS, GGUF_KEY_LENGTH_KEY, GGUF_ROPE_DIM_KEY,
+                    FAMILIES, GGUF_CONFIG_KEYS, GGUF_KEY_LENGTH_KEY, GGUF_ROPE_DIM_KEY, GGUF_VOCAB_SIZE_KEY,
                     HF_CONFIG_KEYS, ROPE_ADJACENT, ROPE_HALVES, TIED_KEY, family_from_any)
 
 
@@ -300,6 +300,7 @@ class ModelConfig:
         for fld, key in GGUF_CONFIG_KEYS.items():
             kv[key.format(arch=arch)] = getattr(self, fld)
         kv[GGUF_ROPE_DIM_KEY.format(arch=arch)] = self.head_dim
+        kv[GGUF_VOCAB_SIZE_KEY.format(arch=arch)] = self.vocab_size  # needed when no tokenizer
         if self.head_dim * self.num_heads != self.hidden_size:
             kv[GGUF_KEY_LENGTH_KEY.format(arch=arch)] = self.head_dim
             kv["{arch}.attention.value_length".format(arch=arch)] = self.head_dim

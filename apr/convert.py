@@ -272,8 +272,10 @@ def _write_gguf(view, config, planned, dst, report, tick) -> None:
         kv.append((key, value, None))
     if view.tokenizer is not None:
         kv.extend(to_gguf_fields(view.tokenizer, config.vocab_size))
-    else:
-        report.notes.append("no tokenizer: the GGUF carries no tokenizer.ggml.* keys")
+    else:   # llama.cpp refuses a file without tokenizer.ggml.model; "none" loads, with no vocab
+        kv.append(("tokenizer.ggml.model", "none", None))
+        report.notes.append("no tokenizer: tokenizer.ggml.model is 'none' (llama.cpp loads it "
+                            "for token ids only)")
     tensors = [GgufTensor(names.hf_to_gguf_name(p.name), p.dtype, p.shape, p.data, p.nbytes)
                for p in planned]
     with atomic_file(dst) as tmp:

@@ -199,3 +199,6 @@ def test_missing_tokenizer_needs_consent(tmp_path):
     convert(d, tmp_path / "m.apr", allow_no_tokenizer=True)
     with open_model(tmp_path / "m.apr") as v:
         assert v.tokenizer is None and v.config.family == "llama"
+    convert(tmp_path / "m.apr", tmp_path / "m.gguf", allow_no_tokenizer=True)
+    got = llama_cpp_logits(tmp_path / "m.gguf", IDS, tmp_path)   # llama.cpp still loads it
+    assert np.abs(got - hf_logits(d, IDS)).max() <= 1e-4
