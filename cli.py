@@ -405,5 +405,33 @@ def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, com
                    f"{iterations} runs after {warmup} warm-up)")
 
 
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--max-ppl", type=float, default=None, help="Fail if perplexity on a text sample exceeds this.")
+@click.option("--min-tps", type=float, default=None, help="Fail if decode tokens/s is below this.")
+@click.option("--no-gguf", is_flag=True, help="Skip the GGUF export gate (llama.cpp).")
+@_json_opt
+@handle_errors
+def qa(model_path, max_ppl, min_tps, no_gguf, as_json):
+    """Gates a model file must pass: format, metadata, tokenizer, tensors, tied embeddings,
+    forward, golden output, throughput, GGUF export. Exit 1 if any gate fails."""
+    from ref.qa import run_qa
+
+    def show(g):
+        if not as_json:
+            status = "SKIP" if g.skipped else ("PASS" if g.passed else "FAIL")
+            click.echo(f"  {status:<4}  {g.name:<16} {g.message}  ({g.duration_ms:.0f} ms)")
+
+    if not as_json:
+        click.echo(f"qa {model_path}")
+    report = run_qa(model_path, max_ppl=max_ppl, min_tps=min_tps, gguf=not no_gguf, progress=show)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        failed = [g.name for g in report.gates if not g.passed]
+        click.echo("PASSED" if report.passed else f"FAILED: {', '.join(failed)}")
+    sys.exit(0 if report.passed else 1)
+
+
 if __name__ == "__main__":
     main()

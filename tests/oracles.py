@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import sysconfig
-import textwrap
 from functools import lru_cache
 from pathlib import Path
 
@@ -91,27 +88,7 @@ def hf_logits(directory: Path, ids: list[int], dtype=None) -> np.ndarray:
     return out.float().numpy()
 
 
-LLAMA_SCRIPT = textwrap.dedent("""
-    import sys, json, numpy as np
-    from llama_cpp import Llama
-    path, ids, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    llm = Llama(path, logits_all=True, type_k=0, type_v=0, n_ctx=max(64, len(ids)),
-                n_batch=max(64, len(ids)), n_threads=2, verbose=False, seed=0)
-    llm.eval(ids)
-    np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
-""")
-
-
-class LlamaCppError(RuntimeError):
-    pass
-
-
-def llama_cpp_logits(gguf_path: Path, ids: list[int], workdir: Path) -> np.ndarray:
+def llama_cpp_logits(gguf_path: Path, ids: list[int], workdir: Path | None = None) -> np.ndarray:
     """F32 logits from llama.cpp (F32 KV cache) for every position, in a subprocess."""
-    out = workdir / "llama_logits.npy"
-    proc = subprocess.run([sys.executable, "-c", LLAMA_SCRIPT, str(gguf_path), json.dumps(ids), str(out)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    if proc.returncode != 0:
-        raise LlamaCppError(f"llama.cpp failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return np.load(out)
+    from apr.llamacpp import llama_cpp_logits as run
+    return run(gguf_path, ids)

@@ -1,0 +1,62 @@
+"""llama.cpp as a consumer: load a GGUF and compute its logits in a child process
+(llama-cpp-python). A GGML assert kills its process, and a load failure only says "Failed to
+load model" while the reason is on llama.cpp's stderr, so the child's stderr is kept."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AprError
+
+_CHILD = textwrap.dedent("""
+    import sys, json, numpy as np
+    from llama_cpp import Llama
+    path, ids, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    llm = Llama(path, logits_all=True, type_k=0, type_v=0, n_ctx=max(64, len(ids)),
+                n_batch=max(64, len(ids)), n_threads=int(sys.argv[4]), verbose=True, seed=0)
+    llm.eval(ids)
+    np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+""")
+
+
+class LlamaCppError(AprError):
+    """llama.cpp could not load or run a file; the message carries its own words."""
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _reason(stderr: str) -> str:
+    """The line of llama.cpp's log that says why, else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error loading model" in ln or "GGML_ASSERT" in ln or "error:" in ln.lower():
+            return ln
+    return lines[-1] if lines else "no output"
+
+
+def llama_cpp_logits(gguf_path: str | os.PathLike, ids: list[int], threads: int = 2,
+                     timeout: float = 600) -> np.ndarray:
+    """F32 logits (len(ids), n_vocab) from llama.cpp with an F32 KV cache."""
+    if not available():
+        raise LlamaCppError("llama-cpp-python is not installed (pip install 'apr-ref[test]')")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "logits.npy"
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(gguf_path), json.dumps(list(map(int, ids))),
+                               str(out), str(threads)], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if proc.returncode != 0 or not out.exists():
+            raise LlamaCppError(f"{gguf_path}: llama.cpp failed (exit {proc.returncode}): {_reason(proc.stderr)}")
+        return np.load(out)

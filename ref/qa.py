@@ -1,0 +1,287 @@
+"""qa: the gates a model file must pass before anyone downstream gets it.
+
+Each gate is a small function that returns (passed, message, value, threshold) or raises
+Skip; `run_qa` times them and collects a report. A gate that cannot run because an earlier
+one failed is skipped with the reason, never passed.
+"""
+from __future__ import annotations
+
+import math
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from apr import names
+from apr.config import ModelConfig
+from apr.errors import AprError
+from apr.model import ModelView, open_model
+
+SAMPLE_FILE = "textwrap.py"        # a text sample every Python installation ships
+SAMPLE_TOKENS = 256
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    skipped: bool = False
+    message: str = ""
+    value: Any = None
+    threshold: Any = None
+    duration_ms: float = 0.0
+
+
+@dataclass
+class QaReport:
+    model: str
+    passed: bool
+    gates: list[Gate] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "passed": self.passed, "gates": [asdict(g) for g in self.gates]}
+
+
+class Skip(Exception):
+    """The gate does not apply or cannot run; the message says why."""
+
+
+@dataclass
+class QaContext:
+    path: Path
+    max_ppl: float | None
+    min_tps: float | None
+    gguf: bool
+    view: ModelView | None = None
+    model: Any = None
+    tokenizer: Any = None
+    sample_ids: list[int] | None = None
+
+
+# --------------------------------------------------------------------------- gates
+
+def gate_format(ctx: QaContext):
+    ctx.view = open_model(ctx.path)
+    if ctx.view.format == "apr":
+        from apr.container import AprFile
+        with AprFile.open(ctx.path) as f:
+            ok = f.verify_footer()
+        return ok, ("header and footer CRC32 valid" if ok else "footer CRC mismatch: file corrupted"), \
+            ctx.view.info.get("version"), None
+    return True, f"{ctx.view.format} file readable", ctx.view.format, None
+
+
+# plausible ranges per family; a value outside is a config defect, not a style choice
+PLAUSIBLE_ROPE_THETA = {"qwen2": (1e5, 1e8), "llama": (1e3, 1e8)}
+
+
+def gate_metadata(ctx: QaContext):
+    view = _need_view(ctx)
+    cfg = view.config
+    if cfg is None:
+        return False, f"no architecture: {view.info.get('config_note')}", None, None
+    problems = []
+    if view.format == "apr":
+        required = ("architecture", "hf_architecture", "hidden_size", "num_layers", "num_heads",
+                    "num_kv_heads", "vocab_size", "intermediate_size", "max_position_embeddings",
+                    "rope_theta", "rope_type", "rms_norm_eps", "head_dim")
+        missing = [k for k in required if k not in view.metadata]
+        if missing:
+            problems.append(f"missing keys {', '.join(missing)}")
+        aliases = [a for als in names.APR_KEY_ALIASES.values() for a in als if a in view.metadata]
+        if aliases:
+            problems.append(f"alias keys {', '.join(aliases)} beside canonical ones make aprender drop all metadata")
+    lo, hi = PLAUSIBLE_ROPE_THETA[cfg.family]
+    if not lo <= cfg.rope_theta <= hi:
+        problems.append(f"rope_theta {cfg.rope_theta:g} is implausible for {cfg.family} "
+                        f"(expected {lo:g}..{hi:g}; Qwen2 uses 1e6)")
+    if not 1e-8 <= cfg.rms_norm_eps <= 1e-3:
+        problems.append(f"rms_norm_eps {cfg.rms_norm_eps:g} outside 1e-8..1e-3")
+    if cfg.max_position_embeddings < 16:
+        problems.append(f"max_position_embeddings {cfg.max_position_embeddings} too small")
+    msg = "; ".join(problems) or (f"{cfg.family}: hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+                                  f"{cfg.num_heads}/{cfg.num_kv_heads} heads, rope {cfg.rope_theta:g}")
+    return not problems, msg, cfg.to_dict(), None
+
+
+def gate_tokenizer(ctx: QaContext):
+    view = _need_config(ctx)
+    td = view.tokenizer
+    if td is None:
+        return False, "no embedded tokenizer: the file is not self-contained", None, None
+    if td.vocab_size > view.config.vocab_size:
+        return False, (f"tokenizer has {td.vocab_size} tokens, embedding {view.config.vocab_size} rows"), \
+            td.vocab_size, view.config.vocab_size
+    from apr.tokenizer import build_tokenizer
+    ctx.tokenizer = build_tokenizer(td)
+    text = sample_text()
+    ids = ctx.tokenizer.encode(text, add_special_tokens=False).ids
+    back = ctx.tokenizer.decode(ids, skip_special_tokens=False)
+    if back != text:
+        i = next((k for k, (a, b) in enumerate(zip(back, text)) if a != b), min(len(back), len(text)))
+        return False, f"encode/decode round trip differs at character {i}", td.vocab_size, None
+    ctx.sample_ids = ids[:min(SAMPLE_TOKENS, view.config.max_position_embeddings)]
+    return True, f"{td.vocab_size} tokens, {len(td.merges)} merges, round trip exact", td.vocab_size, None
+
+
+def gate_tensors(ctx: QaContext):
+    view = _need_config(ctx)
+    cfg: ModelConfig = view.config
+    problems = []
+    for name, shape in cfg.tensor_shapes().items():
+        ref = view.tensors.get(name)
+        if ref is None:
+            problems.append(f"{name} missing")
+            continue
+        if tuple(ref.shape) != tuple(shape):
+            problems.append(f"{name} shape {list(ref.shape)} != {list(shape)}")
+            continue
+        values = ref.numpy(np.float32)
+        if not np.isfinite(values).all():
+            problems.append(f"{name} has {int((~np.isfinite(values)).sum())} non-finite values")
+        if name == "model.embed_tokens.weight":
+            zero_rows = float((np.abs(values).max(axis=1) == 0).mean())
+            if zero_rows > 0.5:
+                problems.append(f"{name}: {zero_rows:.0%} of rows are all zeros")
+    if problems:
+        return False, "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""), len(problems), 0
+    return True, f"{len(cfg.tensor_shapes())} tensors present, shapes right, all finite", \
+        len(cfg.tensor_shapes()), None
+
+
+def gate_tied_embeddings(ctx: QaContext):
+    view = _need_config(ctx)
+    cfg = view.config
+    head = view.tensors.get("lm_head.weight")
+    emb = view.tensors.get("model.embed_tokens.weight")
+    if emb is None:
+        raise Skip("no embedding")
+    if cfg.tie_word_embeddings:
+        if head is None:
+            return True, "tied: output projection is the embedding", True, None
+        same = np.array_equal(head.numpy(np.float32), emb.numpy(np.float32))
+        return same, ("tied: lm_head.weight is a copy of the embedding (APR convention)" if same else
+                      "config says tied but lm_head.weight differs from the embedding"), True, None
+    if head is None:
+        return False, "untied but lm_head.weight is missing (would leave a random output layer)", False, None
+    return True, "untied: separate lm_head.weight", False, None
+
+
+def gate_forward(ctx: QaContext):
+    view = _need_config(ctx)
+    from ref.load import model_from_view
+    ctx.model = model_from_view(view)
+    ids = ctx.sample_ids or list(range(min(32, view.config.vocab_size)))
+    arr = np.array([ids])
+    logits = ctx.model.forward(arr)
+    if not np.isfinite(ctx.model.backend.to_numpy(logits)).all():
+        return False, "non-finite logits", None, None
+    loss = ctx.model.loss(arr[:, :-1], arr[:, 1:])
+    ok = math.isfinite(loss)
+    return ok, f"loss {loss:.4f} on {len(ids)} tokens (ln vocab = {math.log(view.config.vocab_size):.2f})", \
+        loss, None
+
+
+def gate_golden_output(ctx: QaContext):
+    if ctx.model is None:
+        raise Skip("forward gate did not run")
+    from ref.generate import generate
+    prompt = (ctx.sample_ids or [0])[:16]
+    a = generate(ctx.model, prompt, 16).new_ids
+    b = generate(ctx.model, prompt, 16).new_ids
+    if a != b:
+        return False, "greedy decoding is not deterministic", a, b
+    if ctx.max_ppl is None:
+        return True, f"greedy decode deterministic: {a[:8]}...", a, None
+    if not ctx.sample_ids:
+        raise Skip("no tokenizer for a perplexity sample")
+    ids = np.array([ctx.sample_ids])
+    ppl = math.exp(ctx.model.loss(ids[:, :-1], ids[:, 1:]))
+    return ppl <= ctx.max_ppl, f"perplexity {ppl:.2f} on {ids.shape[1]} tokens of {SAMPLE_FILE}", \
+        ppl, ctx.max_ppl
+
+
+def gate_throughput(ctx: QaContext):
+    if ctx.model is None:
+        raise Skip("forward gate did not run")
+    from ref.generate import generate
+    prompt = (ctx.sample_ids or [0])[:16]
+    generate(ctx.model, prompt, 4)                             # warm-up
+    tps = generate(ctx.model, prompt, 32).decode_tokens_per_second
+    if ctx.min_tps is None:
+        return True, f"decode {tps:.1f} tokens/s (no --min-tps bound)", tps, None
+    return tps >= ctx.min_tps, f"decode {tps:.1f} tokens/s", tps, ctx.min_tps
+
+
+def gate_gguf_export(ctx: QaContext):
+    if not ctx.gguf:
+        raise Skip("--no-gguf")
+    if ctx.model is None:
+        raise Skip("forward gate did not run")
+    from apr import llamacpp
+    from apr.convert import convert
+    if not llamacpp.available():
+        raise Skip("llama-cpp-python is not installed (pip install 'apr-ref[test]')")
+    ids = (ctx.sample_ids or list(range(16)))[:64]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "export.gguf"
+        convert(ctx.path, out, dtype="f32", allow_no_tokenizer=True)
+        got = llamacpp.llama_cpp_logits(out, ids)
+    want = ctx.model.backend.to_numpy(ctx.model.forward(np.array([ids])))[0]
+    rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+    return rel <= 1e-3, f"llama.cpp loads the F32 export; max |Δ logits| / max |logit| = {rel:.2e}", rel, 1e-3
+
+
+GATES: list[tuple[str, Callable[[QaContext], Any]]] = [
+    ("format", gate_format), ("metadata", gate_metadata), ("tokenizer", gate_tokenizer),
+    ("tensors", gate_tensors), ("tied_embeddings", gate_tied_embeddings), ("forward", gate_forward),
+    ("golden_output", gate_golden_output), ("throughput", gate_throughput),
+    ("gguf_export", gate_gguf_export),
+]
+
+
+# --------------------------------------------------------------------------- driver
+
+def _need_view(ctx: QaContext) -> ModelView:
+    if ctx.view is None:
+        raise Skip("the file could not be opened")
+    return ctx.view
+
+
+def _need_config(ctx: QaContext) -> ModelView:
+    view = _need_view(ctx)
+    if view.config is None:
+        raise Skip("no architecture metadata")
+    return view
+
+
+def sample_text() -> str:
+    text = (Path(sysconfig.get_paths()["stdlib"]) / SAMPLE_FILE).read_text(encoding="utf-8")
+    return text[:4000]
+
+
+def run_qa(path: str | Path, max_ppl: float | None = None, min_tps: float | None = None,
+           gguf: bool = True, progress: Callable[[Gate], None] | None = None) -> QaReport:
+    ctx = QaContext(Path(path), max_ppl, min_tps, gguf)
+    report = QaReport(str(path), True)
+    for name, fn in GATES:
+        t = time.perf_counter()
+        try:
+            passed, message, value, threshold = fn(ctx)
+            gate = Gate(name, bool(passed), False, message, value, threshold)
+        except Skip as s:
+            gate = Gate(name, True, True, str(s))
+        except AprError as e:
+            gate = Gate(name, False, False, str(e))
+        gate.duration_ms = round(1000 * (time.perf_counter() - t), 1)
+        report.gates.append(gate)
+        report.passed &= gate.passed
+        if progress:
+            progress(gate)
+    if ctx.view is not None:
+        ctx.view.close()
+    return report
