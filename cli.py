@@ -433,5 +433,14 @@ def qa(model_path, max_ppl, min_tps, no_gguf, as_json):
     sys.exit(0 if report.passed else 1)
 
 
+def _register_package_commands() -> None:
+    """Commands that live beside their code (diff/, ref/) join this one group."""
+    from diff.cli import diff_command
+    main.add_command(diff_command, "diff")
+
+
+_register_package_commands()
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,54 @@
+"""diff: compare two model files of any formats and name the defect class and the tensor.
+
+    from diff import compare
+    report = compare("model.apr", "model.gguf")      # DiffReport (dataclasses)
+    print(report.diagnosis.line)                      # "DIAGNOSIS: equivalent — ..."
+
+Tensors are aligned by canonical (HF) name and compared in HF layout (a format's known
+layout, such as GGUF llama's rotary row order, is undone first), one tensor at a time, with
+a tolerance derived from the two storage dtypes (diff/values.py). Every relation below is
+recognized from the values (diff/detectors.py); names only label the findings.
+
+Diagnosis classes — the first word(s) of the final `DIAGNOSIS:` line and `diagnosis.class`
+in `--json`:
+
+    equivalent          every tensor identical or equal within its dtype's rounding
+                        (F16, BF16, Q8_0, APR_Q8, Q4_K, Q6_K, ...), same config and tokenizer,
+                        logits agree. Known layouts (GGUF llama rotary order), an APR's tied
+                        lm_head copy and a GGUF's unused pad tokens are equivalent.
+    MISSING             a tensor in A is not in B
+    EXTRA               a tensor in B is not in A
+    SHAPE               shapes differ in a way no layout explains
+    LAYOUT transposed   B holds A's transpose (square or not; with the reversed shape, or
+                        the transpose's bytes under A's shape)
+    LAYOUT rotary-permuted
+                        Q/K rows in the other rotary order (halves <-> adjacent pairs),
+                        permuted with a wrong head count, or permuted twice
+    PADDING             rows padded or truncated (embedding / lm_head); common rows equal
+    TIED                one side ties lm_head to the embedding and the other's lm_head is
+                        not equal to it (or a side declares tied embeddings but stores an
+                        lm_head that is not a copy of its embedding)
+    SHUFFLED            B's rows are A's rows in another order
+    SCALED              B = s × A for a scalar s != 1
+    UNRELATED           values unrelated (no relation above holds)
+    QUANTIZATION noise  values close (rel L2 <= 0.3) but beyond what the dtypes' rounding allows
+    CONFIG              a model config key differs (rope_theta, rms_norm_eps, heads, ...);
+                        with identical tensors it shows only in the logits, which confirm it
+                        by re-running B with A's value
+    TOKENIZER           vocabulary, merges, bos/eos, or a GGUF token count != embedding rows
+    LOGITS              logits diverge and nothing above explains it
+
+Per-tensor relations that are not defects: `identical`, `rounding` (within dtype rounding),
+`tied-copy` (one side ties lm_head, the other stores an equal copy).
+
+Exit codes of `apr-ref diff`: 0 equivalent, 1 a defect was found, 2 an input cannot be read.
+"""
+from __future__ import annotations
+
+from .core import compare, diagnose
+from .report import (CLASS_PRIORITY, ConfigFinding, Diagnosis, DiffReport, LogitsReport,
+                     PairStats, StageDelta, TensorFinding, TokenizerFinding)
+
+__all__ = ["compare", "diagnose", "DiffReport", "TensorFinding", "ConfigFinding",
+           "TokenizerFinding", "LogitsReport", "StageDelta", "PairStats", "Diagnosis",
+           "CLASS_PRIORITY"]

@@ -1,0 +1,205 @@
+"""Both reference models on the same token ids: logits, and where they start to differ.
+
+Each file runs in its own stored layout (`ref.load.model_from_view`), A first, then B; only
+A's logits and hidden states are kept while B runs. When the logits disagree, the hidden
+states (embeddings, each decoder layer's output, the final norm) locate the first stage that
+diverges, and that stage is tied to the tensor findings of that layer. When no tensor
+finding explains it, each differing config key is tried on B with A's value: if B then
+agrees, that key is the confirmed culprit (a wrong rope_theta or rms_norm_eps with identical
+tensors shows up only here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from apr import names
+from apr.errors import AprError
+from apr.model import ModelView
+from ref.backend import cpu_backend
+from ref.load import model_from_view
+from ref.model import Model
+
+from .report import ROUNDING, ConfigFinding, LogitsReport, StageDelta, TensorFinding
+from .values import dtype_tolerance, rel_l2
+
+DEFAULT_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
+SHORT_TOKENS = 8                     # for a float32 run of a large model
+AUTO_MAX_PARAMS = 100_000_000        # by default, logits only for models up to this size
+FLOAT64_MAX_PARAMS = 50_000_000      # float64 up to this size, float32 above
+LOGIT_FACTOR = 10.0                  # logits may differ this many times the worst tensor tolerance
+LOGIT_FLOOR = {np.float64: 1e-9, np.float32: 1e-5}
+# config keys that can be swapped on a built model without changing a tensor's shape
+SWAPPABLE_KEYS = ("rope_theta", "rms_norm_eps", "num_heads", "num_kv_heads", "head_dim")
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+@dataclass
+class Run:
+    logits: np.ndarray       # (T, V) float64
+    hidden: list[np.ndarray]  # L + 2 arrays (T, hidden), float64
+
+
+def default_tokens(vocab: int, n: int = len(DEFAULT_TOKENS)) -> list[int]:
+    """A fixed id sequence valid for a vocabulary of `vocab` ids."""
+    ids = [t for t in DEFAULT_TOKENS if t < vocab][:n]
+    return ids if len(ids) >= 4 else list(range(min(vocab, n)))
+
+
+def param_count(va: ModelView, vb: ModelView) -> int:
+    return max(v.config.param_count() for v in (va, vb))
+
+
+def run_dtype(params: int) -> Any:
+    return np.float64 if params <= FLOAT64_MAX_PARAMS else np.float32
+
+
+def _forward(model: Model, ids: Sequence[int]) -> Run:
+    logits, hidden = model.forward(np.asarray([ids], dtype=np.int64), capture_hidden=True)
+    host = model.backend.to_numpy
+    return Run(np.asarray(host(logits)[0], np.float64),
+               [np.asarray(host(h)[0], np.float64) for h in hidden])
+
+
+def _stage_names(num_layers: int) -> list[tuple[str, int | None]]:
+    return [("embeddings", None)] + [(f"layer {i}", i) for i in range(num_layers)] + [("final norm", None)]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _logit_metrics(rep: LogitsReport, ra: Run, rb: Run) -> None:
+    v = min(ra.logits.shape[-1], rb.logits.shape[-1])
+    la, lb = ra.logits[:, :v], rb.logits[:, :v]
+    rep.max_abs = float(np.max(np.abs(la - lb)))
+    rep.rel_l2 = rel_l2(la, lb)
+    pa, pb = _log_softmax(la), _log_softmax(lb)
+    kl = np.sum(np.exp(pa) * (pa - pb), axis=-1)
+    rep.kl_mean, rep.kl_max = float(kl.mean()), float(kl.max())
+    rep.top1_agreement = float(np.mean(la.argmax(-1) == lb.argmax(-1)))
+
+
+def _stages(ra: Run, rb: Run) -> list[StageDelta]:
+    if len(ra.hidden) != len(rb.hidden):
+        return []
+    out = []
+    for (stage, layer), ha, hb in zip(_stage_names(len(ra.hidden) - 2), ra.hidden, rb.hidden):
+        if ha.shape != hb.shape:
+            break
+        out.append(StageDelta(stage, layer, rel_l2(ha, hb), float(np.max(np.abs(ha - hb)))))
+    return out
+
+
+def logit_tolerance(findings: list[TensorFinding], dtype: Any) -> float:
+    """Allowed relative L2 of logits and hidden states: LOGIT_FACTOR times the largest
+    rounding among the compared tensors (their dtype tolerance, or the error a tensor
+    within rounding really has), at least the float precision's floor."""
+    worst = 2 * dtype_tolerance("F32")
+    for f in findings:
+        if f.tolerance is not None:
+            worst = max(worst, f.tolerance)
+        if f.relation == ROUNDING and f.stats is not None:
+            worst = max(worst, f.stats.rel_l2)
+    return max(LOGIT_FACTOR * worst, LOGIT_FLOOR[dtype])
+
+
+def _culprit_tensors(stage: StageDelta | None, findings: list[TensorFinding]) -> list[str]:
+    """Defective tensors of the first divergent stage (None: the output projection)."""
+    defects = [f for f in findings if f.defect]
+    if stage is None:
+        want = lambda n: n in (LM_HEAD, EMBED)
+    elif stage.layer is not None:
+        want = lambda n: names.layer_of(n) == stage.layer
+    elif stage.stage == "embeddings":
+        want = lambda n: n == EMBED
+    else:
+        want = lambda n: n == FINAL_NORM
+    return list(dict.fromkeys(f.name for f in defects if want(f.name)))
+
+
+def _agrees(run: Run, ref: Run, tol: float) -> bool:
+    return ref.logits.shape == run.logits.shape and rel_l2(ref.logits, run.logits) <= tol
+
+
+def _confirm_config(model_b: Model, va: ModelView, keys: list[str], ids: Sequence[int],
+                    ra: Run, tol: float) -> list[str]:
+    """The config keys whose A value, put into B, makes B's logits agree with A's
+    (one at a time, then all of them together)."""
+    ca = va.config
+    trials = [[k] for k in keys] + ([keys] if len(keys) > 1 else [])
+    for trial in trials:
+        try:
+            cfg = model_b.config.replace(**{k: getattr(ca, k) for k in trial})
+            model = Model(cfg, model_b.params, model_b.backend, model_b.dtype)
+        except (AprError, ValueError, TypeError):
+            continue
+        if _agrees(_forward(model, ids), ra, tol):
+            return trial
+    return []
+
+
+class _CannotRun(Exception):
+    """A side's tensors do not make a model its config describes."""
+
+
+def _build(side: str, view: ModelView, dtype: Any) -> Model:
+    try:
+        return model_from_view(view, cpu_backend(), dtype)
+    except AprError as e:
+        raise _CannotRun(f"{side} cannot be run: {e}") from None
+
+
+def _explain(rep: LogitsReport, findings: list[TensorFinding], config: list[ConfigFinding],
+             model_b: Model, va: ModelView, ids: Sequence[int], ra: Run) -> None:
+    """First divergent stage, its culprit tensors, or a confirmed config culprit."""
+    stage = next((s for s in rep.stages if s.rel_l2 > rep.tolerance), None)
+    rep.first_divergent = stage.stage if stage else "logits (output projection)"
+    rep.first_divergent_layer = stage.layer if stage else None
+    rep.culprit_tensors = _culprit_tensors(stage, findings)
+    keys = [c.key for c in config if c.defect and c.key in SWAPPABLE_KEYS]
+    if not rep.culprit_tensors and keys:
+        rep.culprit_config = _confirm_config(model_b, va, keys, ids, ra, rep.tolerance)
+        rep.confirmed = bool(rep.culprit_config)
+        if not rep.confirmed:
+            rep.culprit_config = keys
+    where = f"from {rep.first_divergent}"
+    if rep.culprit_tensors:
+        rep.message = f"logits diverge {where}: {', '.join(rep.culprit_tensors)}"
+    elif rep.culprit_config:
+        keys = ", ".join(rep.culprit_config)
+        how = (f"confirmed: B re-run with A's {keys} matches A" if rep.confirmed
+               else "not confirmed by re-running B with A's values")
+        rep.message = f"logits diverge {where}; config {keys}, {how}"
+    else:
+        rep.message = f"logits diverge {where}; no tensor or config difference explains it"
+
+
+def compare_logits(va: ModelView, vb: ModelView, ids: Sequence[int], dtype: Any,
+                   findings: list[TensorFinding], config: list[ConfigFinding]) -> LogitsReport:
+    """Run both models on `ids` and compare (see the module notes)."""
+    tol = logit_tolerance(findings, dtype)
+    rep = LogitsReport(ran=True, tokens=list(ids), dtype=np.dtype(dtype).name, tolerance=tol)
+    try:
+        ra = _forward(_build("A", va, dtype), ids)
+        model_b = _build("B", vb, dtype)
+    except _CannotRun as e:
+        return LogitsReport(ran=False, note=str(e), tokens=list(ids))
+    rb = _forward(model_b, ids)
+    _logit_metrics(rep, ra, rb)
+    rep.stages = _stages(ra, rb)
+    rep.agree = ra.logits.shape == rb.logits.shape and rep.rel_l2 <= tol \
+        and all(s.rel_l2 <= tol for s in rep.stages)
+    if rep.agree:
+        rep.message = (f"logits agree: max |Δ| {rep.max_abs:.3g}, rel L2 {rep.rel_l2:.3g} "
+                       f"<= {tol:.3g}, top-1 {rep.top1_agreement:.0%}")
+    else:
+        _explain(rep, findings, config, model_b, va, ids, ra)
+    if ra.logits.shape != rb.logits.shape:
+        rep.note = (f"vocabularies differ ({ra.logits.shape[-1]} vs {rb.logits.shape[-1]} logits): "
+                    "compared on the common ids")
+    return rep
+

@@ -1,0 +1,172 @@
+"""Config keys and embedded tokenizers of the two files.
+
+Configs are compared field by field on `apr.config.ModelConfig` (each format's spelling is
+already mapped there). `rope_type` is how Q/K rows are stored, undone before values are
+compared, so it is a layout note, not a difference; tied embeddings are judged on the
+tensors (see diff/tensors.py). Floats are equal within 1e-6 relative: GGUF stores
+rope_theta and rms_norm_eps as float32.
+
+Tokenizers: token i is the same when its strings are equal or when both are placeholders
+(unused, or row pads such as ``[PAD448]``). Beyond the shorter vocabulary only placeholders
+may follow: a GGUF pads its tokens with unused ones up to the embedding rows, and that is
+equivalent to an HF tokenizer without them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from apr.config import ModelConfig
+from apr.model import ModelView
+from apr.tokenizer import UNUSED, TokenizerData, is_row_pad
+
+from .report import CONFIG, ConfigFinding, TokenizerFinding
+
+CONFIG_KEYS: tuple[str, ...] = (
+    "family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta",
+    "rms_norm_eps", "attention_bias",
+)
+FLOAT_REL = 1e-6
+TOKENIZER_FORMATS = ("apr", "gguf", "hf")      # formats that carry a tokenizer
+SHOW = 3                                       # examples named in a message
+VOLATILE_KEYS = ("created_at", "name", "source", "original_format", "general.name", "total_size")
+
+
+# --------------------------------------------------------------------------- config
+
+def _same(x: Any, y: Any) -> bool:
+    if isinstance(x, float) or isinstance(y, float):
+        try:
+            fx, fy = float(x), float(y)
+        except (TypeError, ValueError):
+            return False
+        return math.isclose(fx, fy, rel_tol=FLOAT_REL, abs_tol=0.0)
+    return x == y
+
+
+def compare_configs(ca: ModelConfig | None, cb: ModelConfig | None) -> list[ConfigFinding]:
+    if ca is None or cb is None:
+        return []
+    return [ConfigFinding(k, getattr(ca, k), getattr(cb, k), CONFIG,
+                          f"{k}: A {getattr(ca, k)!r}, B {getattr(cb, k)!r}")
+            for k in CONFIG_KEYS if not _same(getattr(ca, k), getattr(cb, k))]
+
+
+def layout_notes(va: ModelView, vb: ModelView) -> list[str]:
+    """Known layouts undone before comparing (not differences)."""
+    notes = []
+    for side, v in (("A", va), ("B", vb)):
+        if v.config is not None and v.config.rope_type == "adjacent":
+            notes.append(f"{side} stores Q/K rows in llama.cpp's adjacent-pair rotary order "
+                         "(compared in HF order)")
+        if v.training:
+            notes.append(f"{side} holds {len(v.training)} training-state tensors (not compared)")
+    return notes
+
+
+def metadata_only(va: ModelView, vb: ModelView, limit: int = 20) -> list[str]:
+    """Other metadata keys that differ between two files of one format (informational)."""
+    if va.format != vb.format:
+        return []
+    out = []
+    for k in sorted(set(va.metadata) | set(vb.metadata)):
+        if k.startswith("tokenizer.") or k in VOLATILE_KEYS:
+            continue
+        x, y = va.metadata.get(k), vb.metadata.get(k)
+        structured = isinstance(x, (list, dict)) or isinstance(y, (list, dict))
+        if (x != y) if structured else not _same(x, y):
+            out.append(f"{k}: A {_short(x)}, B {_short(y)}")
+    return out[:limit]
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (list, dict)):
+        return f"<{type(v).__name__} of {len(v)}>"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def is_placeholder(td: TokenizerData, i: int) -> bool:
+    return td.token_type[i] == UNUSED or is_row_pad(td.vocab[i], i)
+
+
+def same_token(ta: TokenizerData, tb: TokenizerData, i: int) -> bool:
+    return ta.vocab[i] == tb.vocab[i] or (is_placeholder(ta, i) and is_placeholder(tb, i))
+
+
+def _examples(ids: list[int], ta: TokenizerData, tb: TokenizerData) -> str:
+    shown = ", ".join(f"{i}: {ta.vocab[i]!r} vs {tb.vocab[i]!r}" for i in ids[:SHOW])
+    return shown + (f" (+{len(ids) - SHOW} more)" if len(ids) > SHOW else "")
+
+
+def _vocab_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFinding]:
+    n = min(ta.vocab_size, tb.vocab_size)
+    bad = [i for i in range(n) if not same_token(ta, tb, i)]
+    out = []
+    if bad:
+        out.append(TokenizerFinding("vocab", f"{len(bad)} of the first {n} tokens differ: "
+                                             + _examples(bad, ta, tb)))
+    longer, side = (ta, "A") if ta.vocab_size > tb.vocab_size else (tb, "B")
+    real = [i for i in range(n, longer.vocab_size) if not is_placeholder(longer, i)]
+    if real:
+        out.append(TokenizerFinding("vocab_size", f"{side} has {len(real)} more real tokens "
+                                                  f"({ta.vocab_size} vs {tb.vocab_size} in all)"))
+    return out
+
+
+def _field_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFinding]:
+    out = []
+    if ta.merges != tb.merges:
+        first = next((i for i, (x, y) in enumerate(zip(ta.merges, tb.merges)) if x != y),
+                     min(len(ta.merges), len(tb.merges)))
+        out.append(TokenizerFinding("merges", f"merges differ from #{first} "
+                                              f"({len(ta.merges)} vs {len(tb.merges)})"))
+    for key in ("bos_token_id", "eos_token_id", "add_bos_token"):
+        x, y = getattr(ta, key), getattr(tb, key)
+        if x != y:
+            out.append(TokenizerFinding(key, f"{key}: A {x!r}, B {y!r}"))
+    if ta.pre_type and tb.pre_type and ta.pre_type != tb.pre_type:
+        out.append(TokenizerFinding("pre_type", f"pre-tokenizer: A {ta.pre_type!r}, B {tb.pre_type!r}"))
+    return out
+
+
+def _rows_finding(side: str, view: ModelView) -> TokenizerFinding | None:
+    """GGUF: token count must equal the embedding rows (llama.cpp asserts it); any format:
+    no token id beyond the embedding."""
+    td, cfg = view.tokenizer, view.config
+    if td is None or cfg is None:
+        return None
+    rows = cfg.vocab_size
+    if view.format == "gguf" and td.vocab_size != rows:
+        return TokenizerFinding("token_count", f"{side} (GGUF) has {td.vocab_size} tokens but "
+                                               f"{rows} embedding rows")
+    if td.vocab_size > rows:
+        return TokenizerFinding("token_count", f"{side} has {td.vocab_size} tokens but only "
+                                               f"{rows} embedding rows")
+    return None
+
+
+def compare_tokenizers(va: ModelView, vb: ModelView) -> list[TokenizerFinding]:
+    ta, tb = va.tokenizer, vb.tokenizer
+    out = [f for f in (_rows_finding("A", va), _rows_finding("B", vb)) if f is not None]
+    if ta is None and tb is None:
+        return out
+    if ta is None or tb is None:
+        side, view = ("A", va) if ta is None else ("B", vb)
+        if view.format in TOKENIZER_FORMATS:
+            out.append(TokenizerFinding("missing", f"{side} has no embedded tokenizer"))
+        return out
+    return out + _vocab_findings(ta, tb) + _field_findings(ta, tb)
+
+
+def tokenizer_summary(va: ModelView, vb: ModelView) -> str:
+    ta, tb = va.tokenizer, vb.tokenizer
+    if ta is None and tb is None:
+        return "no tokenizer on either side"
+    parts = []
+    for side, t in (("A", ta), ("B", tb)):
+        parts.append(f"{side} {t.vocab_size} tokens, {len(t.merges)} merges" if t else f"{side} none")
+    return "; ".join(parts)

@@ -1,0 +1,134 @@
+"""Value statistics and the tolerance each storage dtype allows.
+
+Tolerances are relative L2 errors, |b - a| / |a|, measured on N(0, 0.02) weights encoded
+and decoded with `apr.dtypes` (F16 2e-4, BF16 1.7e-3, Q8_0 5.4e-3, APR_Q8 1.2e-2 on a
+Qwen2-0.5B FFN matrix and growing slowly with the tensor's size, Q6_K 1.9e-2, Q4_K 8e-2,
+APR_Q4 9.8e-2) with headroom. A pair is allowed the sum of its two dtypes' tolerances: two
+roundings of the same source can err in opposite directions.
+
+Quantizers with one scale per tensor or per block (APR_Q8, Q8_0, APR_Q4, Q4_0) also have a
+hard bound that does not depend on the distribution: no value moves by more than half a
+step, a fixed fraction of the largest |value|. A tensor with outliers (one scale stretched
+by a value 50x the RMS) can exceed the L2 tolerance and still be exact rounding; the bound
+recognizes it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .report import PairStats
+
+REL_L2_TOLERANCE: dict[str, float] = {
+    "F64": 1e-12,
+    "F32": 1e-6,
+    "F16": 1e-3,
+    "BF16": 6e-3,
+    "Q8_0": 1.5e-2,
+    "APR_Q8": 4e-2,
+    "Q6_K": 5e-2,
+    "Q4_K": 0.15,
+    "Q4_0": 0.15,
+    "APR_Q4": 0.2,
+}
+INTEGER_TOLERANCE = 0.0
+# Largest |b - a| per unit of max |value|: half a quantization step (8-bit: max/127 per step,
+# APR_Q4: max/7, Q4_0: max/8), or a plain float's relative rounding.
+MAX_ERROR_FRACTION: dict[str, float] = {
+    "APR_Q8": 1 / 254, "Q8_0": 1 / 254, "APR_Q4": 1 / 14, "Q4_0": 1 / 16,
+    "F16": 2 ** -11, "BF16": 2 ** -8, "F32": 2 ** -24, "F64": 0.0,
+}
+BLOCK_QUANTIZERS = ("APR_Q8", "Q8_0", "APR_Q4", "Q4_0")
+# Beyond the dtype tolerance but with this relative error or less (cosine above ~0.95),
+# B still points where A does: noise (a lossier dtype than declared), not a layout defect.
+NOISE_LIMIT = 0.3
+
+
+def dtype_tolerance(dtype_name: str) -> float:
+    return REL_L2_TOLERANCE.get(dtype_name, INTEGER_TOLERANCE)
+
+
+def pair_tolerance(dtype_a: str, dtype_b: str) -> float:
+    return dtype_tolerance(dtype_a) + dtype_tolerance(dtype_b)
+
+
+def within_rounding(stats: PairStats, dtype_a: str, dtype_b: str) -> bool:
+    """Equal within the two dtypes' rounding: by relative L2, or, where a block quantizer is
+    involved, by the bound on the largest error."""
+    if stats.rel_l2 <= pair_tolerance(dtype_a, dtype_b):
+        return True
+    if not {dtype_a, dtype_b} & set(BLOCK_QUANTIZERS):
+        return False
+    fractions = [MAX_ERROR_FRACTION.get(d) for d in (dtype_a, dtype_b)]
+    if None in fractions:
+        return False
+    return stats.max_abs <= sum(fractions) * stats.max_value * (1 + 1e-6)
+
+
+def lossiest(*dtype_names: str) -> str:
+    """The dtype with the largest tolerance (named in 'within X rounding')."""
+    return max(dtype_names, key=dtype_tolerance)
+
+
+@dataclass
+class Moments:
+    """Running sums over aligned blocks of A and B, enough for every `PairStats` field."""
+    n: int = 0
+    sum_abs: float = 0.0
+    sum_dd: float = 0.0
+    sum_aa: float = 0.0
+    sum_bb: float = 0.0
+    sum_ab: float = 0.0
+    max_abs: float = 0.0
+    max_value: float = 0.0
+    identical: bool = True
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a = np.asarray(a, dtype=np.float64 if a.dtype == np.float64 else np.float32).reshape(-1)
+        b = np.asarray(b, dtype=a.dtype).reshape(-1)
+        if a.size == 0:
+            return
+        d = b - a
+        self.n += a.size
+        self.identical = self.identical and bool(np.array_equal(a, b))
+        ad = np.abs(d)
+        self.max_abs = max(self.max_abs, float(ad.max()))
+        self.max_value = max(self.max_value, float(np.abs(a).max()), float(np.abs(b).max()))
+        self.sum_abs += float(ad.sum(dtype=np.float64))
+        self.sum_dd += float(np.dot(d, d))
+        self.sum_aa += float(np.dot(a, a))
+        self.sum_bb += float(np.dot(b, b))
+        self.sum_ab += float(np.dot(a, b))
+
+    def stats(self) -> PairStats:
+        if self.n == 0:
+            return PairStats()
+        na, nb = math.sqrt(self.sum_aa), math.sqrt(self.sum_bb)
+        norm = max(na, nb)
+        rel = math.sqrt(self.sum_dd) / norm if norm > 0 else 0.0
+        cosine = self.sum_ab / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+        scale = self.sum_ab / self.sum_aa if self.sum_aa > 0 else 1.0
+        if self.identical:
+            rel = 0.0
+        return PairStats(max_abs=self.max_abs, mean_abs=self.sum_abs / self.n,
+                         rmse=math.sqrt(self.sum_dd / self.n), cosine=cosine, rel_l2=rel,
+                         scale=scale, max_value=self.max_value, identical=self.identical)
+
+
+def pair_stats(a: np.ndarray, b: np.ndarray) -> PairStats:
+    m = Moments()
+    m.add(a, b)
+    return m.stats()
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """|b - a| / max(|a|, |b|) (0 for two zero arrays)."""
+    a = np.asarray(a).reshape(-1)
+    b = np.asarray(b).reshape(-1)
+    if a.dtype != np.float64:
+        a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
+    d = b - a
+    norm = math.sqrt(max(float(np.dot(a, a)), float(np.dot(b, b))))
+    return math.sqrt(float(np.dot(d, d))) / norm if norm > 0 else 0.0
