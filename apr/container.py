@@ -1,5 +1,5 @@
 """The APR v2 container (no compression, no encryption): a streaming writer and a lazy,
-memory-mapped reader. The byte layout is /work/shared/APR-FORMAT.md:
+memory-mapped reader. The byte layout, as aprender's format crate writes it:
 
     0             header, 64 bytes (header CRC over bytes 0..40 + 44..64)
     64            metadata: compact UTF-8 JSON, zero-padded to 64

@@ -1,5 +1,7 @@
-"""GGUF through the `gguf` library: reading with GGUFReader (memory-mapped), writing with
-GGUFWriter in its streaming mode (all tensor infos first, then data one tensor at a time)."""
+"""GGUF files. Writing goes through the `gguf` library's GGUFWriter in its streaming mode (all
+tensor infos first, then data one tensor at a time); the library's enums name value and
+quantization types. Reading parses the header, key/values and tensor infos here (see
+GgufFile for why) and memory-maps the data."""
 from __future__ import annotations
 
 import logging
@@ -12,12 +14,11 @@ from typing import Any, Callable, Iterable
 import gguf
 import numpy as np
 
-from .dtypes import DType, dtype_from_ggml
-from .errors import FormatError
+from .dtypes import DType, dtype_from_ggml, nbytes
+from .errors import FormatError, UnsupportedError
 
 logging.getLogger("gguf").setLevel(logging.WARNING)
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
-logging.getLogger("gguf.gguf_reader").setLevel(logging.WARNING)
 
 VT = gguf.GGUFValueType
 
@@ -27,48 +28,112 @@ class GgufEntry:
     name: str                 # name in the file
     dtype: DType
     shape: tuple[int, ...]    # row-major shape (the reversed `ne` list)
-    tensor: Any               # gguf.ReaderTensor
+    offset: int               # absolute byte offset of the data in the file
+    nbytes: int
+
+
+# struct formats of the scalar value types (strings and arrays are handled apart)
+_SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I",
+           VT.INT32: "<i", VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q",
+           VT.FLOAT64: "<d"}
+
+
+class _Cursor:
+    """Little-endian reads from a memory map; every overrun is a FormatError."""
+
+    def __init__(self, buf: memoryview, where: str):
+        self.buf, self.pos, self.where = buf, 0, where
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise FormatError(f"{self.where}: truncated: needs byte {end} but the file has {len(self.buf)}")
+        out = self.buf[self.pos:end]
+        self.pos = end
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        try:
+            return str(self.take(n), "utf-8")
+        except UnicodeDecodeError:
+            raise FormatError(f"{self.where}: the string at byte {self.pos - n} is not UTF-8") from None
+
+    def value(self, vtype: int):
+        if vtype == VT.STRING:
+            return self.string()
+        if vtype == VT.ARRAY:
+            item, count = self.scalar("<I"), self.scalar("<Q")
+            if item == VT.STRING:
+                return [self.string() for _ in range(count)]
+            if item in _SCALAR and item != VT.FLOAT32:
+                dt = np.dtype(_SCALAR[item])
+                return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).tolist()
+            return [self.value(item) for _ in range(count)]
+        if vtype in _SCALAR:
+            v = self.scalar(_SCALAR[vtype])
+            # the shortest decimal that is the same float32: 1e-06, not 9.999999974752427e-07
+            return float(str(np.float32(v))) if vtype == VT.FLOAT32 else v
+        raise FormatError(f"{self.where}: unknown value type {vtype} at byte {self.pos}")
 
 
 class GgufFile:
+    """Header, key/values and tensor infos of a GGUF file, parsed at open; tensor data is
+    memory-mapped or read on demand. (gguf's GGUFReader builds an array per token string:
+    seconds for a 150k-token vocabulary, which every open of a Qwen2 GGUF would pay.)"""
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            self.reader = gguf.GGUFReader(self.path, "r")
-        except (ValueError, IndexError, OSError, struct.error, UnicodeDecodeError) as e:
-            raise FormatError(f"{self.path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
+        where = str(self.path)
+        size = self.path.stat().st_size
+        if size < 24:
+            raise FormatError(f"{where}: truncated: {size} bytes is too short for GGUF")
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        c = _Cursor(memoryview(self._mm), where)
+        if bytes(c.take(4)) != b"GGUF":
+            raise FormatError(f"{where}: not a GGUF file (bad magic)")
+        self.version = c.scalar("<I")
+        if self.version not in (2, 3):
+            raise UnsupportedError(f"{where}: GGUF version {self.version} is not supported (2 or 3)")
+        n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
         self.kv: dict[str, Any] = {}
-        for name, field in self.reader.fields.items():
-            if name.startswith("GGUF."):
-                continue
-            self.kv[name] = field_value(field)
+        for _ in range(n_kv):
+            key = c.string()
+            self.kv[key] = c.value(c.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            ndim = c.scalar("<I")
+            if ndim > 8:
+                raise FormatError(f"{where}: tensor {name!r} has {ndim} dimensions")
+            ne = [c.scalar("<Q") for _ in range(ndim)]
+            infos.append((name, ne, c.scalar("<I"), c.scalar("<Q")))
+        align = int(self.kv.get("general.alignment", 32))
+        data_start = -(-c.pos // align) * align
         self.entries: dict[str, GgufEntry] = {}
-        for t in self.reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            self.entries[t.name] = GgufEntry(t.name, dtype_from_ggml(t.tensor_type), shape, t)
-        self.version = int(field_value(self.reader.fields["GGUF.version"])) \
-            if "GGUF.version" in self.reader.fields else None
+        for name, ne, ggml_type, offset in infos:
+            dtype = dtype_from_ggml(ggml_type)
+            shape = tuple(int(d) for d in reversed(ne))
+            n = nbytes(dtype, shape)
+            start = data_start + offset
+            if start + n > size:
+                raise FormatError(f"{where}: truncated: tensor {name!r} ends at byte {start + n} "
+                                  f"but the file has {size} bytes")
+            if name in self.entries:
+                raise FormatError(f"{where}: tensor {name!r} appears twice")
+            self.entries[name] = GgufEntry(name, dtype, shape, start, n)
 
     def raw(self, name: str) -> np.ndarray:
-        """Stored bytes: a typed view with the row-major shape for plain dtypes,
+        """Stored bytes, memory-mapped: a typed view with the row-major shape for plain dtypes,
         flat uint8 for block-quantized ones."""
         ent = self.entries[name]
-        data = ent.tensor.data
-        flat = data.reshape(-1).view(np.uint8)
+        flat = self._mm[ent.offset:ent.offset + ent.nbytes]
         if ent.dtype.numpy is not None:
             return flat.view(ent.dtype.numpy).reshape(ent.shape)
         return flat
-
-
-def field_value(field) -> Any:
-    """Python value of a GGUF key/value field (lists for arrays)."""
-    value = field.contents()
-    if field.types and field.types[0] == VT.FLOAT32:
-        # the shortest decimal that is the same float32: 1e-06, not 9.999999974752427e-07
-        return float(str(np.float32(value)))
-    if isinstance(value, np.generic):
-        value = value.item()
-    return value
 
 
 # --------------------------------------------------------------------------- writing

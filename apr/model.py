@@ -26,7 +26,7 @@ from .errors import AprError, FormatError
 from .gguf_io import GgufFile
 from .layout import adjacent_to_halves
 from .safetensors_io import SafetensorsFile, hf_weight_files, read_json
-from .tokenizer import TokenizerData, from_apr_metadata, from_gguf_fields, from_hf_dir
+from .tokenizer import TokenizerData, from_apr_metadata, from_gguf_kv, from_hf_dir
 
 FORMATS = ("apr", "gguf", "safetensors", "hf")
 
@@ -201,14 +201,16 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
     shapes = {hf_names[n]: e.shape for n, e in g.entries.items()}
     kv = dict(g.kv)
     emb = shapes.get("model.embed_tokens.weight")
-    config = None
-    note = None
-    try:
-        config = ModelConfig.from_gguf_kv(kv, shapes, where=str(path))
-    except AprError as e:
-        if "general.architecture" in kv and names.family_from_any(str(kv["general.architecture"])):
-            raise
-        note = str(e)
+    config, note = None, None
+    if not g.entries:
+        note = "no tensors (a vocabulary-only GGUF)"
+    else:
+        try:
+            config = ModelConfig.from_gguf_kv(kv, shapes, where=str(path))
+        except AprError as e:
+            if names.family_from_any(str(kv.get("general.architecture", ""))):
+                raise          # a model we support, but broken: say so
+            note = str(e)      # some other architecture: still inspectable
     layout = names.LAYOUT_GGUF_LLAMA_ROPE
     tensors = {}
     for gname, e in g.entries.items():
@@ -216,9 +218,9 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
         heads = _rotary_heads(config, name)
         tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
                                   layout=layout if heads else names.LAYOUT_GGUF, source_name=gname,
-                                  nbytes=int(e.tensor.n_bytes), _raw=_bind(g.raw, gname),
-                                  rotary_heads=heads, _span=(path, int(e.tensor.data_offset)))
-    tok = from_gguf_fields(g.reader)
+                                  nbytes=e.nbytes, _raw=_bind(g.raw, gname),
+                                  rotary_heads=heads, _span=(path, e.offset))
+    tok = from_gguf_kv(g.kv)
     info = {"version": g.version, "size_bytes": path.stat().st_size,
             "embedding_rows": emb[0] if emb else None}
     if note:

@@ -579,15 +579,20 @@ def _field_value(f: Any) -> Any:
 
 
 def from_gguf_fields(reader: Any) -> TokenizerData | None:
-    """The tokenizer of a `gguf.GGUFReader`; None if it has no ``tokenizer.ggml.tokens``.
+    """The tokenizer of a `gguf.GGUFReader`; None if it has no ``tokenizer.ggml.tokens``."""
+    return from_gguf_kv({k: _field_value(f) for k, f in reader.fields.items()
+                         if k.startswith("tokenizer.")})
+
+
+def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
+    """The tokenizer of GGUF key/values (plain Python values); None if it has no
+    ``tokenizer.ggml.tokens``.
 
     ``[PAD{id}]`` / ``<|pad_{id}|>`` row pads are typed 5 (unused) whatever the file says;
     a pre-tokenizer of ``"default"`` reads as None (unknown).
     """
-    fields = reader.fields
-
     def get(key: str) -> Any:
-        return _field_value(fields[key]) if key in fields else None
+        return kv.get(key)
 
     tokens = get("tokenizer.ggml.tokens")
     if tokens is None:
