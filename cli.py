@@ -436,7 +436,10 @@ def qa(model_path, max_ppl, min_tps, no_gguf, as_json):
 def _register_package_commands() -> None:
     """Commands that live beside their code (diff/, ref/) join this one group."""
     from diff.cli import diff_command
+    from ref.commands import prepare_data_command, pretrain_command
     main.add_command(diff_command, "diff")
+    main.add_command(prepare_data_command, "prepare-data")
+    main.add_command(pretrain_command, "pretrain")
 
 
 _register_package_commands()

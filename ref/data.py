@@ -94,8 +94,8 @@ def load_tokenizer(path: str | os.PathLike) -> TokenizerData:
 
 
 def tokenizer_hash(td: TokenizerData) -> str:
-    """sha256 of what decides how text is encoded: tokens, merges, token types, BOS/EOS and
-    the pre-tokenizer. Tokens that can never be produced (unused gap fillers and the row pads
+    """sha256 of what decides how a corpus is encoded here: tokens, merges, token types, the
+    EOS that joins documents and the pre-tokenizer (not BOS: documents are encoded without it). Tokens that can never be produced (unused gap fillers and the row pads
     that a GGUF appends up to the embedding size) do not count, so one tokenizer hashes the
     same read from tokenizer.json, APR or GGUF."""
     tokens, types = list(td.vocab), list(td.token_type)
@@ -104,7 +104,7 @@ def tokenizer_hash(td: TokenizerData) -> str:
         types.pop()
     tokens = ["" if t == UNUSED else tok for tok, t in zip(tokens, types)]
     doc = {"tokens": tokens, "types": types, "merges": list(td.merges),
-           "bos": td.bos_token_id, "eos": td.eos_token_id, "pre": td.pre_type,
+           "eos": td.eos_token_id, "pre": td.pre_type,
            "model": td.model_type.upper()}
     blob = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -184,13 +184,14 @@ def iter_documents(corpus: str | os.PathLike, scan: CorpusScan | None = None) ->
         text = _read_text(path, rel, scan)
         if text is None:
             continue
+        if not text.strip():
+            scan.skip("empty", rel)
+            continue
         scan.files_read += 1
         if suffix in JSONL_SUFFIXES:
             yield from _jsonl_documents(text, rel)
-        elif text.strip():
-            yield Document(rel, text)
         else:
-            scan.skip("empty", rel)
+            yield Document(rel, text)
 
 
 def split_key(doc_id: str) -> float:

@@ -75,14 +75,19 @@ class AdamW:
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             xp = array_module(p)
             if self.decay[name] and c.weight_decay:
-                p *= 1.0 - lr * c.weight_decay
-            m *= c.beta1
+                p *= 1.0 - lr * c.weight_decay                  # p <- p (1 - lr wd)
+            m *= c.beta1                                        # m <- b1 m + (1 - b1) g
             m += (1.0 - c.beta1) * g
+            g2 = xp.multiply(g, g)                              # v <- b2 v + (1 - b2) g^2
+            g2 *= 1.0 - c.beta2
             v *= c.beta2
-            v += (1.0 - c.beta2) * (g * g)
-            denom = xp.sqrt(v) / sqrt_bc2
-            denom += c.eps
-            p -= step_size * (m / denom)
+            v += g2
+            update = xp.sqrt(v, out=g2)                         # (reusing g2's memory)
+            update /= sqrt_bc2                                  # sqrt(v) / sqrt(1 - b2^t) + eps
+            update += c.eps
+            xp.divide(m, update, out=update)                    # m / (...)
+            update *= step_size                                 # * lr / (1 - b1^t)
+            p -= update
 
     def state_tensors(self) -> dict[str, Array]:
         """The state as named arrays: ``exp_avg.<param>`` and ``exp_avg_sq.<param>``."""

@@ -97,6 +97,9 @@ RESUME_OVERRIDABLE = frozenset({
     "allow_data_starvation", "allow_untrained_init"})
 
 
+PATH_FIELDS = frozenset({"dataset", "run_dir", "tokenizer", "init"})
+
+
 class GateError(AprError):
     """A check before step 1 refused the run; the message says what to change."""
 
@@ -105,9 +108,16 @@ class TrainingError(AprError):
     """The run stopped during training (a non-finite loss or gradient)."""
 
 
+_FLAG_SPELLING = {"wrap": "--no-wrap", "warn_on_wrap": "--warn-on-wrap-around"}
+
+
 def flag(field_name: str) -> str:
     """The command-line spelling of a RunConfig / ModelConfig field."""
-    return "--" + field_name.replace("_", "-")
+    return _FLAG_SPELLING.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _flag_value(field_name: str, value: Any) -> str:
+    return flag(field_name) if isinstance(value, bool) else f"{flag(field_name)} {value}"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -284,6 +294,7 @@ class RunSummary:
     """What a run did (``--json`` prints it)."""
     run_dir: str
     status: str                     # completed | early-stopped | stopped-after
+    resumed_from: Optional[str]
     mode: str
     arch: Optional[str]
     init: Optional[str]
@@ -383,8 +394,9 @@ def gate_tokens_per_param(cfg: RunConfig, params: int) -> None:
         f"(or --batch-size/--seq-length), use a smaller model, or pass --allow-data-starvation")
 
 
-def gate_train_supply(cfg: RunConfig, batches: TrainBatches, done_steps: int = 0) -> None:
-    """Under --no-wrap the train split must supply every planned step in one pass."""
+def gate_train_supply(cfg: RunConfig, batches: TrainBatches) -> None:
+    """Under --no-wrap the train split must supply every planned step (all legs of a resumed
+    run together) in one pass."""
     if cfg.wrap or cfg.steps <= batches.batches_per_epoch:
         return
     raise GateError(
@@ -403,8 +415,8 @@ def gate_init_loss(cfg: RunConfig, val_loss: float, vocab_size: int) -> None:
     raise GateError(
         f"--init {cfg.init}: step-0 validation loss {val_loss:.4f} is not {INIT_LOSS_MARGIN_NATS:g} "
         f"nat below ln(vocab_size) = {ln_vocab:.4f}, i.e. the model predicts this data no better "
-        "than chance (a wrong tokenizer, a layout defect, or an untrained file): check it with "
-        "`apr-ref inspect`, or pass --allow-untrained-init")
+        "than chance (a wrong tokenizer, a layout defect, or an untrained file): check the file "
+        "(apr-ref qa, or apr-ref diff against its source), or pass --allow-untrained-init")
 
 
 def _gate_data(data: PreparedData, td: TokenizerData, config: ModelConfig, where: str) -> None:
@@ -433,16 +445,21 @@ def resolve_architecture(cfg: RunConfig) -> tuple[ModelConfig, Optional[ModelVie
     view = open_model(cfg.init, verify=True)
     try:
         config = view.require_config()
-        conflicts = {k: v for k, v in cfg.shape.items() if getattr(config, k) != v}
-        if conflicts:
-            has = ", ".join(f"{k}={getattr(config, k)}" for k in conflicts)
-            given = ", ".join(f"{flag(k)} {v}" for k, v in conflicts.items())
-            raise GateError(f"--init {cfg.init}: the architecture comes from the file, which has "
-                            f"{has}, but {given} was requested: drop these flags")
+        check_shape_flags(config, cfg.shape, f"--init {cfg.init}")
     except BaseException:
         view.close()
         raise
     return config, view
+
+
+def check_shape_flags(config: ModelConfig, shape: dict[str, int], where: str) -> None:
+    """Every requested shape field must equal the file's; the error names each that differs."""
+    conflicts = {k: v for k, v in shape.items() if getattr(config, k) != v}
+    if conflicts:
+        has = ", ".join(f"{k}={getattr(config, k)}" for k in conflicts)
+        given = ", ".join(_flag_value(k, v) for k, v in conflicts.items())
+        raise GateError(f"{where}: the architecture comes from the file, which has {has}, but "
+                        f"{given} was requested: drop these flags")
 
 
 def resolve_tokenizer(cfg: RunConfig, init: Optional[ModelView]) -> TokenizerData:
@@ -560,12 +577,16 @@ def start_run(cfg: RunConfig, *, force: bool = False, progress: bool = False,
     plan = make_plan(cfg, config, data, batches, backend)
     run = Run(cfg, run_dir, backend, td, model, AdamW(model.params, cfg.optimizer_config()),
               cfg.schedule(), data, batches, val, TrainState(), plan, init_format)
-    _atomic_text(run_dir / RUN_JSON, json.dumps(cfg.to_dict(), indent=1))
     log_plan(run, log)
-    val0 = evaluate(run.model, run.val)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        val0 = evaluate(run.model, run.val)
     log(f"step 0: validation loss {val0:.4f} (ln(vocab_size) = {plan.ln_vocab:.4f})")
+    if not math.isfinite(val0):
+        raise GateError(f"step 0: the validation loss of the initial model is {val0}: its "
+                        "weights hold non-finite or overflowing values; check the --init file")
     gate_init_loss(cfg, val0, config.vocab_size)
     run.state.step0_val_loss = run.state.val_loss = val0
+    _atomic_text(run_dir / RUN_JSON, json.dumps(cfg.to_dict(), indent=1))
     return run
 
 
@@ -602,8 +623,9 @@ def find_resume_checkpoint(path: Path) -> Path:
             with AprFile.open(p) as f:
                 has_state = any(n.startswith(names.TRAINING_PREFIX) for n in f.tensors)
                 step = f.metadata.get("training.step")
-        except AprError:
-            continue
+        except AprError as e:
+            raise GateError(f"--resume {path}: {e}; move that file away to resume from an "
+                            "earlier checkpoint") from None
         if has_state and isinstance(step, int) and (best is None or (step, rank) > best[:2]):
             best = (step, rank, p)
     if best is None:
@@ -614,10 +636,15 @@ def find_resume_checkpoint(path: Path) -> Path:
 
 def _apply_overrides(cfg: RunConfig, given: dict[str, Any], where: str) -> RunConfig:
     """The stored config with the command line's changes that keep the trajectory."""
-    refused = {k: v for k, v in given.items()
-               if k not in RESUME_OVERRIDABLE and getattr(cfg, k, None) != v}
+    def same(k: str, v: Any) -> bool:
+        stored = getattr(cfg, k, None)
+        if k in PATH_FIELDS and stored is not None and v is not None:
+            return Path(stored).resolve() == Path(v).resolve()
+        return stored == v
+
+    refused = {k: v for k, v in given.items() if k not in RESUME_OVERRIDABLE and not same(k, v)}
     if refused:
-        parts = ", ".join(f"{flag(k)} {v} (the run has {getattr(cfg, k, None)})"
+        parts = ", ".join(f"{_flag_value(k, v)} (the run has {k}={getattr(cfg, k, None)})"
                           for k, v in refused.items())
         raise GateError(f"--resume {where}: {parts} would change the run, not continue it: drop "
                         "these flags (only " + ", ".join(sorted(flag(k) for k in RESUME_OVERRIDABLE))
@@ -636,7 +663,9 @@ def resume_run(path: str, given: dict[str, Any] | None = None, *, progress: bool
         if meta.get("training.format") != CHECKPOINT_FORMAT or "training.run_config" not in meta:
             raise GateError(f"--resume {ckpt}: not a checkpoint written by pretrain "
                             "(no training.run_config)")
-        cfg = _apply_overrides(RunConfig.from_dict(meta["training.run_config"]), given or {}, str(ckpt))
+        given = dict(given or {})
+        check_shape_flags(view.require_config(), given.pop("shape", {}), f"--resume {ckpt}")
+        cfg = _apply_overrides(RunConfig.from_dict(meta["training.run_config"]), given, str(ckpt))
         run_dir = (src if src.is_dir() else
                    ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else Path(cfg.run_dir))
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
@@ -727,17 +756,25 @@ def checkpoint_metadata(run: Run, kind: str, total_size: int) -> dict[str, Any]:
     return meta
 
 
-def write_checkpoint(run: Run, path: Path, kind: str, with_optimizer: bool) -> Path:
-    """An APR checkpoint of the current state, written atomically. Refuses non-finite
-    parameters, so a checkpoint on disk is always a finite state."""
+def write_checkpoint(run: Run, path: Path, kind: str, with_optimizer: bool,
+                     check_loss: bool = True) -> Path:
+    """An APR checkpoint of the current state, written atomically. Only a good state is
+    written: finite parameters that give a finite loss on the first validation batch
+    (``check_loss``; skipped where that loss was just computed); otherwise TrainingError."""
     run.state.data_epoch, run.state.data_batch = run.batches.position.epoch, run.batches.position.batch
     run.state.optimizer_step = run.optimizer.step_count
     to_np = run.backend.to_numpy
     params = {n: to_np(p) for n, p in run.model.params.items()}
     bad = [n for n, a in params.items() if not np.isfinite(a).all()]
     if bad:
-        raise TrainingError(f"step {run.state.step}: parameters {', '.join(bad[:3])} hold "
-                            f"non-finite values; {path.name} was not written")
+        raise stop_error(run, run.state.step, f"parameter {bad[0]} ({len(bad)} in all) holds a "
+                         f"value that", float("nan"))
+    if check_loss:
+        tokens = run.val[0]
+        probe = run.model.loss(tokens[:, :-1], tokens[:, 1:])
+        if not math.isfinite(probe):
+            raise stop_error(run, run.state.step, f"the loss of the parameters to save in "
+                             f"{path.name} (first validation batch)", probe)
     sources: list[TensorSource] = [tensor_source(n, a) for n, a in params.items()]
     if run.model.config.tie_word_embeddings:
         sources.append(tensor_source(LM_HEAD, params[EMBED]))   # APR convention: a copy
@@ -777,9 +814,20 @@ class MetricsLog:
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
+        """Every record; a last line cut short by a crash is dropped, any other bad line is
+        an error."""
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+        records = []
+        for n, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n < len(lines):
+                    raise AprError(f"{path}:{n}: not a JSON object; the metrics file is "
+                                   "damaged") from None
+        return records
 
     @staticmethod
     def truncate_after(path: Path, step: int) -> None:
@@ -806,16 +854,27 @@ def evaluate(model: Model, batches: list[np.ndarray]) -> float:
     return total / len(batches)
 
 
-def _non_finite(run: Run, step: int, what: str, value: float, metrics: MetricsLog) -> TrainingError:
-    """Record the failure at ``step`` and build the error that names the last good checkpoint."""
-    metrics.write(StepRecord(step, None, run.schedule(step), None, run.state.tokens_seen,
-                             run.batches.epochs, run.batches.wraps, run.state.seconds,
-                             event=f"non-finite {what}"))
-    last = last_checkpoint(run)
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+def stop_error(run: Run, step: int, what: str, value: float) -> TrainingError:
+    """The error that stops a run at ``step``, naming the last good checkpoint."""
+    last, best = last_checkpoint(run), run.ckpt_dir / BEST
+    if last is not None:
+        kept = f"the last good checkpoint is {last}"
+    elif best.exists():
+        kept = f"the only checkpoint is {best} (no optimizer state)"
+    else:
+        kept = "no checkpoint had been written yet"
     return TrainingError(f"step {step}: {what} is {value} (non-finite); the run stopped and "
                          f"{kept}: lower --lr (now {run.cfg.lr:g}) or --max-grad-norm, or "
                          "raise --warmup-steps, and start again")
+
+
+def _non_finite(run: Run, step: int, key: str, what: str, value: float,
+                metrics: MetricsLog) -> TrainingError:
+    """Record the failure at ``step`` in metrics.jsonl and build the error."""
+    metrics.write(StepRecord(step, None, run.schedule(step), None, run.state.tokens_seen,
+                             run.batches.epochs, run.batches.wraps, run.state.seconds,
+                             event=f"non-finite {key}"))
+    return stop_error(run, step, what, value)
 
 
 def train_step(run: Run, timings: Timings, metrics: MetricsLog) -> tuple[float, float, float]:
@@ -826,12 +885,13 @@ def train_step(run: Run, timings: Timings, metrics: MetricsLog) -> tuple[float, 
     loss, grads = run.model.loss_and_grads(batch.inputs, batch.targets)
     t2 = time.perf_counter()
     if not math.isfinite(loss):
-        raise _non_finite(run, run.state.step + 1, "the training loss", loss, metrics)
+        raise _non_finite(run, run.state.step + 1, "loss", "the training loss", loss, metrics)
     norm = clip_grad_norm(grads, run.cfg.max_grad_norm)
     if not math.isfinite(norm):
-        raise _non_finite(run, run.state.step + 1, "the gradient norm", norm, metrics)
+        raise _non_finite(run, run.state.step + 1, "grad_norm", "the gradient norm", norm, metrics)
     lr = run.schedule(run.state.step + 1)
     run.optimizer.step(run.model.params, grads, lr)
+    del grads   # freeing them is part of the step
     run.backend.synchronize()
     t3 = time.perf_counter()
     timings.data += t1 - t0
@@ -849,7 +909,8 @@ def track_validation(run: Run, val_loss: float) -> bool:
     s.val_loss = val_loss
     if s.best_val_loss is None or val_loss < s.best_val_loss:
         s.best_val_loss, s.best_step, s.evals_since_best = val_loss, s.step, 0
-        write_checkpoint(run, run.ckpt_dir / BEST, "best", with_optimizer=False)
+        write_checkpoint(run, run.ckpt_dir / BEST, "best", with_optimizer=False,
+                         check_loss=False)
         return False
     s.evals_since_best += 1
     return bool(run.cfg.patience) and s.evals_since_best >= run.cfg.patience
@@ -863,64 +924,39 @@ def _progress_bar(run: Run, enabled: bool):
                 dynamic_ncols=True, desc="pretrain")
 
 
+@dataclass
+class _Leg:
+    """This invocation of `train`: its start, the run's seconds before it, its first step."""
+    first_step: int
+    prior_seconds: float
+    start: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Wall time of the whole run so far (earlier legs included)."""
+        return self.prior_seconds + time.perf_counter() - self.start
+
+    def tokens_per_second(self, run: Run) -> float:
+        done = (run.state.step - self.first_step) * run.cfg.batch_size * run.cfg.seq_length
+        return done / max(1e-9, time.perf_counter() - self.start)
+
+
 def train(run: Run, *, stop_after: Optional[int] = None, progress: bool = False,
           log: Callable[[str], None] = lambda s: None) -> RunSummary:
     """Train until --steps (or early stopping, or ``stop_after`` steps, which stops as an
-    interruption would: a step checkpoint, no final.apr). Raises TrainingError on a
-    non-finite loss or gradient."""
-    cfg, state = run.cfg, run.state
+    interruption would: a step checkpoint, no final.apr), then draw loss.png. Raises
+    TrainingError on a non-finite loss, gradient norm or validation loss."""
     timings = Timings()
+    leg = _Leg(run.state.step, run.state.seconds)
     metrics = MetricsLog(run.run_dir / METRICS)
     bar = _progress_bar(run, progress)
-    first_step = state.step
-    leg_start = time.perf_counter()
-    prior_seconds = state.seconds
-
-    def elapsed() -> float:
-        return prior_seconds + time.perf_counter() - leg_start
-
-    status = "completed"
     try:
-        if first_step == 0:
-            _start_record(run, metrics, timings)
-        while state.step < cfg.steps:
-            if stop_after is not None and state.step >= stop_after:
-                status = "stopped-after"
-                break
-            loss, norm, lr = train_step(run, timings, metrics)
-            record = StepRecord(state.step, loss, lr, norm, state.tokens_seen, run.batches.epochs,
-                                run.batches.wraps, 0.0)
-            stop = False
-            if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
-                record.val_loss, stop = _evaluate_step(run, timings, metrics)
-                if stop:
-                    record.event = "early-stop"
-            t0 = time.perf_counter()
-            record.seconds = state.seconds = elapsed()
-            metrics.write(record)
-            if bar is not None:
-                done = state.tokens_seen - first_step * cfg.batch_size * cfg.seq_length
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{done / (time.perf_counter() - leg_start):,.0f}",
-                                refresh=False)
-                bar.update(1)
-            elif record.val_loss is not None:
-                log(f"step {state.step}/{cfg.steps}: loss {loss:.4f}, validation loss "
-                    f"{record.val_loss:.4f}, lr {lr:.3g}")
-            timings.log += time.perf_counter() - t0
-            if state.step % cfg.save_every == 0:
-                _timed_save(run, timings, checkpoint_path(run, state.step), "step")
-            if stop:
-                status = "early-stopped"
-                log(f"early stop at step {state.step}: no validation improvement in "
-                    f"{cfg.patience} evaluations (best {state.best_val_loss:.4f} at step "
-                    f"{state.best_step})")
-                break
-        state.seconds = elapsed()
-        if status == "stopped-after":
-            if state.step % cfg.save_every or state.step == 0:
-                _timed_save(run, timings, checkpoint_path(run, state.step), "step")
-        else:
-            _timed_save(run, timings, run.ckpt_dir / FINAL, "final")
+        # Non-finite values are detected and reported as errors, not warned about.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if leg.first_step == 0:
+                _start_record(run, metrics, timings)
+            status = _run_steps(run, leg, timings, metrics, bar, stop_after, log)
+            run.state.seconds = leg.seconds()
+            _save_at_end(run, timings, status)
     finally:
         if bar is not None:
             bar.close()
@@ -928,8 +964,56 @@ def train(run: Run, *, stop_after: Optional[int] = None, progress: bool = False,
     t0 = time.perf_counter()
     plot_metrics(run.run_dir / METRICS, run.run_dir / PLOT)
     timings.log += time.perf_counter() - t0
-    timings.total = time.perf_counter() - leg_start
-    return summarize(run, status, first_step, timings)
+    timings.total = time.perf_counter() - leg.start
+    return summarize(run, status, leg.first_step, timings)
+
+
+def _run_steps(run: Run, leg: _Leg, timings: Timings, metrics: MetricsLog, bar,
+               stop_after: Optional[int], log: Callable[[str], None]) -> str:
+    """The step loop; returns how it ended: completed, early-stopped or stopped-after."""
+    cfg, state = run.cfg, run.state
+    while state.step < cfg.steps:
+        if stop_after is not None and state.step >= stop_after:
+            return "stopped-after"
+        loss, norm, lr = train_step(run, timings, metrics)
+        record = StepRecord(state.step, loss, lr, norm, state.tokens_seen, run.batches.epochs,
+                            run.batches.wraps, 0.0)
+        stop = False
+        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            record.val_loss, stop = _evaluate_step(run, timings, metrics)
+            record.event = "early-stop" if stop else None
+        t0 = time.perf_counter()
+        record.seconds = state.seconds = leg.seconds()
+        metrics.write(record)
+        _report_step(run, record, bar, leg, log)
+        timings.log += time.perf_counter() - t0
+        if state.step % cfg.save_every == 0 and state.step < cfg.steps:   # the last is final.apr
+            _timed_save(run, timings, checkpoint_path(run, state.step), "step")
+        if stop:
+            log(f"early stop at step {state.step}: no validation improvement in "
+                f"{cfg.patience} evaluations (best {state.best_val_loss:.4f} at step "
+                f"{state.best_step})")
+            return "early-stopped"
+    return "completed"
+
+
+def _report_step(run: Run, record: StepRecord, bar, leg: _Leg, log: Callable[[str], None]) -> None:
+    """Progress bar (loss, tokens/s, ETA), or one log line per evaluation without a bar."""
+    if bar is not None:
+        bar.set_postfix(loss=f"{record.loss:.3f}", tok_s=f"{leg.tokens_per_second(run):,.0f}",
+                        refresh=False)
+        bar.update(1)
+    elif record.val_loss is not None:
+        log(f"step {record.step}/{run.cfg.steps}: loss {record.loss:.4f}, validation loss "
+            f"{record.val_loss:.4f}, lr {record.lr:.3g}, {leg.tokens_per_second(run):,.0f} tokens/s")
+
+
+def _save_at_end(run: Run, timings: Timings, status: str) -> None:
+    """final.apr, or for a stop as if interrupted the step checkpoint (if not just written)."""
+    if status != "stopped-after":
+        _timed_save(run, timings, run.ckpt_dir / FINAL, "final")
+    elif run.state.step % run.cfg.save_every or run.state.step == 0:   # not written in the loop
+        _timed_save(run, timings, checkpoint_path(run, run.state.step), "step")
 
 
 def _start_record(run: Run, metrics: MetricsLog, timings: Timings) -> None:
@@ -946,7 +1030,7 @@ def _evaluate_step(run: Run, timings: Timings, metrics: MetricsLog) -> tuple[flo
     val = evaluate(run.model, run.val)
     timings.eval += time.perf_counter() - t0
     if not math.isfinite(val):
-        raise _non_finite(run, run.state.step, "the validation loss", val, metrics)
+        raise _non_finite(run, run.state.step, "val_loss", "the validation loss", val, metrics)
     t0 = time.perf_counter()
     stop = track_validation(run, val)
     timings.checkpoint += time.perf_counter() - t0
@@ -965,7 +1049,7 @@ def summarize(run: Run, status: str, first_step: int, timings: Timings) -> RunSu
     last = last_checkpoint(run)
     best = run.ckpt_dir / BEST
     return RunSummary(
-        run_dir=str(run.run_dir), status=status, mode=cfg.mode, arch=cfg.arch, init=cfg.init,
+        run_dir=str(run.run_dir), status=status, resumed_from=run.resumed_from, mode=cfg.mode, arch=cfg.arch, init=cfg.init,
         config=run.model.config.to_dict(), device=run.backend.description,
         params=run.plan.params, step=s.step, steps=cfg.steps, steps_this_run=s.step - first_step,
         tokens_seen=s.tokens_seen, plan=asdict(run.plan), epochs=run.batches.epochs,
