@@ -437,6 +437,8 @@ def _register_package_commands() -> None:
     """Commands that live beside their code (diff/, ref/) join this one group."""
     from diff.cli import diff_command
     from ref.commands import prepare_data_command, pretrain_command
+    from ref.demo import demo_command
+    main.add_command(demo_command, "demo")
     main.add_command(diff_command, "diff")
     main.add_command(prepare_data_command, "prepare-data")
     main.add_command(pretrain_command, "pretrain")

@@ -54,6 +54,11 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with fields changed. A head_dim that was derived (hidden_size // num_heads)
+        is derived again when either of those changes, unless head_dim is given too."""
+        derived = self.head_dim * self.num_heads == self.hidden_size
+        if derived and "head_dim" not in changes and {"hidden_size", "num_heads"} & set(changes):
+            changes["head_dim"] = 0
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

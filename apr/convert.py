@@ -262,6 +262,10 @@ def _write_apr(view, config, planned, dst, report, tick) -> None:
 
 def _write_gguf(view, config, planned, dst, report, tick) -> None:
     fam = names.FAMILIES[config.family]
+    if not fam.gguf_free_head_dim and config.head_dim * config.num_heads != config.hidden_size:
+        raise UnsupportedError(f"{view.path}: llama.cpp's {fam.gguf_arch} needs head_dim x num_heads "
+                               f"== hidden_size, but head_dim {config.head_dim} x {config.num_heads} "
+                               f"heads != {config.hidden_size}")
     kv: list[tuple[str, Any, Any]] = [("general.name", _source_name(view), None)]
     types = {p.dtype.name for p in planned if len(p.shape) > 1}
     main = types.pop() if len(types) == 1 else ("Q8_0" if "Q8_0" in types else "F32")

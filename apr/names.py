@@ -20,13 +20,16 @@ class Family:
     attention_bias: bool      # q/k/v projections carry a bias by default
     gguf_rope_permuted: bool  # llama.cpp stores Q/K rows in adjacent-pair rotary order
     output_bias: bool         # with attention_bias, o_proj has a bias too (HF Llama; not Qwen2)
+    gguf_free_head_dim: bool  # llama.cpp honours attention.key_length (head_dim != hidden/heads)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", "llama", "llama",
-                    attention_bias=False, gguf_rope_permuted=True, output_bias=True),
+                    attention_bias=False, gguf_rope_permuted=True, output_bias=True,
+                    gguf_free_head_dim=True),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", "qwen2",
-                    attention_bias=True, gguf_rope_permuted=False, output_bias=False),
+                    attention_bias=True, gguf_rope_permuted=False, output_bias=False,
+                    gguf_free_head_dim=False),
 }
 
 

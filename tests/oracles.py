@@ -46,7 +46,8 @@ def write_tokenizer(directory: Path, vocab_size: int = 400) -> None:
 def make_hf_model(directory: Path, family: str, *, hidden: int = 64, layers: int = 2,
                   heads: int = 4, kv_heads: int = 2, ffn: int = 96, vocab: int = 448,
                   tied: bool = False, bias: bool | None = None, rope_theta: float = 10000.0,
-                  eps: float = 1e-6, seed: int = 0, tokenizer: bool = True, dtype=None) -> Path:
+                  eps: float = 1e-6, seed: int = 0, tokenizer: bool = True, dtype=None,
+                  head_dim: int | None = None) -> Path:
     """Save a random-initialized HF model with save_pretrained (and a tokenizer whose real
     size, 400 tokens, is below vocab_size)."""
     import torch
@@ -56,6 +57,8 @@ def make_hf_model(directory: Path, family: str, *, hidden: int = 64, layers: int
                   num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
                   tie_word_embeddings=tied, rope_theta=rope_theta, rms_norm_eps=eps,
                   max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+    if head_dim:
+        common["head_dim"] = head_dim
     if family == "llama":
         cfg = transformers.LlamaConfig(attention_bias=bool(bias), **common)
         model = transformers.LlamaForCausalLM(cfg)

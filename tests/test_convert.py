@@ -202,3 +202,18 @@ def test_missing_tokenizer_needs_consent(tmp_path):
     convert(tmp_path / "m.apr", tmp_path / "m.gguf", allow_no_tokenizer=True)
     got = llama_cpp_logits(tmp_path / "m.gguf", IDS, tmp_path)   # llama.cpp still loads it
     assert np.abs(got - hf_logits(d, IDS)).max() <= 1e-4
+
+
+def test_head_dim_other_than_hidden_over_heads(tmp_path):
+    """llama.cpp's llama honours attention.key_length; its qwen2 cannot express it: refused."""
+    d = make_hf_model(tmp_path / "llama", "llama", head_dim=32, heads=4, kv_heads=2)
+    convert(d, tmp_path / "l.gguf")
+    with open_model(tmp_path / "l.gguf") as g:
+        assert g.config.head_dim == 32 and g.config.hidden_size == 64
+    got = llama_cpp_logits(tmp_path / "l.gguf", IDS, tmp_path)
+    assert np.abs(got - hf_logits(d, IDS)).max() <= 1e-4
+    q = make_hf_model(tmp_path / "qwen2", "qwen2", head_dim=32, heads=4, kv_heads=2)
+    convert(q, tmp_path / "q.apr")
+    with pytest.raises(UnsupportedError, match="head_dim x num_heads"):
+        convert(tmp_path / "q.apr", tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()
