@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -226,6 +226,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
 
 # --------------------------------------------------------------------------- writers
 
+def _ticking(p: Planned, tick: Callable[[Any], None]) -> Callable[[], np.ndarray]:
+    """p.data, advancing the progress bar once the tensor is computed."""
+    def data() -> np.ndarray:
+        arr = p.data()
+        tick(p)
+        return arr
+    return data
+
+
 def _write_apr(view, config, planned, dst, report, tick) -> None:
     meta: dict[str, Any] = {
         "model_type": config.family,
@@ -249,15 +258,8 @@ def _write_apr(view, config, planned, dst, report, tick) -> None:
             raise ConfigError(f"{view.path}: tokenizer has {view.tokenizer.vocab_size} tokens but the "
                               f"embedding has {config.vocab_size} rows")
 
-    def source(p: Planned) -> TensorSource:
-        def data():
-            arr = p.data()
-            tick(p)
-            return arr
-        return TensorSource(p.name, p.dtype, p.shape, data)
-
     with atomic_file(dst) as tmp:
-        write_apr(tmp, meta, [source(p) for p in planned])
+        write_apr(tmp, meta, [TensorSource(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
 
 
 def _write_gguf(view, config, planned, dst, report, tick) -> None:
@@ -297,13 +299,6 @@ def _write_hf(view, config, planned, dst, report, tick) -> None:
         if tok.eos_token_id is not None:
             hf_cfg["eos_token_id"] = tok.eos_token_id
 
-    def st(p: Planned) -> StTensor:
-        def data():
-            arr = p.data()
-            tick(p)
-            return arr
-        return StTensor(p.name, p.dtype, p.shape, data)
-
     with atomic_dir(dst) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
         if tok is not None:
@@ -312,4 +307,5 @@ def _write_hf(view, config, planned, dst, report, tick) -> None:
             gen = {k: v for k, v in (("bos_token_id", tok.bos_token_id),
                                      ("eos_token_id", tok.eos_token_id)) if v is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        write_safetensors(tmp / "model.safetensors", [st(p) for p in planned])
+        write_safetensors(tmp / "model.safetensors",
+                          [StTensor(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
