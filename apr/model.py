@@ -41,7 +41,8 @@ class TensorRef:
     nbytes: int
     _raw: Callable[[], np.ndarray] = field(repr=False)
     rotary_heads: int | None = None  # rows in adjacent-pair rotary order, permuted with this head count
-    _span: tuple[Path, int] | None = field(default=None, repr=False)  # (file, absolute offset)
+    # (file, absolute byte offset) when the stored bytes are one contiguous range of a file
+    file_span: tuple[Path, int] | None = field(default=None, repr=False)
 
     def raw(self) -> np.ndarray:
         """Stored data, no copy: typed array with the HF shape, or flat uint8 for block types
@@ -51,9 +52,9 @@ class TensorRef:
     def read(self) -> np.ndarray:
         """Stored data like `raw()`, but as a private copy read from the file. Streaming code
         uses it so that pages of a large file do not stay resident once a tensor is done."""
-        if self._span is None:
+        if self.file_span is None:
             return np.array(self._raw())
-        path, offset = self._span
+        path, offset = self.file_span
         flat = np.empty(self.nbytes, dtype=np.uint8)
         with open(path, "rb", buffering=0) as f:
             got = f.readinto(flat) if f.seek(offset) == offset else 0
@@ -170,7 +171,7 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
         ref = TensorRef(name=name, dtype=e.dtype, shape=tuple(e.shape),
                         layout=layout_q if heads else names.LAYOUT_ROW_MAJOR,
                         source_name=name, nbytes=e.size, _raw=_bind(f.raw, name),
-                        rotary_heads=heads, _span=(path, f.data_offset + e.offset))
+                        rotary_heads=heads, file_span=(path, f.data_offset + e.offset))
         (training if name.startswith(names.TRAINING_PREFIX) else tensors)[name] = ref
     view = ModelView(path, "apr", config, from_apr_metadata(meta), meta, tensors, training, info,
                      [f.close])
@@ -219,7 +220,7 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
         tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
                                   layout=layout if heads else names.LAYOUT_GGUF, source_name=gname,
                                   nbytes=e.nbytes, _raw=_bind(g.raw, gname),
-                                  rotary_heads=heads, _span=(path, e.offset))
+                                  rotary_heads=heads, file_span=(path, e.offset))
     tok = from_gguf_kv(g.kv)
     info = {"version": g.version, "size_bytes": path.stat().st_size,
             "embedding_rows": emb[0] if emb else None}
@@ -239,7 +240,7 @@ def _st_tensors(files: list[SafetensorsFile]) -> dict[str, TensorRef]:
             tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
                                       layout=names.LAYOUT_ROW_MAJOR, source_name=name,
                                       nbytes=e.end - e.begin, _raw=_bind(st.raw, name),
-                                      _span=(st.path, e.begin))
+                                      file_span=(st.path, e.begin))
     return tensors
 
 

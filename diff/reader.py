@@ -77,7 +77,7 @@ class BlockReader:
 
     def read_bytes(self, ref: TensorRef, start: int, n: int) -> np.ndarray:
         """n stored bytes of `ref` from byte `start` (a view of the reused buffer)."""
-        span = getattr(ref, "_span", None)
+        span = ref.file_span
         if span is None:                      # not file-backed: slice the stored bytes
             flat = np.ascontiguousarray(ref.raw()).reshape(-1).view(np.uint8)
             return flat[start:start + n]
