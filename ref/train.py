@@ -44,10 +44,8 @@ import datetime as _dt
 import json
 import math
 import shutil
-import struct
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -69,6 +67,7 @@ from .data import (DataPosition, PreparedData, TrainBatches, is_prepared, load_t
 from .load import model_from_view
 from .model import EMBED, LM_HEAD, Model
 from .optim import AdamW, AdamWConfig, CosineSchedule, clip_grad_norm
+from .plot import plot_losses
 
 FROM_SCRATCH_MIN_TOKENS_PER_PARAM = 20.0
 FINE_TUNE_MIN_TOKENS_PER_PARAM = 0.1
@@ -1064,116 +1063,6 @@ def summarize(run: Run, status: str, first_step: int, timings: Timings) -> RunSu
         timings=asdict(timings), overhead_share=timings.overhead_share)
 
 
-# --------------------------------------------------------------------------- loss.png
-# A line plot rasterized with NumPy and written as a PNG with zlib: no plotting library.
-
-_GLYPHS = {  # 3x5 bitmap font, rows top to bottom
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111",
-    "3": "111001111001111", "4": "101101111001001", "5": "111100111001111",
-    "6": "111100111101111", "7": "111001001001001", "8": "111101111101111",
-    "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    "+": "000010111010000", "E": "111100111100111", "T": "111010010010010",
-    "R": "110101110101101", "A": "010101111101101", "I": "111010010010111",
-    "N": "110101101101101", "V": "101101101101010", "L": "100100100100111",
-    "S": "111100111001111", "P": "111101111100100", "O": "111101101101111",
-    " ": "000000000000000",
-}
-TRAIN_COLOR = (31, 119, 180)
-VAL_COLOR = (255, 127, 14)
-AXIS_COLOR = (60, 60, 60)
-GRID_COLOR = (225, 225, 225)
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """An 8-bit RGB PNG of an (H, W, 3) uint8 array, written atomically."""
-    h, w, _ = rgb.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
-
-
-class Canvas:
-    """An RGB raster with lines, rectangles and 3x5 text."""
-
-    def __init__(self, width: int, height: int):
-        self.px = np.full((height, width, 3), 255, np.uint8)
-
-    def dot(self, x: np.ndarray, y: np.ndarray, color: tuple[int, int, int], r: int = 0) -> None:
-        h, w, _ = self.px.shape
-        for dx in range(-r, r + 1):
-            for dy in range(-r, r + 1):
-                xi, yi = np.round(x).astype(int) + dx, np.round(y).astype(int) + dy
-                ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-                self.px[yi[ok], xi[ok]] = color
-
-    def line(self, x: np.ndarray, y: np.ndarray, color: tuple[int, int, int], r: int = 0) -> None:
-        """A polyline through the points, sampled one pixel at a time."""
-        for i in range(len(x) - 1):
-            n = int(max(abs(x[i + 1] - x[i]), abs(y[i + 1] - y[i]))) + 2
-            self.dot(np.linspace(x[i], x[i + 1], n), np.linspace(y[i], y[i + 1], n), color, r)
-        if len(x) == 1:
-            self.dot(np.asarray(x, float), np.asarray(y, float), color, r + 1)
-
-    def text(self, x: int, y: int, s: str, color: tuple[int, int, int], scale: int = 2) -> None:
-        for k, ch in enumerate(s.upper()):
-            glyph = np.array([c == "1" for c in _GLYPHS.get(ch, _GLYPHS[" "])]).reshape(5, 3)
-            block = np.kron(glyph, np.ones((scale, scale), bool))
-            x0 = x + k * 4 * scale
-            region = self.px[y:y + block.shape[0], x0:x0 + block.shape[1]]
-            region[block[:region.shape[0], :region.shape[1]]] = color
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> np.ndarray:
-    span = hi - lo if hi > lo else 1.0
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 5, 10):
-        if span / (m * step) <= n:
-            step *= m
-            break
-    return np.arange(math.ceil(lo / step) * step, hi + step * 1e-9, step)
-
-
-def plot_metrics(metrics_path: Path, png_path: Path, width: int = 800, height: int = 480) -> None:
-    """loss.png: training loss (blue) and validation loss (orange, dots) against step."""
-    records = MetricsLog.read(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-    c = Canvas(width, height)
-    left, right, top, bottom = 70, width - 20, 40, height - 40
-    points = train + val
-    if points:
-        steps = np.array([p[0] for p in points], float)
-        losses = np.array([p[1] for p in points], float)
-        x_lo, x_hi = 0.0, max(1.0, steps.max())
-        y_lo, y_hi = float(losses.min()), float(losses.max())
-        pad = 0.05 * (y_hi - y_lo or 1.0)
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-
-        def sx(v): return left + (np.asarray(v, float) - x_lo) / (x_hi - x_lo) * (right - left)
-        def sy(v): return bottom - (np.asarray(v, float) - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-        for t in _nice_ticks(y_lo, y_hi):
-            c.line(sx([x_lo, x_hi]), sy([t, t]), GRID_COLOR)
-            c.text(8, int(sy(t)) - 5, f"{t:.2f}", AXIS_COLOR)
-        for t in _nice_ticks(x_lo, x_hi):
-            c.line(sx([t, t]), sy([y_lo, y_hi]), GRID_COLOR)
-            label = f"{int(t)}"
-            c.text(int(sx(t)) - 4 * len(label), bottom + 8, label, AXIS_COLOR)
-        if train:
-            c.line(sx([p[0] for p in train]), sy([p[1] for p in train]), TRAIN_COLOR)
-        if val:
-            c.line(sx([p[0] for p in val]), sy([p[1] for p in val]), VAL_COLOR, r=1)
-            c.dot(sx([p[0] for p in val]), sy([p[1] for p in val]), VAL_COLOR, r=3)
-    c.line(np.array([left, left, right]), np.array([top, bottom, bottom]), AXIS_COLOR)
-    c.text(left + 10, 12, "TRAIN", TRAIN_COLOR)
-    c.text(left + 70, 12, "VAL", VAL_COLOR)
-    c.text(right - 80, 12, "LOSS", AXIS_COLOR)
-    c.text(right - 40, height - 16, "STEP", AXIS_COLOR)
-    write_png(png_path, c.px)
+def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+    """loss.png from metrics.jsonl."""
+    plot_losses(MetricsLog.read(metrics_path), png_path)
