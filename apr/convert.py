@@ -258,8 +258,8 @@ def _write_apr(view, config, planned, dst, report, tick) -> None:
             raise ConfigError(f"{view.path}: tokenizer has {view.tokenizer.vocab_size} tokens but the "
                               f"embedding has {config.vocab_size} rows")
 
-    with atomic_file(dst) as tmp:
-        write_apr(tmp, meta, [TensorSource(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
+    # write_apr is atomic itself (temporary file, fsync, rename)
+    write_apr(dst, meta, [TensorSource(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
 
 
 def _write_gguf(view, config, planned, dst, report, tick) -> None:
