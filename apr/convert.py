@@ -40,6 +40,12 @@ STORABLE = {
     "gguf": {"F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_K", "Q6_K"},
     "hf": {"F32", "F16", "BF16", "F64"},
 }
+# a container of bare tensors (no model architecture) also keeps integer tensors
+STORABLE_TENSORS = {
+    "apr": STORABLE["apr"] | {"I32", "I64", "I8", "U8"},
+    "gguf": STORABLE["gguf"] | {"I32", "I64", "I8"},
+    "safetensors": STORABLE["hf"] | {"I32", "I64", "I8", "U8"},
+}
 # --dtype name -> stored dtype per target format
 REQUESTED = {
     "f32": {"apr": "F32", "gguf": "F32", "hf": "F32"},
@@ -58,8 +64,7 @@ def target_format(dst: str | os.PathLike) -> str:
     if s.endswith(".gguf"):
         return "gguf"
     if s.endswith(".safetensors"):
-        raise UnsupportedError(f"{dst}: write an HF model as a directory (config.json, "
-                               "model.safetensors, tokenizer.json), not a lone .safetensors file")
+        return "safetensors"
     if Path(s).suffix and not Path(s).is_dir():
         raise UnsupportedError(f"{dst}: unknown output format {Path(s).suffix!r} "
                                "(use .apr, .gguf, or a directory for HF)")
@@ -97,7 +102,7 @@ class Planned:
         if self.rotary == "to_adjacent":
             values = halves_to_adjacent(values, self.heads)
         if self.dtype.numpy is not None and values.dtype == self.dtype.numpy:
-            return np.ascontiguousarray(values)
+            return np.require(values, requirements="C")
         return encode(values, self.dtype)
 
 
@@ -148,6 +153,24 @@ def _choose_dtype(ref: TensorRef, fmt: str, requested: str | None, notes: list[s
                      f"{dt.block_size}; stored F32")
         return dtype_by_name("F32")
     return dt
+
+
+def plan_tensors(view: ModelView, fmt: str, requested: str | None, report: ConvertReport) -> list[Planned]:
+    """A container without a model architecture: every tensor under its own name and shape,
+    in its own dtype where the target can store it (F32 otherwise: lossless for U8 and the
+    dequantized blocks); --dtype applies to floating-point matrices."""
+    planned = []
+    for name, ref in {**view.tensors, **view.training}.items():
+        name_ = ref.dtype.name if ref.dtype.name in STORABLE_TENSORS[fmt] else "F32"
+        if requested and len(ref.shape) >= 2 and ref.dtype.is_float:
+            name_ = REQUESTED[requested].get(fmt if fmt != "safetensors" else "hf", name_)
+            if dtype_by_name(name_).numpy is None and ref.shape[-1] % dtype_by_name(name_).block_size:
+                name_ = "F32"
+        if name_ != ref.dtype.name and ref.dtype.name not in STORABLE_TENSORS[fmt]:
+            report.notes.append(f"{name}: {ref.dtype.name} cannot be stored in {fmt.upper()}; "
+                                f"written as {name_}")
+        planned.append(Planned(name, ref, dtype_by_name(name_), None))
+    return planned
 
 
 def plan(view: ModelView, fmt: str, requested: str | None, report: ConvertReport) -> tuple[ModelConfig, list[Planned]]:
@@ -201,7 +224,8 @@ def _source_name(view: ModelView) -> str:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
             force: bool = False, allow_no_tokenizer: bool = False,
             progress: bool = False) -> ConvertReport:
-    """Convert `src` (any format) to `dst` (.apr, .gguf, or a directory for HF)."""
+    """Convert `src` (any format) to `dst` (.apr, .gguf, or a directory for HF). A source
+    without a model architecture converts as bare tensors (to .apr, .gguf or .safetensors)."""
     if dtype is not None and dtype not in CONVERT_DTYPES:
         raise UnsupportedError(f"--dtype {dtype}: choose from {', '.join(CONVERT_DTYPES)}")
     fmt = target_format(dst)
@@ -210,17 +234,30 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
         raise AprError(f"{dst}: output would overwrite the input")
     with open_model(src, verify=True) as view:
         report = ConvertReport(str(src), str(dst), view.format, fmt)
-        if view.tokenizer is None and not allow_no_tokenizer:
-            raise AprError(f"{src}: has no tokenizer; the {fmt.upper()} file would not be "
-                           "self-contained (pass --allow-no-tokenizer to write it anyway)")
-        out_config, planned = plan(view, fmt, dtype, report)
+        if view.config is None:            # bare tensors: names, shapes and bytes carried over
+            if fmt == "hf":
+                raise UnsupportedError(f"{src}: holds no model architecture "
+                                       f"({view.info.get('config_note')}), so it cannot become an HF "
+                                       "model directory; write NAME.safetensors, .apr or .gguf")
+            out_config, planned = None, plan_tensors(view, fmt, dtype, report)
+        else:
+            if fmt == "safetensors":
+                raise UnsupportedError(f"{dst}: write an HF model as a directory (config.json, "
+                                       "model.safetensors, tokenizer.json), not a lone .safetensors file")
+            if view.tokenizer is None and not allow_no_tokenizer:
+                raise AprError(f"{src}: has no tokenizer; the {fmt.upper()} file would not be "
+                               "self-contained (pass --allow-no-tokenizer to write it anyway)")
+            out_config, planned = plan(view, fmt, dtype, report)
         for p in planned:
             report.dtypes[p.dtype.name] = report.dtypes.get(p.dtype.name, 0) + 1
         report.tensors = len(planned)
         report.bytes_written = sum(p.nbytes for p in planned)
         tick = _progress(report.bytes_written, f"writing {Path(dst).name}", progress)
-        {"apr": _write_apr, "gguf": _write_gguf, "hf": _write_hf}[fmt](
-            view, out_config, planned, dst_path, report, tick)
+        if out_config is None:
+            _write_tensors(view, fmt, planned, dst_path, tick)
+        else:
+            {"apr": _write_apr, "gguf": _write_gguf, "hf": _write_hf}[fmt](
+                view, out_config, planned, dst_path, report, tick)
     return report
 
 
@@ -233,6 +270,24 @@ def _ticking(p: Planned, tick: Callable[[Any], None]) -> Callable[[], np.ndarray
         tick(p)
         return arr
     return data
+
+
+def _write_tensors(view: ModelView, fmt: str, planned: list[Planned], dst: Path, tick) -> None:
+    """Bare tensors to APR (source APR metadata kept), GGUF or a .safetensors file."""
+    name = _source_name(view)
+    if fmt == "apr":
+        meta = dict(view.metadata) if view.format == "apr" else {"model_type": "tensors", "name": name}
+        meta.setdefault("original_format", view.format)
+        write_apr(dst, meta, [TensorSource(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
+        return
+    with atomic_file(dst) as tmp:
+        if fmt == "gguf":
+            arch = str(view.metadata.get("model_type") or view.metadata.get("general.architecture")
+                       or "tensors")
+            write_gguf(tmp, arch, [("general.name", name, None)],
+                       [GgufTensor(p.name, p.dtype, p.shape, p.data, p.nbytes) for p in planned], tick)
+        else:
+            write_safetensors(tmp, [StTensor(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
 
 
 def _write_apr(view, config, planned, dst, report, tick) -> None:

@@ -115,11 +115,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[StTensor],
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors:
-            arr = np.ascontiguousarray(t.data())
+            arr = np.asarray(t.data())
             if arr.dtype != t.dtype.numpy or tuple(arr.shape) != tuple(t.shape):
                 raise FormatError(f"tensor {t.name!r}: got {arr.dtype} {list(arr.shape)}, "
                                   f"declared {t.dtype.name} {list(t.shape)}")
-            f.write(arr.tobytes())
+            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
 
 
 def read_json(path: Path, what: str) -> Any:

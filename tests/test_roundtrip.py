@@ -76,3 +76,58 @@ def test_apr_gguf_apr_and_apr_hf_apr(model):
         assert_same_values(tmp / "d.apr", arrays, cfg)
         with open_model(tmp / "d.apr") as a, open_model(tmp / "a.apr") as b:
             assert a.tokenizer.vocab == b.tokenizer.vocab and a.tokenizer.merges == b.tokenizer.merges
+
+
+# --------------------------------------------------------------------------- bare tensors
+
+BLOCK = {"Q4_K": 256, "Q6_K": 256, "APR_Q4": 32}
+GGUF_KEEPS = {"F32", "F16", "BF16", "F64", "I32", "I64", "I8", "Q4_K", "Q6_K"}
+ST_KEEPS = {"F32", "F16", "BF16", "F64", "I32", "I64", "I8", "U8"}
+NAME_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"))
+
+
+@st.composite
+def tensor_sets(draw):
+    names = draw(st.lists(st.text(NAME_CHARS, min_size=1, max_size=12), min_size=1, max_size=4,
+                          unique=True))
+    out = {}
+    for name in names:
+        dtype = draw(st.sampled_from(["F32", "F16", "BF16", "F64", "I32", "I64", "I8", "U8",
+                                      "Q4_K", "Q6_K", "APR_Q4", "APR_Q8"]))
+        shape = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=4)))
+        if dtype in BLOCK:                        # rows must hold whole blocks
+            shape = (*shape[:-1], BLOCK[dtype]) if shape else (BLOCK[dtype],)
+        rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+        values = rng.standard_normal(shape) * 50
+        if dtype in ("I8", "U8"):
+            values = np.clip(values.round(), 0 if dtype == "U8" else -128, 127)
+        elif dtype[0] == "I":
+            values = values.round()
+        out[name] = (dtype, encode(values, dtype_by_name(dtype)), shape)
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tensor_sets())
+def test_bare_tensors_through_gguf_and_safetensors(tensors):
+    """Every dtype, 0-4 dims, non-square, unicode names: APR -> GGUF -> APR and
+    APR -> .safetensors -> APR keep names, shapes and bytes wherever the middle format has the
+    dtype, and the values (in F32) wherever it does not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_apr(tmp / "a.apr", {"model_type": "tensors", "name": "bare"},
+                  [TensorSource(n, dtype_by_name(d), s, (lambda a=a: a)) for n, (d, a, s) in tensors.items()])
+        with open_model(tmp / "a.apr") as a:
+            want = {n: (t.dtype.name, t.raw().tobytes(), t.numpy()) for n, t in a.tensors.items()}
+        for middle, keeps in ((tmp / "b.gguf", GGUF_KEEPS), (tmp / "b.safetensors", ST_KEEPS)):
+            convert(tmp / "a.apr", middle, force=True)
+            convert(middle, tmp / "c.apr", force=True)
+            with open_model(tmp / "c.apr") as c:
+                assert set(c.tensors) == set(want)
+                for name, (dtype, raw, values) in want.items():
+                    t = c.tensors[name]
+                    assert t.shape == tensors[name][2]
+                    if dtype in keeps:
+                        assert t.dtype.name == dtype and t.raw().tobytes() == raw, (middle, name)
+                    else:
+                        assert t.dtype.name == "F32" and np.array_equal(t.numpy(), values), (middle, name)
