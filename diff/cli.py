@@ -112,7 +112,12 @@ def _table(report: R.DiffReport, show_all: bool, pattern: str | None, limit: int
 def _config_lines(report: R.DiffReport) -> list[str]:
     if not report.config:
         c = report.a.config or report.b.config
-        same = "same" if report.a.config and report.b.config else "only one side has a model config"
+        if report.a.config and report.b.config:
+            same = "same"
+        elif report.a.config or report.b.config:
+            same = "only one side has a model config"
+        else:
+            same = "neither side has a model architecture (bare tensors)"
         if c:
             same += (f" ({c['family']}, hidden {c['hidden_size']}, {c['num_layers']} layers, heads "
                      f"{c['num_heads']}/{c['num_kv_heads']}, rope_theta {c['rope_theta']:g}, "
