@@ -415,7 +415,10 @@ def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, com
 def qa(model_path, max_ppl, min_tps, no_gguf, as_json):
     """Gates a model file must pass: format, metadata, tokenizer, tensors, tied embeddings,
     forward, golden output, throughput, GGUF export. Exit 1 if any gate fails."""
+    from pathlib import Path
     from ref.qa import run_qa
+    if not Path(model_path).exists():
+        raise AprError(f"{model_path}: no such file or directory")
 
     def show(g):
         if not as_json:

@@ -86,3 +86,8 @@ def test_corrupt_file_fails_format_and_skips_the_rest(good, tmp_path):
     bad.write_bytes(bytes(data))
     g, rc = gates(bad)
     assert rc == 1 and not g["format"]["passed"] and "CRC" in g["format"]["message"]
+
+
+def test_missing_file_is_bad_input(tmp_path):
+    r = cli("qa", tmp_path / "nope.apr")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope.apr'}: no such file or directory"
