@@ -5,8 +5,6 @@ give the same findings as whole ones."""
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -18,10 +16,10 @@ from apr.convert import convert
 from apr.dtypes import dtype_by_name
 from apr.gguf_io import GgufTensor, write_gguf
 from apr.model import open_model
-from apr.tokenizer import from_gguf_fields, to_hf_files
+from apr.tokenizer import from_gguf_fields
 from diff import compare
 from diff import report as R
-from oracles import make_hf_model
+from oracles import llama_cpp_convert, make_hf_model
 from test_diff_helpers import CLEAN_KINDS, MODELS, clean, fresh, hf_tensors, write_variant
 
 PAIRS = [(f, a, b) for f in sorted(MODELS) for a, b in itertools.combinations(sorted(CLEAN_KINDS), 2)]
@@ -117,13 +115,7 @@ def test_llama_cpp_converter_gguf_is_equivalent_to_its_hf_source(llama_cpp_src, 
     rows = tok.vocab_size + (-tok.vocab_size % 64)
     hf = make_hf_model(tmp_path / "hf", "llama", hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
                        vocab=rows, tokenizer=False, rope_theta=5e5, seed=7)
-    for name, text in to_hf_files(tok).items():
-        (hf / name).write_text(text, encoding="utf-8")
-    out = tmp_path / "llama-cpp.gguf"
-    proc = subprocess.run([sys.executable, str(llama_cpp_src / "convert_hf_to_gguf.py"), str(hf),
-                           "--outfile", str(out), "--outtype", "f32"],
-                          capture_output=True, text=True, cwd=llama_cpp_src, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = llama_cpp_convert(llama_cpp_src, hf, tmp_path / "llama-cpp.gguf", tok)
     report = compare(hf, out)
     assert_equivalent(report)
     assert report.diagnosis.message.startswith("equivalent — all 21 tensors identical")

@@ -3,8 +3,6 @@ llama-cpp-python source distribution) converts to APR with tensors equal to the 
 originals: llama's rotary permutation is understood and undone, nothing else changes."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -13,8 +11,8 @@ from safetensors.numpy import load_file
 
 from apr import open_model
 from apr.convert import convert
-from apr.tokenizer import from_gguf_fields, to_hf_files
-from oracles import make_hf_model
+from apr.tokenizer import from_gguf_fields
+from oracles import llama_cpp_convert, make_hf_model
 
 
 @pytest.mark.parametrize("family,vocab_file", [("llama", "ggml-vocab-llama-bpe.gguf"),
@@ -25,13 +23,7 @@ def test_llama_cpp_converter_output_matches_hf(family, vocab_file, llama_cpp_src
     hf = make_hf_model(tmp_path / "hf", family, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
                        vocab=rows, tied=(family == "qwen2"), tokenizer=False,
                        rope_theta=1e6 if family == "qwen2" else 5e5)
-    for name, text in to_hf_files(tok).items():
-        (hf / name).write_text(text, encoding="utf-8")
-    out = tmp_path / "llama-cpp.gguf"
-    proc = subprocess.run([sys.executable, str(llama_cpp_src / "convert_hf_to_gguf.py"), str(hf),
-                           "--outfile", str(out), "--outtype", "f32"],
-                          capture_output=True, text=True, cwd=llama_cpp_src, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = llama_cpp_convert(llama_cpp_src, hf, tmp_path / "llama-cpp.gguf", tok)
 
     convert(out, tmp_path / "m.apr")
     state = load_file(str(hf / "model.safetensors"))
