@@ -239,13 +239,10 @@ def _load(model_path: str, device: str, compute: str, quiet: bool = True):
 
 def _tokenizer(view, tokenizer_path: str | None):
     """The tokenizer to use: --tokenizer if given, else the model's embedded one."""
-    from pathlib import Path
-    from apr.tokenizer import build_tokenizer, from_hf_dir, from_hf_tokenizer_json
+    from apr.tokenizer import build_tokenizer
+    from ref.data import load_tokenizer
     if tokenizer_path:
-        p = Path(tokenizer_path)
-        td = from_hf_dir(p) if p.is_dir() else from_hf_tokenizer_json(p)
-        if td is None:
-            raise AprError(f"{tokenizer_path}: no tokenizer.json there")
+        td = load_tokenizer(tokenizer_path)
     else:
         td = view.tokenizer
         if td is None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from . import names
+from .atomic import atomic_file
 from .dtypes import DTYPES, DType, decode, dtype_from_apr_code, encode, nbytes
 from .errors import AprError, ChecksumError, FormatError, UnsupportedError
 
@@ -247,41 +247,17 @@ def write_apr(path: str | os.PathLike, metadata: Mapping[str, Any],
     data_offset = index_offset + pad64(len(index))
     header = pack_header(flags, len(entries), len(meta), index_offset, data_offset)
 
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            w = _CrcWriter(f)
-            w.write(header)
-            w.write(meta)
-            w.pad_to(index_offset)
-            w.write(index)
-            w.pad_to(data_offset)
-            for e in entries:
-                w.write(_storage_bytes(by_name[e.name].data(), e))
-                w.pad_to(data_offset + e.offset + pad64(e.size))
-            f.write(w.crc.to_bytes(4, "little"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        w = _CrcWriter(f)
+        w.write(header)
+        w.write(meta)
+        w.pad_to(index_offset)
+        w.write(index)
+        w.pad_to(data_offset)
+        for e in entries:
+            w.write(_storage_bytes(by_name[e.name].data(), e))
+            w.pad_to(data_offset + e.offset + pad64(e.size))
+        f.write(w.crc.to_bytes(4, "little"))
 
 
 # --------------------------------------------------------------------------- reader

@@ -53,6 +53,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from apr import names
+from apr.atomic import atomic_file
 from apr.config import ModelConfig, preset
 from apr.container import AprFile, TensorSource, tensor_source, write_apr
 from apr.errors import AprError, ConfigError
@@ -838,9 +839,8 @@ class MetricsLog:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- the loop

@@ -3,7 +3,6 @@ tokenizer trained here, and llama.cpp run in a subprocess (a GGML assert kills i
 from __future__ import annotations
 
 import json
-import os
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
