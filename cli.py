@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -445,6 +446,35 @@ def _register_package_commands() -> None:
 
 
 _register_package_commands()
+
+
+def _with_ignore_key(cmd: click.Command) -> None:
+    """Give a command the --ignore-key option: config keys the reader would refuse as unknown
+    (or as not at their default) are skipped for this run."""
+    from apr.config import ignoring_keys
+    cmd.params.append(click.Option(
+        ["--ignore-key", "ignore_keys"], multiple=True, metavar="KEY",
+        help="Read a config/metadata key that would be refused as unknown or non-default as if "
+             "it were absent (repeatable). Only for keys you know do not change the logits."))
+    inner = cmd.callback
+
+    @functools.wraps(inner)
+    def callback(*args, ignore_keys=(), **kwargs):
+        with ignoring_keys(ignore_keys):
+            return inner(*args, **kwargs)
+    cmd.callback = callback
+
+
+for _name, _cmd in main.commands.items():
+    if _name != "demo":
+        _with_ignore_key(_cmd)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+warnings.showwarning = _show_warning
 
 
 if __name__ == "__main__":

@@ -5,14 +5,98 @@ GGUF key/values) through the key maps in `apr.names`; nothing else parses those 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import ConfigError, UnsupportedError
-from .names import (APR_KEY_ALIASES, APR_ROPE_TYPE, APR_ROPE_TYPE_INV, ATTENTION_BIAS_KEY,
-                    FAMILIES, GGUF_CONFIG_KEYS, GGUF_KEY_LENGTH_KEY, GGUF_ROPE_DIM_KEY, GGUF_VOCAB_SIZE_KEY,
-                    HF_CONFIG_KEYS, ROPE_ADJACENT, ROPE_HALVES, TIED_KEY, family_from_any)
+from .errors import AprError, ConfigError, UnsupportedError
+from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALIASES,
+                    APR_KNOWN_KEYS, APR_MODELED_KEYS, APR_ROPE_TYPE, APR_ROPE_TYPE_INV,
+                    ATTENTION_BIAS_KEY, FAMILIES, FULL_ATTENTION, GGUF_CONFIG_KEYS,
+                    GGUF_DEFAULT_ONLY, GGUF_INERT_KEYS, GGUF_INERT_PREFIXES, GGUF_KEY_LENGTH_KEY,
+                    GGUF_ROPE_DIM_KEY, GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
+                    HF_DEFAULT_ONLY, HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_ADJACENT, ROPE_HALVES,
+                    SLIDING_ATTENTION, TIED_KEY, family_from_any)
+from .untrusted import Values, check_value, describe
+
+# keys the user said to skip (--ignore-key): see `ignoring_keys`
+_IGNORED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("ignored_keys",
+                                                                         default=frozenset())
+
+
+@contextlib.contextmanager
+def ignoring_keys(keys: Iterable[str]) -> Iterator[None]:
+    """Within the block, unknown or default-only config keys named here are skipped instead of
+    refused (the CLI's --ignore-key)."""
+    token = _IGNORED.set(frozenset(keys))
+    try:
+        yield
+    finally:
+        _IGNORED.reset(token)
+
+
+def check_closed_world(data: Mapping[str, Any], where: str, modeled: Iterable[str],
+                       inert: Iterable[str] = (), default_only: Mapping[str, Any] | None = None,
+                       inert_prefixes: tuple[str, ...] = (), ignore: Iterable[str] | None = None) -> None:
+    """Refuse every key of ``data`` that is not modeled, inert, or default-only at its
+    default, unless it is ignored. One error names the key and its value."""
+    modeled, inert = set(modeled), set(inert)
+    default_only = default_only or {}
+    ignored = set(_IGNORED.get() if ignore is None else ignore)
+    for key, value in data.items():
+        if key in modeled or key in inert or key.startswith(inert_prefixes) or key in ignored:
+            continue
+        hint = f"; pass --ignore-key {key} if you know it does not change the logits"
+        if key in default_only:
+            default = default_only[key]
+            if value == default or (default is None and value in (None, {}, [])):
+                continue
+            raise UnsupportedError(f"{where}: {key} = {describe(value)} is not supported "
+                                   f"(only {default!r}){hint}")
+        raise UnsupportedError(f"{where}: unknown key {key!r} (= {describe(value)}): the reference "
+                               f"does not know whether it changes the computation{hint}")
+
+
+def _rope_theta(cfg: Mapping[str, Any], v: Values, where: str) -> float | None:
+    """rope_theta from rope_parameters / rope_scaling; anything but plain rotary is refused."""
+    theta = None
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = v.get(key, dict, default=None)
+        if not rp:
+            continue
+        rv = Values(rp, f"{where}: {key}")
+        kind = rv.get("rope_type", str) or rv.get("type", str)
+        if kind not in (None, "default"):
+            raise UnsupportedError(f"{where}: {key} {describe(dict(rp))} is not supported "
+                                   "(only plain rotary embeddings)")
+        check_closed_world(rp, f"{where}: {key}", modeled={"rope_type", "type", "rope_theta"}, ignore=())
+        t = rv.get("rope_theta", float)
+        if t is not None:
+            theta = t
+    return theta
+
+
+def _qwen2_windows(v: Values, vals: dict[str, Any], where: str) -> None:
+    """Qwen2's sliding window: layer_types, or layers from max_window_layers on slide when
+    use_sliding_window is set (transformers' Qwen2Config)."""
+    n = vals["num_layers"]
+    use = v.get("use_sliding_window", bool, default=False)
+    size = v.get("sliding_window", int, default=4096)
+    window = size if use else None
+    types = v.get("layer_types", list, default=None)
+    if types is None:
+        first = v.get("max_window_layers", int, default=28)
+        first = 28 if first is None else first
+        types = [SLIDING_ATTENTION if window is not None and i >= first else FULL_ATTENTION
+                 for i in range(n)]
+    types = [check_value(t, str, "layer_types[]", where) for t in types]
+    if SLIDING_ATTENTION in types and window is None:
+        raise UnsupportedError(f"{where}: layer_types has sliding-attention layers but "
+                               f"use_sliding_window={use} and sliding_window={size} give no window")
+    vals["layer_types"] = tuple(types)
+    vals["sliding_window"] = window or 0
 
 
 @dataclass(frozen=True)
@@ -31,8 +115,18 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    hidden_act: str = "silu"              # the gated MLP's activation (transformers' names)
+    mlp_bias: bool = False                # gate/up/down projections carry biases
+    sliding_window: int = 0               # window of the sliding-attention layers (0: none)
+    layer_types: tuple[str, ...] = ()     # per layer full/sliding attention; (): all full
 
     def __post_init__(self):
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_types and SLIDING_ATTENTION not in self.layer_types:
+            object.__setattr__(self, "layer_types", ())      # all full: one spelling
+        if not self.layer_types:
+            object.__setattr__(self, "sliding_window", 0)
         if self.family not in FAMILIES:
             raise UnsupportedError(
                 f"architecture {self.family!r} is not supported (supported: {', '.join(FAMILIES)})")
@@ -52,6 +146,12 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def window(self, layer: int) -> int:
+        """The sliding window of layer ``layer``'s attention (0: full causal attention)."""
+        if self.layer_types and self.layer_types[layer] == SLIDING_ATTENTION:
+            return self.sliding_window
+        return 0
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with fields changed. A head_dim that was derived (hidden_size // num_heads)
@@ -87,6 +187,23 @@ class ModelConfig:
             raise ConfigError(f"rope_theta={self.rope_theta!r} must be positive")
         if not (0 < self.rms_norm_eps < 1):
             raise ConfigError(f"rms_norm_eps={self.rms_norm_eps!r} must be in (0, 1)")
+        if self.hidden_act not in ACTIVATIONS:
+            raise UnsupportedError(f"hidden_act={self.hidden_act!r} is not supported "
+                                   f"(supported: {', '.join(ACTIVATIONS)})")
+        fam = FAMILIES[self.family]
+        if self.mlp_bias and not fam.mlp_bias_option:
+            raise UnsupportedError(f"{fam.hf_architecture} has no MLP biases (mlp_bias)")
+        if self.layer_types and not fam.sliding_window_option:
+            raise UnsupportedError(f"{fam.hf_architecture} has no sliding-window attention")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or \
+                    set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}:
+                raise ConfigError(f"layer_types must list {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r} "
+                                  f"for each of the {self.num_layers} layers, got {list(self.layer_types)!r}")
+            if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) \
+                    or self.sliding_window <= 0:
+                raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive integer "
+                                  "when a layer uses sliding-window attention")
 
     # ------------------------------------------------------------------ tensors
     def tensor_shapes(self, include_lm_head: bool | None = None) -> dict[str, tuple[int, ...]]:
@@ -111,6 +228,10 @@ class ModelConfig:
             shapes[p + "mlp.gate_proj.weight"] = (f, h)
             shapes[p + "mlp.up_proj.weight"] = (f, h)
             shapes[p + "mlp.down_proj.weight"] = (h, f)
+            if self.mlp_bias:
+                shapes[p + "mlp.gate_proj.bias"] = (f,)
+                shapes[p + "mlp.up_proj.bias"] = (f,)
+                shapes[p + "mlp.down_proj.bias"] = (h,)
         shapes["model.norm.weight"] = (h,)
         if include_lm_head if include_lm_head is not None else not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (v, h)
@@ -127,112 +248,152 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_config(cls, cfg: Mapping[str, Any], where: str = "config.json") -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        fam = family_from_any(archs[0] if archs else None) or family_from_any(cfg.get("model_type"))
+    def from_hf_config(cls, cfg: Any, where: str = "config.json",
+                       ignore: Iterable[str] | None = None) -> "ModelConfig":
+        """From a config.json object. Every key is modeled, inert or refused (see
+        `apr.names`); ``ignore`` (default: the keys of `ignoring_keys`) names keys to skip."""
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+        v = Values(cfg, where)
+        archs = v.get("architectures", list, default=[]) or []
+        arch0 = archs[0] if archs and isinstance(archs[0], str) else None
+        model_type = v.get("model_type", str, default=None)
+        fam = family_from_any(arch0) or family_from_any(model_type)
         if fam is None:
-            name = (archs[0] if archs else None) or cfg.get("model_type")
+            name = arch0 or model_type
             raise UnsupportedError(f"{where}: architecture {name!r} is not supported "
                                    f"(supported: {', '.join(f.hf_architecture for f in FAMILIES.values())})")
+        check_closed_world(cfg, where, modeled=set(HF_CONFIG_KEYS.values()) | HF_MODELED_KEYS[fam]
+                           | {"architectures", "model_type"},
+                           inert=HF_INERT_KEYS, default_only=HF_DEFAULT_ONLY, ignore=ignore)
         vals: dict[str, Any] = {}
         for fld, key in HF_CONFIG_KEYS.items():
-            if cfg.get(key) is not None:
-                vals[fld] = cfg[key]
+            kind = bool if fld == "tie_word_embeddings" else float if fld in ("rope_theta", "rms_norm_eps") else int
+            value = v.get(key, kind, default=None)
+            if value is not None:
+                vals[fld] = value
         missing = [HF_CONFIG_KEYS[k] for k in ("hidden_size", "num_layers", "num_heads",
                                                "intermediate_size", "vocab_size") if k not in vals]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         vals.setdefault("num_kv_heads", vals["num_heads"])
-        for key in ("rope_scaling", "rope_parameters"):
-            rs = cfg.get(key)
-            if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
-                raise UnsupportedError(f"{where}: {key} {rs!r} is not supported "
-                                       "(only plain rotary embeddings)")
-        if "rope_theta" not in vals:
-            rp = cfg.get("rope_parameters") or {}
-            if rp.get("rope_theta") is not None:
-                vals["rope_theta"] = rp["rope_theta"]
-        bias = cfg.get("attention_bias")
-        vals["attention_bias"] = FAMILIES[fam].attention_bias if bias is None else bool(bias)
+        theta = _rope_theta(cfg, v, where)
+        if theta is not None:
+            if "rope_theta" in vals and vals["rope_theta"] != theta:
+                raise ConfigError(f"{where}: rope_theta {vals['rope_theta']} and rope_parameters "
+                                  f"rope_theta {theta} disagree")
+            vals["rope_theta"] = theta
+        vals["hidden_act"] = v.get("hidden_act", str, default="silu")
+        if fam == "llama":
+            vals["attention_bias"] = v.get("attention_bias", bool, default=False)
+            vals["mlp_bias"] = v.get("mlp_bias", bool, default=False)
+        else:
+            vals["attention_bias"] = FAMILIES[fam].attention_bias
+            _qwen2_windows(v, vals, where)
         vals.setdefault("tie_word_embeddings", False)
-        vals["rope_theta"] = float(vals.get("rope_theta", 10000.0))
-        vals["rms_norm_eps"] = float(vals.get("rms_norm_eps", 1e-6))
-        return cls(family=fam, rope_type=ROPE_HALVES, **vals)
+        vals.setdefault("rope_theta", 10000.0)
+        vals.setdefault("rms_norm_eps", 1e-6)
+        try:
+            return cls(family=fam, rope_type=ROPE_HALVES, **vals)
+        except AprError as e:
+            raise type(e)(f"{where}: {e}") from None
 
     def to_hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
-        """config.json for transformers (HF rotary order is assumed: convert data first)."""
+        """config.json for transformers (HF rotary order is assumed: convert data first).
+        Every modeled value is written as this config holds it."""
         fam = FAMILIES[self.family]
         d: dict[str, Any] = {"architectures": [fam.hf_architecture], "model_type": fam.hf_model_type}
         for fld, key in HF_CONFIG_KEYS.items():
             d[key] = getattr(self, fld)
-        d["hidden_act"] = "silu"
-        d["attention_bias"] = self.attention_bias
+        del d["rope_theta"]
+        d["hidden_act"] = self.hidden_act
         d["attention_dropout"] = 0.0
         d["initializer_range"] = 0.02
         d["use_cache"] = True
         d["torch_dtype"] = d["dtype"] = torch_dtype
         d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.family == "llama":
-            d["mlp_bias"] = False
+            if self.layer_types:
+                raise UnsupportedError("LlamaForCausalLM has no sliding-window attention")
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = self.mlp_bias
             d["pretraining_tp"] = 1
-        if self.family == "qwen2":
-            d["use_sliding_window"] = False
-            d["sliding_window"] = None
-            d["max_window_layers"] = self.num_layers
+        else:
+            if self.attention_bias != fam.attention_bias or self.mlp_bias:
+                raise UnsupportedError(f"{fam.hf_architecture} always has q/k/v biases and no "
+                                       "other biases; this config cannot be written for it")
+            d["use_sliding_window"] = bool(self.layer_types)
+            d["sliding_window"] = self.sliding_window or None
+            d["layer_types"] = list(self.layer_types) or [FULL_ATTENTION] * self.num_layers
+            first = self.layer_types.index(SLIDING_ATTENTION) if self.layer_types else self.num_layers
+            d["max_window_layers"] = first
         return d
 
     # ------------------------------------------------------------------ APR metadata
     @classmethod
-    def from_apr_metadata(cls, meta: Mapping[str, Any], where: str = "APR metadata") -> "ModelConfig":
-        def get(key: str):
-            if key in meta:
-                return meta[key]
-            for alias in APR_KEY_ALIASES.get(key, ()):
-                if alias in meta:
-                    return meta[alias]
+    def from_apr_metadata(cls, meta: Mapping[str, Any], where: str = "APR metadata",
+                          ignore: Iterable[str] | None = None) -> "ModelConfig":
+        v = Values(meta, where)
+
+        def get(key: str, kind: type):
+            for k in (key, *APR_KEY_ALIASES.get(key, ())):
+                if k in meta:
+                    return v.get(k, kind)
             return None
 
-        fam = family_from_any(meta.get("architecture")) or family_from_any(meta.get("hf_architecture")) \
-            or family_from_any(meta.get("hf_model_type"))
+        arch_keys = set(APR_KNOWN_KEYS[APR_KNOWN_KEYS.index("architecture"):])
+        for aliases in APR_KEY_ALIASES.values():
+            arch_keys.update(aliases)
+        check_closed_world(meta, where, modeled=arch_keys | {TIED_KEY, ATTENTION_BIAS_KEY, *APR_MODELED_KEYS},
+                           inert=APR_INERT_KEYS, inert_prefixes=APR_INERT_PREFIXES, ignore=ignore)
+        names_given = [v.get(k, str) for k in ("architecture", "hf_architecture", "hf_model_type")]
+        fam = next((f for f in map(family_from_any, names_given) if f), None)
         if fam is None:
-            name = meta.get("architecture") or meta.get("hf_architecture")
+            name = names_given[0] or names_given[1]
             if name is None:
                 raise ConfigError(f"{where}: no 'architecture' key; the file does not say what model it holds")
             raise UnsupportedError(f"{where}: architecture {name!r} is not supported "
                                    f"(supported: {', '.join(FAMILIES)})")
         required = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")
-        missing = [k for k in required if get(k) is None]
+        missing = [k for k in required if get(k, int) is None]
         if missing:
             raise ConfigError(f"{where}: missing architecture keys {', '.join(missing)}")
-        rope_code = get("rope_type")
+        rope_code = get("rope_type", int)
         if rope_code is None:
             rope_type = ROPE_HALVES
         elif rope_code in APR_ROPE_TYPE_INV:
             rope_type = APR_ROPE_TYPE_INV[rope_code]
         else:
             raise ConfigError(f"{where}: rope_type={rope_code!r} (expected 0 or 2)")
-        bias = meta.get(ATTENTION_BIAS_KEY)
+        bias = v.get(ATTENTION_BIAS_KEY, bool)
+        theta, eps = get("rope_theta", float), get("rms_norm_eps", float)
         vals = dict(
             family=fam,
-            hidden_size=get("hidden_size"), num_layers=get("num_layers"),
-            num_heads=get("num_heads"), num_kv_heads=get("num_kv_heads") or get("num_heads"),
-            intermediate_size=get("intermediate_size"), vocab_size=get("vocab_size"),
-            head_dim=get("head_dim") or 0,
-            max_position_embeddings=get("max_position_embeddings") or 2048,
-            rope_theta=float(get("rope_theta") or 10000.0), rope_type=rope_type,
-            rms_norm_eps=float(get("rms_norm_eps") or 1e-6),
-            tie_word_embeddings=bool(meta.get(TIED_KEY, False)),
-            attention_bias=FAMILIES[fam].attention_bias if bias is None else bool(bias),
+            hidden_size=get("hidden_size", int), num_layers=get("num_layers", int),
+            num_heads=get("num_heads", int), num_kv_heads=get("num_kv_heads", int) or get("num_heads", int),
+            intermediate_size=get("intermediate_size", int), vocab_size=get("vocab_size", int),
+            head_dim=get("head_dim", int) or 0,
+            max_position_embeddings=get("max_position_embeddings", int) or 2048,
+            rope_theta=10000.0 if theta is None else theta, rope_type=rope_type,
+            rms_norm_eps=1e-6 if eps is None else eps,
+            tie_word_embeddings=bool(v.get(TIED_KEY, bool, default=False)),
+            attention_bias=FAMILIES[fam].attention_bias if bias is None else bias,
+            hidden_act=v.get("hidden_act", str, default="silu") or "silu",
+            mlp_bias=bool(v.get("mlp_bias", bool, default=False)),
+            sliding_window=v.get("sliding_window", int, default=0) or 0,
+            layer_types=tuple(check_value(t, str, "layer_types[]", where)
+                              for t in v.get("layer_types", list, default=()) or ()),
         )
         try:
             return cls(**vals)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+        except AprError as e:
+            raise type(e)(f"{where}: {e}") from None
 
     def to_apr_metadata(self) -> dict[str, Any]:
-        """The architecture keys, canonical spellings only (see APR-FORMAT.md)."""
+        """The architecture keys, canonical spellings only (see APR-FORMAT.md); the custom
+        keys of the computation only where they differ from the default."""
         fam = FAMILIES[self.family]
-        return {
+        meta = {
             "architecture": fam.name,
             "hf_architecture": fam.hf_architecture,
             "hf_model_type": fam.hf_model_type,
@@ -251,55 +412,98 @@ class ModelConfig:
             TIED_KEY: self.tie_word_embeddings,
             ATTENTION_BIAS_KEY: self.attention_bias,
         }
+        if self.hidden_act != "silu":
+            meta["hidden_act"] = self.hidden_act
+        if self.mlp_bias:
+            meta["mlp_bias"] = True
+        if self.layer_types:
+            meta["sliding_window"] = self.sliding_window
+            meta["layer_types"] = list(self.layer_types)
+        return meta
 
     # ------------------------------------------------------------------ GGUF
     @classmethod
     def from_gguf_kv(cls, kv: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                     where: str = "GGUF") -> "ModelConfig":
+                     where: str = "GGUF", ignore: Iterable[str] | None = None) -> "ModelConfig":
         """From GGUF key/values and the tensor shapes (by HF name). The stored rotary order
         follows the family's llama.cpp convention; the vocabulary size is the embedding's row
-        count; tied embeddings are inferred from a missing output.weight."""
-        arch = kv.get("general.architecture")
+        count; tied embeddings are inferred from a missing output.weight, biases from the
+        bias tensors present."""
+        v = Values(kv, where)
+        arch = v.get("general.architecture", str)
         fam = family_from_any(arch)
         if fam is None or FAMILIES[fam].gguf_arch != arch:
             raise UnsupportedError(f"{where}: general.architecture {arch!r} is not supported "
                                    f"(supported: {', '.join(f.gguf_arch for f in FAMILIES.values())})")
+        a = {"arch": arch}
+        modeled = {k.format(**a) for k in (*GGUF_CONFIG_KEYS.values(), GGUF_ROPE_DIM_KEY, GGUF_KEY_LENGTH_KEY,
+                                           GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY)}
+        check_closed_world(kv, where, modeled=modeled, inert={k.format(**a) for k in GGUF_INERT_KEYS},
+                           default_only={k.format(**a): d for k, d in GGUF_DEFAULT_ONLY.items()},
+                           inert_prefixes=GGUF_INERT_PREFIXES, ignore=ignore)
         vals: dict[str, Any] = {}
         for fld, key in GGUF_CONFIG_KEYS.items():
-            k = key.format(arch=arch)
-            if k in kv:
-                vals[fld] = kv[k]
-        missing = [GGUF_CONFIG_KEYS[f].format(arch=arch) for f in
+            k = key.format(**a)
+            value = v.get(k, float if fld in ("rope_theta", "rms_norm_eps") else int)
+            if value is not None:
+                vals[fld] = value
+        missing = [GGUF_CONFIG_KEYS[f].format(**a) for f in
                    ("hidden_size", "num_layers", "num_heads", "intermediate_size") if f not in vals]
         if missing:
             raise ConfigError(f"{where}: missing keys {', '.join(missing)}")
         vals.setdefault("num_kv_heads", vals["num_heads"])
-        klen = kv.get(GGUF_KEY_LENGTH_KEY.format(arch=arch))
+        klen = v.get(GGUF_KEY_LENGTH_KEY.format(**a), int)
         if klen:
-            vals["head_dim"] = int(klen)
-        rope_dim = kv.get(GGUF_ROPE_DIM_KEY.format(arch=arch))
-        head_dim = vals.get("head_dim") or vals["hidden_size"] // vals["num_heads"]
-        if rope_dim is not None and int(rope_dim) != head_dim:
-            raise UnsupportedError(f"{where}: partial rotary ({GGUF_ROPE_DIM_KEY.format(arch=arch)}"
-                                   f"={rope_dim}, head_dim={head_dim}) is not supported")
+            vals["head_dim"] = klen
+        head_dim = vals.get("head_dim") or (vals["hidden_size"] // vals["num_heads"] if vals["num_heads"] else 0)
+        for key in (GGUF_ROPE_DIM_KEY, GGUF_VALUE_LENGTH_KEY):
+            dim = v.get(key.format(**a), int)
+            if dim is not None and dim != head_dim:
+                what = "partial rotary" if key == GGUF_ROPE_DIM_KEY else "a value head size other than the key's"
+                raise UnsupportedError(f"{where}: {what} ({key.format(**a)}={dim}, head_dim={head_dim}) "
+                                       "is not supported")
         emb = shapes.get("model.embed_tokens.weight")
         if not emb:
             raise ConfigError(f"{where}: no token_embd.weight tensor")
         vals["vocab_size"] = int(emb[0])
-        vals["rope_theta"] = float(vals.get("rope_theta", 10000.0))
-        vals["rms_norm_eps"] = float(vals.get("rms_norm_eps", 1e-5))
-        for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                  "max_position_embeddings"):
-            if k in vals:
-                vals[k] = int(vals[k])
+        vocab_key = v.get(GGUF_VOCAB_SIZE_KEY.format(**a), int)
+        if vocab_key is not None and vocab_key != vals["vocab_size"]:
+            raise ConfigError(f"{where}: {GGUF_VOCAB_SIZE_KEY.format(**a)}={vocab_key} but token_embd.weight "
+                              f"has {vals['vocab_size']} rows")
+        vals.setdefault("rope_theta", 10000.0)
+        vals.setdefault("rms_norm_eps", 1e-5)
         has_bias = any(n.endswith("self_attn.q_proj.bias") for n in shapes)
-        return cls(family=fam,
-                   rope_type=ROPE_ADJACENT if FAMILIES[fam].gguf_rope_permuted else ROPE_HALVES,
-                   tie_word_embeddings="lm_head.weight" not in shapes,
-                   attention_bias=has_bias, **vals)
+        mlp_bias = any(n.endswith("mlp.gate_proj.bias") for n in shapes)
+        try:
+            return cls(family=fam,
+                       rope_type=ROPE_ADJACENT if FAMILIES[fam].gguf_rope_permuted else ROPE_HALVES,
+                       tie_word_embeddings="lm_head.weight" not in shapes,
+                       attention_bias=has_bias, mlp_bias=mlp_bias, **vals)
+        except AprError as e:
+            raise type(e)(f"{where}: {e}") from None
+
+    def gguf_refusals(self) -> list[str]:
+        """What of this config llama.cpp cannot express (empty: it can run it exactly)."""
+        fam = FAMILIES[self.family]
+        out = []
+        if self.hidden_act != "silu":
+            out.append(f"hidden_act={self.hidden_act!r} (llama.cpp's {fam.gguf_arch} runs SiLU only)")
+        if self.layer_types:
+            out.append(f"sliding-window attention (window {self.sliding_window}; llama.cpp's "
+                       f"{fam.gguf_arch} attends to every position)")
+        if self.mlp_bias and not fam.gguf_mlp_bias:
+            out.append(f"mlp_bias (llama.cpp's {fam.gguf_arch} has no MLP biases)")
+        if not fam.gguf_free_head_dim and self.head_dim * self.num_heads != self.hidden_size:
+            out.append(f"head_dim {self.head_dim} x {self.num_heads} heads != hidden_size "
+                       f"{self.hidden_size} (llama.cpp's {fam.gguf_arch} needs them equal)")
+        return out
 
     def to_gguf_kv(self) -> dict[str, Any]:
-        """Architecture keys for llama.cpp (general.architecture and the {arch}.* keys)."""
+        """Architecture keys for llama.cpp (general.architecture and the {arch}.* keys).
+        A config llama.cpp cannot express is refused (see `gguf_refusals`)."""
+        refusals = self.gguf_refusals()
+        if refusals:
+            raise UnsupportedError("GGUF cannot hold this model exactly: " + "; ".join(refusals))
         arch = FAMILIES[self.family].gguf_arch
         kv: dict[str, Any] = {"general.architecture": arch}
         for fld, key in GGUF_CONFIG_KEYS.items():
@@ -308,7 +512,7 @@ class ModelConfig:
         kv[GGUF_VOCAB_SIZE_KEY.format(arch=arch)] = self.vocab_size  # needed when no tokenizer
         if self.head_dim * self.num_heads != self.hidden_size:
             kv[GGUF_KEY_LENGTH_KEY.format(arch=arch)] = self.head_dim
-            kv["{arch}.attention.value_length".format(arch=arch)] = self.head_dim
+            kv[GGUF_VALUE_LENGTH_KEY.format(arch=arch)] = self.head_dim
         return kv
 
 

@@ -24,3 +24,8 @@ class ConfigError(AprError):
 
 class OutputExistsError(AprError):
     """Refusing to overwrite an existing output without --force."""
+
+
+class AprWarning(UserWarning):
+    """Something a file does that the tool follows but the user should know (one line; the
+    CLI prints it as ``warning: <message>``)."""

@@ -12,6 +12,7 @@ layout as stored (for example GGUF llama rotary order). Nothing is read until as
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from . import names
 from .config import ModelConfig
 from .container import AprFile
 from .dtypes import DType, decode
-from .errors import AprError, FormatError
+from .errors import AprError, AprWarning, FormatError
 from .gguf_io import GgufFile
 from .layout import adjacent_to_halves
 from .safetensors_io import SafetensorsFile, hf_weight_files, read_json
@@ -92,6 +93,7 @@ class ModelView:
     training: dict[str, TensorRef] = field(default_factory=dict)   # APR __training__. tensors
     info: dict[str, Any] = field(default_factory=dict)             # version, checksums, size...
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    declared_tied: bool | None = None    # the file says tied embeddings (None: no config)
 
     def close(self) -> None:
         for c in self._closers:
@@ -109,6 +111,30 @@ class ModelView:
             raise AprError(f"{self.path}: holds no model architecture "
                            f"({self.info.get('config_note', 'no architecture metadata')})")
         return self.config
+
+
+def _resolve_tied(view: ModelView) -> ModelView:
+    """A file that declares tied embeddings but stores a different lm_head.weight runs with
+    the stored lm_head, as transformers does; the view says so (an AprWarning, and
+    ``declared_tied`` stays True for qa and diff to flag)."""
+    cfg = view.config
+    if cfg is None:
+        return view
+    view.declared_tied = cfg.tie_word_embeddings
+    head, emb = view.tensors.get(names.LM_HEAD), view.tensors.get(names.EMBED)
+    if not cfg.tie_word_embeddings or head is None or emb is None or head.shape != emb.shape:
+        return view
+    if head.dtype == emb.dtype and head.nbytes == emb.nbytes and head.rotary_heads == emb.rotary_heads:
+        same = np.array_equal(np.asarray(head.raw()).view(np.uint8), np.asarray(emb.raw()).view(np.uint8))
+    else:
+        same = np.array_equal(head.numpy(np.float32), emb.numpy(np.float32))
+    if not same:
+        view.config = cfg.replace(tie_word_embeddings=False)
+        msg = (f"{view.path}: declares tied embeddings but stores an lm_head.weight that differs from "
+               "the embedding; like transformers, the stored lm_head is used (untied)")
+        view.info.setdefault("warnings", []).append(msg)
+        warnings.warn(msg, AprWarning, stacklevel=3)
+    return view
 
 
 def detect_format(path: Path) -> str:
@@ -141,8 +167,13 @@ def open_model(path: str | os.PathLike, verify: bool = False) -> ModelView:
     checksums where the format has them (APR's footer CRC) and raises on a mismatch."""
     p = Path(path)
     fmt = detect_format(p)
-    return {"apr": _open_apr, "gguf": _open_gguf, "safetensors": _open_safetensors,
+    view = {"apr": _open_apr, "gguf": _open_gguf, "safetensors": _open_safetensors,
             "hf": _open_hf}[fmt](p, verify)
+    try:
+        return _resolve_tied(view)
+    except BaseException:
+        view.close()
+        raise
 
 
 # --------------------------------------------------------------------------- APR

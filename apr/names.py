@@ -21,15 +21,18 @@ class Family:
     gguf_rope_permuted: bool  # llama.cpp stores Q/K rows in adjacent-pair rotary order
     output_bias: bool         # with attention_bias, o_proj has a bias too (HF Llama; not Qwen2)
     gguf_free_head_dim: bool  # llama.cpp honours attention.key_length (head_dim != hidden/heads)
+    mlp_bias_option: bool = False        # HF config has mlp_bias (gate/up/down biases)
+    sliding_window_option: bool = False  # HF config has sliding-window attention layers
+    gguf_mlp_bias: bool = False          # llama.cpp loads and applies ffn_{gate,up,down}.bias
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", "llama", "llama",
                     attention_bias=False, gguf_rope_permuted=True, output_bias=True,
-                    gguf_free_head_dim=True),
+                    gguf_free_head_dim=True, mlp_bias_option=True, gguf_mlp_bias=True),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", "qwen2",
                     attention_bias=True, gguf_rope_permuted=False, output_bias=False,
-                    gguf_free_head_dim=False),
+                    gguf_free_head_dim=False, sliding_window_option=True),
 }
 
 
@@ -103,6 +106,90 @@ HF_CONFIG_KEYS: dict[str, str] = {
     "tie_word_embeddings": "tie_word_embeddings",
 }
 
+# --------------------------------------------------------------------------- the closed world
+#
+# Every key of a config.json, APR metadata or GGUF key/value set is modeled (it changes the
+# computation, and the reference implements it), inert (it provably does not change the
+# logits: an explicit list), or default-only (refused unless it holds the default). A key
+# in none of the lists is refused as well, unless the user names it with --ignore-key.
+
+# hidden_act values the reference implements (transformers' ACT2FN spellings); ref.ops
+# holds the functions, and a test keeps the two lists equal.
+ACTIVATIONS: tuple[str, ...] = (
+    "silu", "swish", "gelu", "gelu_python", "gelu_new", "gelu_pytorch_tanh", "gelu_accurate",
+    "gelu_fast", "quick_gelu", "relu", "relu2", "relu6", "leaky_relu", "sigmoid", "tanh",
+    "mish", "linear",
+)
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+# config.json keys each family's HF class reads and the reference models (besides
+# HF_CONFIG_KEYS and the family keys architectures/model_type).
+HF_MODELED_KEYS: dict[str, frozenset[str]] = {
+    "llama": frozenset({"hidden_act", "attention_bias", "mlp_bias", "rope_theta",
+                        "rope_parameters", "rope_scaling"}),
+    "qwen2": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
+                        "use_sliding_window", "sliding_window", "max_window_layers",
+                        "layer_types"}),
+}
+# config.json keys that do not change the logits of a causal LM.
+HF_INERT_KEYS: frozenset[str] = frozenset({
+    # identity and provenance
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_bfloat16",
+    # token ids (the tokenizer's business; generation only)
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    # initialization of new weights, caching and outputs
+    "initializer_range", "use_cache", "output_hidden_states", "output_attentions",
+    "return_dict", "torchscript", "output_router_logits",
+    # dropout: off at inference (and the reference trains without dropout)
+    "attention_dropout",
+    # tensor-parallel slicing of the same products
+    "pretraining_tp",
+    # which attention kernel: the same function
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    # task heads that a causal LM does not have
+    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
+    "tokenizer_class", "prefix", "task_specific_params", "tf_legacy_loss",
+    # generation settings stored in old config.json files
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+})
+# config.json keys refused unless they hold this value (None: refused unless absent/null).
+HF_DEFAULT_ONLY: dict[str, object] = {
+    "is_encoder_decoder": False, "is_decoder": False, "add_cross_attention": False,
+    "cross_attention_hidden_size": None, "tie_encoder_decoder": False,
+    "chunk_size_feed_forward": 0, "pruned_heads": {}, "quantization_config": None,
+    "auto_map": None, "num_experts": None,
+}
+
+# APR metadata: custom keys the reference models (written only when not the default)
+APR_MODELED_KEYS = ("hidden_act", "mlp_bias", "sliding_window", "layer_types")
+# APR metadata keys that describe, not compute (besides tokenizer.* and training keys)
+APR_INERT_KEYS: frozenset[str] = frozenset({
+    "model_type", "name", "description", "author", "license", "data_source", "data_license",
+    "version", "source", "original_format", "created_at", "total_size", "param_count",
+    "quantization", "sharding", "chat_template", "chat_format", "special_tokens",
+    "hf_architecture", "hf_model_type", "conversion_notes",
+})
+APR_INERT_PREFIXES = ("tokenizer.", "training.", TRAINING_PREFIX)
+
+# GGUF: key prefixes that do not change the logits (tokenizer.* is the tokenizer's)
+GGUF_INERT_PREFIXES = ("general.", "tokenizer.", "quantize.")
+# {arch}.* keys refused unless they hold this value
+GGUF_DEFAULT_ONLY: dict[str, object] = {
+    "{arch}.rope.scaling.type": "none",
+    "{arch}.rope.scaling.factor": 1.0,
+    "{arch}.expert_count": 0,
+    "{arch}.expert_used_count": 0,
+}
+# {arch}.* keys that do not change the logits
+GGUF_INERT_KEYS = ("{arch}.rope.scaling.original_context_length", "{arch}.rope.scaling.finetuned")
+
 # --------------------------------------------------------------------------- GGUF
 
 # ModelConfig field -> GGUF key under the architecture prefix
@@ -120,6 +207,9 @@ GGUF_ROPE_DIM_KEY = "{arch}.rope.dimension_count"
 GGUF_KEY_LENGTH_KEY = "{arch}.attention.key_length"
 GGUF_VALUE_LENGTH_KEY = "{arch}.attention.value_length"
 GGUF_VOCAB_SIZE_KEY = "{arch}.vocab_size"
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
 
 # Tensor names: (HF pattern, GGUF pattern); {i} is the layer index.
 TENSOR_NAMES: tuple[tuple[str, str], ...] = (
@@ -139,6 +229,9 @@ TENSOR_NAMES: tuple[tuple[str, str], ...] = (
     ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
     ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
     ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("model.layers.{i}.mlp.gate_proj.bias", "blk.{i}.ffn_gate.bias"),
+    ("model.layers.{i}.mlp.up_proj.bias", "blk.{i}.ffn_up.bias"),
+    ("model.layers.{i}.mlp.down_proj.bias", "blk.{i}.ffn_down.bias"),
 )
 
 # Tensors whose rows are in rotary order (permuted for llama GGUF), with the config field

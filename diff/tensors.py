@@ -136,7 +136,7 @@ def compare_pair(name: str, ra: TensorRef, rb: TensorRef, ctx: Context, rd: Read
 def ties(view: ModelView) -> bool:
     """Whether the view's output projection is its embedding."""
     if view.config is not None:
-        return view.config.tie_word_embeddings
+        return bool(view.declared_tied)     # as the file says (the model may run untied)
     return LM_HEAD not in view.tensors and EMBED in view.tensors
 
 

@@ -41,6 +41,15 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
         cupyx.scatter_add(target, index, rows)
 
 
+def erf(x: Any) -> Any:
+    """The error function, elementwise, on either backend (SciPy's / CuPy's special)."""
+    if array_module(x) is np:
+        from scipy.special import erf as _erf
+    else:
+        from cupyx.scipy.special import erf as _erf
+    return _erf(x)
+
+
 @dataclass(frozen=True)
 class Backend:
     """Where the arrays live. ``name`` is "cpu" or "cuda" (what was actually chosen);

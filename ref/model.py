@@ -3,7 +3,10 @@
 One decoder layer, in HF's order (pre-norm, residual around each block):
 
     h = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1))),  n1 = rmsnorm(x)
-    y = h + down_proj(silu(gate_proj(n2)) * up_proj(n2)),                        n2 = rmsnorm(h)
+    y = h + down_proj(act(gate_proj(n2)) * up_proj(n2)),                         n2 = rmsnorm(h)
+
+(act is config.hidden_act, SiLU by default; every projection has a bias where the config says
+so; layers the config marks as sliding attend to the last config.sliding_window positions)
 
 and the model:  logits = lm_head(rmsnorm(layers(embed(ids)))).
 
@@ -184,7 +187,7 @@ class Model:
         v = self.backend.xp.ascontiguousarray(self._split_heads(v, cfg.num_kv_heads))
         if kv is not None:
             k, v = kv.append(i, k, v)
-        a, c_att = ops.attention_forward(q, k, v)
+        a, c_att = ops.attention_forward(q, k, v, cfg.window(i))
         out, c_o = self._projection_forward(i, "self_attn.o_proj", self._merge_heads(a))
         return x + out, (c_norm, c_q, c_k, c_v, c_rq, c_rk, c_att, c_o)
 
@@ -216,12 +219,12 @@ class Model:
 
     # ------------------------------------------------------------------ MLP block
     def _mlp_forward(self, i: int, x: Array) -> tuple[Array, tuple]:
-        """x + down_proj(silu(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x)."""
+        """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act."""
         n2, c_norm = ops.rmsnorm_forward(x, self._p(i, "post_attention_layernorm.weight"),
                                          self.config.rms_norm_eps)
         gate, c_gate = self._projection_forward(i, "mlp.gate_proj", n2)
         up, c_up = self._projection_forward(i, "mlp.up_proj", n2)
-        m, c_act = ops.swiglu_forward(gate, up)
+        m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
         out, c_down = self._projection_forward(i, "mlp.down_proj", m)
         return x + out, (c_norm, c_gate, c_up, c_act, c_down)
 
@@ -229,7 +232,7 @@ class Model:
         c_norm, c_gate, c_up, c_act, c_down = cache
         p = layer_prefix(i)
         dm = self._projection_backward(p + "mlp.down_proj", dy, c_down, grads)
-        dgate, dup = ops.swiglu_backward(dm, c_act)
+        dgate, dup = ops.gated_mlp_backward(dm, c_act)
         dn_gate = self._projection_backward(p + "mlp.gate_proj", dgate, c_gate, grads)
         dn_up = self._projection_backward(p + "mlp.up_proj", dup, c_up, grads)
         dx, grads[p + "post_attention_layernorm.weight"] = ops.rmsnorm_backward(dn_gate + dn_up, c_norm)

@@ -16,13 +16,14 @@ H query heads, K key/value heads (H a multiple of K), D head width, V vocabulary
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from apr.names import ROPE_ADJACENT, ROPE_HALVES
 
-from .backend import array_module, scatter_add_rows
+from .backend import array_module, erf, scatter_add_rows
 
 Array = Any  # a numpy.ndarray or a cupy.ndarray
 
@@ -141,20 +142,26 @@ def rope_backward(dout: Array, cache: tuple) -> Array:
 
 # --------------------------------------------------------------------------- attention
 
-def causal_mask(t: int, s: int, xp: Any, dtype: Any) -> Array:
+def causal_mask(t: int, s: int, xp: Any, dtype: Any, window: int = 0) -> Array:
     """(T, S) additive mask: 0 where query t (at absolute position S - T + t) may see key s,
-    i.e. s <= S - T + t, and -inf elsewhere."""
-    allowed = xp.arange(s)[None, :] <= (s - t) + xp.arange(t)[:, None]
+    i.e. s <= S - T + t, and -inf elsewhere. With a sliding ``window`` > 0 the query also
+    sees only the ``window`` most recent positions, its own included: S - T + t - s < window
+    (HF's sliding-window mask)."""
+    rel = (s - t) + xp.arange(t)[:, None] - xp.arange(s)[None, :]   # query pos - key pos
+    allowed = rel >= 0
+    if window:
+        allowed &= rel < window
     return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
 
 
-def attention_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
-    """Causal grouped-query attention.
+def attention_forward(q: Array, k: Array, v: Array, window: int = 0) -> tuple[Array, tuple]:
+    """Causal grouped-query attention (sliding-window when ``window`` > 0, see `causal_mask`).
     q: (B, H, T, D); k, v: (B, K, S, D) with S >= T (the last T keys are the queries' own).
     Query head h uses key/value head h // G, G = H / K (the HF repeat_kv order):
         P = softmax(q k^T / sqrt(D) + mask),   out = P v         -> (B, H, T, D).
     The G query heads of one K/V head are stacked along the rows (B, K, G*T, D), so each
-    group is one matmul against its shared K/V, with no copy of K or V."""
+    group is one matmul against its shared K/V, with no copy of K or V. The mask is
+    constant, so the backward is the same with or without a window."""
     xp = array_module(q)
     b, h, t, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
@@ -163,7 +170,7 @@ def attention_forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
     qg = q.reshape(b, kv_heads, g * t, d)
     scores = (qg @ k.swapaxes(-1, -2)).reshape(b, kv_heads, g, t, s)
     scores *= scale
-    scores += causal_mask(t, s, xp, scores.dtype)
+    scores += causal_mask(t, s, xp, scores.dtype, window)
     probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
     out = (probs @ v).reshape(b, h, t, d)
     return out, (qg, k, v, probs, scale)
@@ -196,7 +203,7 @@ def _softmax_inplace(x: Array) -> Array:
     return x
 
 
-# --------------------------------------------------------------------------- swiglu
+# --------------------------------------------------------------------------- gated MLP
 
 def sigmoid(z: Array) -> Array:
     """1 / (1 + exp(-z)) = (1 + tanh(z / 2)) / 2: the tanh form cannot overflow for any z."""
@@ -204,19 +211,106 @@ def sigmoid(z: Array) -> Array:
     return 0.5 + 0.5 * xp.tanh(0.5 * z)
 
 
-def swiglu_forward(gate: Array, up: Array) -> tuple[Array, tuple]:
-    """out = silu(gate) * up,  silu(z) = z * sigmoid(z)."""
-    sig = sigmoid(gate)
-    return gate * sig * up, (gate, up, sig)
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation as a pair: ``f(z)`` and its derivative ``df(z)``."""
+    f: Callable[[Array], Array]
+    df: Callable[[Array], Array]
 
 
-def swiglu_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
-    """dup = dout * silu(gate);
-    dgate = dout * up * silu'(gate),  silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z)))."""
-    gate, up, sig = cache
-    dup = dout * gate * sig
-    dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
-    return dgate, dup
+def _xp(z):
+    return array_module(z)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(z, c=_SQRT_2_OVER_PI):
+    return 0.5 * z * (1.0 + _xp(z).tanh(c * (z + 0.044715 * z ** 3)))
+
+
+def _gelu_tanh_d(z, c=_SQRT_2_OVER_PI):
+    th = _xp(z).tanh(c * (z + 0.044715 * z ** 3))
+    return 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * c * (1.0 + 3 * 0.044715 * z * z)
+
+
+def _gelu_fast(z):
+    """transformers' FastGELU: the tanh form with the constant rounded to 0.7978845608."""
+    return 0.5 * z * (1.0 + _xp(z).tanh(z * 0.7978845608 * (1.0 + 0.044715 * z * z)))
+
+
+def _gelu_fast_d(z):
+    u = z * 0.7978845608 * (1.0 + 0.044715 * z * z)
+    th = _xp(z).tanh(u)
+    return 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608 * (1.0 + 3 * 0.044715 * z * z)
+
+
+def _gelu(z):
+    """Exact GELU: z * Phi(z) = z/2 (1 + erf(z / sqrt 2))."""
+    return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+
+
+def _gelu_d(z):
+    return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * _xp(z).exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+def _silu_d(z):
+    sig = sigmoid(z)
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+def _softplus(z):
+    xp = _xp(z)
+    return xp.logaddexp(0.0, z)
+
+
+def _mish(z):
+    return z * _xp(z).tanh(_softplus(z))
+
+
+def _mish_d(z):
+    th = _xp(z).tanh(_softplus(z))
+    return th + z * (1.0 - th * th) * sigmoid(z)
+
+
+_SILU = Activation(lambda z: z * sigmoid(z), _silu_d)
+_GELU = Activation(_gelu, _gelu_d)
+_GELU_TANH = Activation(_gelu_tanh, _gelu_tanh_d)
+
+# hidden_act name (transformers' ACT2FN spelling) -> the pair. A name not here is refused.
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": _SILU,
+    "swish": _SILU,
+    "gelu": _GELU,
+    "gelu_python": _GELU,
+    "gelu_new": _GELU_TANH,
+    "gelu_pytorch_tanh": _GELU_TANH,
+    "gelu_accurate": _GELU_TANH,
+    "gelu_fast": Activation(_gelu_fast, _gelu_fast_d),
+    "quick_gelu": Activation(lambda z: z * sigmoid(1.702 * z),
+                             lambda z: sigmoid(1.702 * z) * (1.0 + 1.702 * z * (1.0 - sigmoid(1.702 * z)))),
+    "relu": Activation(lambda z: _xp(z).maximum(z, 0.0), lambda z: (z > 0).astype(z.dtype)),
+    "relu2": Activation(lambda z: _xp(z).maximum(z, 0.0) ** 2, lambda z: 2.0 * _xp(z).maximum(z, 0.0)),
+    "relu6": Activation(lambda z: _xp(z).clip(z, 0.0, 6.0), lambda z: ((z > 0) & (z < 6)).astype(z.dtype)),
+    "leaky_relu": Activation(lambda z: _xp(z).where(z >= 0, z, 0.01 * z),
+                             lambda z: _xp(z).where(z >= 0, 1.0, 0.01).astype(z.dtype)),
+    "sigmoid": Activation(sigmoid, lambda z: sigmoid(z) * (1.0 - sigmoid(z))),
+    "tanh": Activation(lambda z: _xp(z).tanh(z), lambda z: 1.0 - _xp(z).tanh(z) ** 2),
+    "mish": Activation(_mish, _mish_d),
+    "linear": Activation(lambda z: z, lambda z: _xp(z).ones_like(z)),
+}
+
+
+def gated_mlp_forward(gate: Array, up: Array, act: str = "silu") -> tuple[Array, tuple]:
+    """out = act(gate) * up   (SwiGLU for silu, GeGLU for the gelus)."""
+    a = ACTIVATIONS[act]
+    return a.f(gate) * up, (gate, up, a)
+
+
+def gated_mlp_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
+    """dup = dout * act(gate);   dgate = dout * up * act'(gate)."""
+    gate, up, a = cache
+    return dout * up * a.df(gate), dout * a.f(gate)
 
 
 # --------------------------------------------------------------------------- cross-entropy

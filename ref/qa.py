@@ -160,6 +160,9 @@ def gate_tied_embeddings(ctx: QaContext):
     emb = view.tensors.get("model.embed_tokens.weight")
     if emb is None:
         raise Skip("no embedding")
+    if view.declared_tied and not cfg.tie_word_embeddings:
+        return False, ("config says tied but lm_head.weight differs from the embedding (run untied, "
+                       "with the stored lm_head, as transformers does)"), True, None
     if cfg.tie_word_embeddings:
         if head is None:
             return True, "tied: output projection is the embedding", True, None

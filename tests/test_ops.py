@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from apr import names
 from apr.errors import AprError
 from apr.names import ROPE_ADJACENT, ROPE_HALVES
 from ref import ops
@@ -233,9 +234,10 @@ def test_rope_adjacent_on_permuted_rows_gives_same_scores(seed, n_head, n_kv, ha
 
 # --------------------------------------------------------------------------- attention
 
-def torch_attention(q, k, v):
+def torch_attention(q, k, v, window=0):
     t, s = q.shape[2], k.shape[2]
-    allowed = torch.arange(s)[None, :] <= (s - t) + torch.arange(t)[:, None]
+    rel = (s - t) + torch.arange(t)[:, None] - torch.arange(s)[None, :]
+    allowed = (rel >= 0) & ((rel < window) if window else True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
@@ -251,6 +253,30 @@ def test_attention(seed, b, kv, group, t, past, d):
     check_op(ops.attention_forward, ops.attention_backward, inputs, torch_attention, rng)
 
 
+@EXAMPLES
+@given(seed=seeds, kv=st.integers(1, 2), group=st.integers(1, 2), t=st.integers(1, 6),
+       past=st.integers(0, 5), window=st.integers(1, 4))
+def test_sliding_window_attention(seed, kv, group, t, past, window):
+    rng = np.random.default_rng(seed)
+    s = t + past
+    inputs = {"q": rng.standard_normal((1, kv * group, t, 4)),
+              "k": rng.standard_normal((1, kv, s, 4)),
+              "v": rng.standard_normal((1, kv, s, 4))}
+    check_op(ops.attention_forward, ops.attention_backward, inputs,
+             lambda q, k, v: torch_attention(q, k, v, window), rng, options=(window,))
+
+
+def test_sliding_window_forgets_old_positions():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 1, 6, 4)) for _ in range(3))
+    out, _ = ops.attention_forward(q, k, v, 2)
+    v2 = v.copy()
+    v2[:, :, 0] += 100.0      # position 0 is outside the window of positions 2..5
+    out2, _ = ops.attention_forward(q, k, v2, 2)
+    np.testing.assert_array_equal(out[:, :, 2:], out2[:, :, 2:])
+    assert np.abs(out2[:, :, :2] - out[:, :, :2]).max() > 1.0
+
+
 def test_attention_is_causal():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, 5, 4)) for _ in range(3))
@@ -262,17 +288,24 @@ def test_attention_is_causal():
     assert np.abs(out2[:, :, 3:] - out[:, :, 3:]).max() > 1.0
 
 
-# --------------------------------------------------------------------------- swiglu
+# --------------------------------------------------------------------------- gated MLP
 
-@EXAMPLES
+@pytest.mark.parametrize("act", names.ACTIVATIONS)
+@settings(max_examples=8, deadline=None)
 @given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
        width=st.integers(1, 6), scale=st.sampled_from([1.0, 5.0]))
-def test_swiglu(seed, lead, width, scale):
+def test_gated_mlp_every_activation(act, seed, lead, width, scale):
+    """act(gate) * up against transformers' own ACT2FN[act] (torch autograd)."""
+    from transformers.activations import ACT2FN
     rng = np.random.default_rng(seed)
     inputs = {"gate": scale * rng.standard_normal((*lead, width)),
               "up": rng.standard_normal((*lead, width))}
-    check_op(ops.swiglu_forward, ops.swiglu_backward, inputs,
-             lambda gate, up: F.silu(gate) * up, rng)
+    check_op(ops.gated_mlp_forward, ops.gated_mlp_backward, inputs,
+             lambda gate, up: ACT2FN[act](gate) * up, rng, options=(act,))
+
+
+def test_activation_lists_agree():
+    assert set(ops.ACTIVATIONS) == set(names.ACTIVATIONS)
 
 
 def test_sigmoid_extremes_are_finite():
@@ -339,7 +372,8 @@ def test_ops_keep_float32():
     x = rng.standard_normal((2, 3, 8)).astype(f)
     assert ops.rmsnorm_forward(x, np.ones(8, f), 1e-6)[0].dtype == f
     assert ops.linear_forward(x, np.ones((4, 8), f), np.ones(4, f))[0].dtype == f
-    assert ops.swiglu_forward(x, x)[0].dtype == f
+    for act in ops.ACTIVATIONS:
+        assert ops.gated_mlp_forward(x, x, act)[0].dtype == f, act
     cos, sin = ops.rope_tables(np.arange(3), 8, 1e4, f)
     q = x.reshape(2, 1, 3, 8)
     assert ops.rope_forward(q, cos, sin, ROPE_HALVES)[0].dtype == f
