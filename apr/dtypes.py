@@ -375,8 +375,8 @@ def encode(values: np.ndarray, dtype: DType) -> np.ndarray:
 
 
 def decode(raw, dtype: DType, shape: Sequence[int]) -> np.ndarray:
-    """Raw storage -> values with the logical shape: float32 for float and quantized types,
-    the stored integer dtype for integer types."""
+    """Raw storage -> values with the logical shape: float32 for float and quantized types
+    (float64 for F64, which float32 would round), the stored integer dtype for integer types."""
     shape = tuple(int(d) for d in shape)
     data = _as_bytes(raw)
     expect = nbytes(dtype, shape)
@@ -386,7 +386,9 @@ def decode(raw, dtype: DType, shape: Sequence[int]) -> np.ndarray:
     n = n_elements(shape)
     if dtype.numpy is not None:
         arr = data.view(dtype.numpy).reshape(shape)
-        return arr.astype(np.float32) if dtype.is_float else arr
+        if not dtype.is_float or arr.dtype == np.float64:
+            return arr
+        return arr.astype(np.float32)
     if n == 0:
         return np.zeros(shape, np.float32)
     if dtype is APR_Q8:
