@@ -156,21 +156,20 @@ def inspect(path: str, as_json: bool, show_tensors: bool) -> None:
 
 # --------------------------------------------------------------------------- convert / export
 
-def _run_convert(src, dst, dtype, force, allow_no_tokenizer, quiet, as_json):
+def _run_convert(src, dst, dtype, force, allow_no_tokenizer, quiet, as_json, allow_changes=False):
     from apr.convert import convert
     report = convert(src, dst, dtype=dtype, force=force, allow_no_tokenizer=allow_no_tokenizer,
-                     progress=show_progress(quiet))
+                     progress=show_progress(quiet), allow_changes=allow_changes)
+    for n in report.changes:
+        click.echo(f"changed: {n}", err=True)
+    for n in report.notes:
+        click.echo(f"note: {n}", err=True)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=2))
         return
     dt = ", ".join(f"{n} {d}" for d, n in sorted(report.dtypes.items()))
     click.echo(f"wrote {report.dst} ({report.dst_format}): {report.tensors} tensors ({dt}), "
                f"{report.bytes_written:,} bytes of tensor data")
-    if report.dropped:
-        click.echo(f"  dropped {len(report.dropped)} tensors the architecture does not use: "
-                   + ", ".join(report.dropped[:5]) + (" ..." if len(report.dropped) > 5 else ""))
-    for n in report.notes:
-        click.echo(f"  note: {n}")
 
 
 _dtype_opt = click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
@@ -181,6 +180,11 @@ _notok_opt = click.option("--allow-no-tokenizer", is_flag=True,
                           help="Write even though the source has no tokenizer (the output will not "
                                "be self-contained).")
 _quiet_opt = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+_changes_opt = click.option("--allow-changes", is_flag=True,
+                            help="Write even where the output changes the model (tensors the "
+                                 "architecture does not use dropped, repeated token strings "
+                                 "renamed); each change is listed on stderr and in the output's "
+                                 "metadata. Without it such a conversion is refused.")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 
 
@@ -191,12 +195,16 @@ _json_opt = click.option("--json", "as_json", is_flag=True, help="Print the repo
 @_dtype_opt
 @_force_opt
 @_notok_opt
+@_changes_opt
 @_quiet_opt
 @_json_opt
 @handle_errors
-def convert(src, dst, dtype, force, allow_no_tokenizer, quiet, as_json) -> None:
-    """Convert a model between APR, GGUF and HF (format chosen by the output name)."""
-    _run_convert(src, dst, dtype, force, allow_no_tokenizer, quiet, as_json)
+def convert(src, dst, dtype, force, allow_no_tokenizer, allow_changes, quiet, as_json) -> None:
+    """Convert a model between APR, GGUF and HF (format chosen by the output name).
+
+    Every change beyond --dtype is said (stderr and the output's metadata); one that
+    changes the model is refused unless --allow-changes."""
+    _run_convert(src, dst, dtype, force, allow_no_tokenizer, quiet, as_json, allow_changes)
 
 
 @main.command()
@@ -205,14 +213,15 @@ def convert(src, dst, dtype, force, allow_no_tokenizer, quiet, as_json) -> None:
 @_dtype_opt
 @_force_opt
 @_notok_opt
+@_changes_opt
 @_quiet_opt
 @_json_opt
 @handle_errors
-def export(model, dst, dtype, force, allow_no_tokenizer, quiet, as_json) -> None:
+def export(model, dst, dtype, force, allow_no_tokenizer, allow_changes, quiet, as_json) -> None:
     """Export a model to GGUF for llama.cpp."""
     if not str(dst).endswith(".gguf"):
         raise AprError(f"{dst}: export writes GGUF; name the output NAME.gguf (or use convert)")
-    _run_convert(model, dst, dtype, force, allow_no_tokenizer, quiet, as_json)
+    _run_convert(model, dst, dtype, force, allow_no_tokenizer, quiet, as_json, allow_changes)
 
 
 # --------------------------------------------------------------------------- model commands

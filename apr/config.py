@@ -494,7 +494,7 @@ class ModelConfig:
         if self.mlp_bias and not fam.gguf_mlp_bias:
             out.append(f"mlp_bias (llama.cpp's {fam.gguf_arch} has no MLP biases)")
         if not fam.gguf_free_head_dim and self.head_dim * self.num_heads != self.hidden_size:
-            out.append(f"head_dim {self.head_dim} x {self.num_heads} heads != hidden_size "
+            out.append(f"head_dim x num_heads ({self.head_dim} x {self.num_heads}) != hidden_size "
                        f"{self.hidden_size} (llama.cpp's {fam.gguf_arch} needs them equal)")
         return out
 

@@ -31,7 +31,7 @@ from .gguf_io import GgufTensor, write_gguf
 from .layout import adjacent_to_halves, halves_to_adjacent
 from .model import ModelView, TensorRef, open_model
 from .safetensors_io import StTensor, write_safetensors
-from .tokenizer import to_apr_metadata, to_gguf_fields, to_hf_files
+from .tokenizer import renamed_tokens, to_apr_metadata, to_gguf_fields, to_hf_files
 
 CONVERT_DTYPES = ("f32", "f16", "bf16", "q8_0")
 # what each target format can store; anything else is dequantized to F32
@@ -79,6 +79,7 @@ class Planned:
     dtype: DType               # target dtype
     rotary: str | None         # None, or "to_adjacent"/"to_halves" with heads
     heads: int = 0
+    requested: bool = False    # the dtype is the one --dtype asked for
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -116,7 +117,51 @@ class ConvertReport:
     bytes_written: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # lossless changes, said
+    changes: list[str] = field(default_factory=list)    # changes to the model, refused unless allowed
+    dequantized: dict[str, str] = field(default_factory=dict)  # tensor -> lossy dtype it came from
+
+
+def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned"], fmt: str,
+             report: ConvertReport) -> None:
+    """Everything the output will hold differently from the source: dropped tensors and
+    renamed tokens (changes), dequantized or upcast tensors (exact: notes and a record of the
+    lossy dtype the values came from, so that diff still allows that dtype's rounding)."""
+    if report.dropped:
+        report.changes.append(f"drops {len(report.dropped)} tensors the architecture does not use: "
+                              + ", ".join(report.dropped[:5]) + (" ..." if len(report.dropped) > 5 else ""))
+    if view.tokenizer is not None and config is not None:
+        renamed = renamed_tokens(view.tokenizer)
+        if renamed:
+            report.changes.append(
+                f"renames {len(renamed)} tokens whose strings repeat an earlier token's: "
+                + ", ".join(f"{i} {old!r} -> {new!r}" for i, old, new in renamed[:4])
+                + (" ..." if len(renamed) > 4 else ""))
+        pads = config.vocab_size - view.tokenizer.vocab_size
+        if fmt == "gguf" and pads > 0:
+            report.notes.append(f"token list padded with {pads} unused row pads to the embedding's "
+                                f"{config.vocab_size} rows")
+    if view.declared_tied and config is not None and not config.tie_word_embeddings:
+        report.notes.append("the source declares tied embeddings but stores a different lm_head.weight; "
+                            "written untied with that lm_head (what transformers runs)")
+    moved: dict[tuple[str, str], int] = {}
+    for p in planned:
+        src = p.src
+        if p.dtype.name == src.dtype.name:
+            if src.origin_dtype is not None:
+                report.dequantized[p.name] = src.origin_dtype.name
+            continue
+        exact = p.dtype.name in ("F32", "F64") or (p.dtype.name == "F32" and src.dtype.numpy is not None)
+        if exact and (src.dtype.numpy is None or src.origin_dtype is not None):
+            report.dequantized[p.name] = src.precision
+        if p.requested:
+            continue
+        moved[(src.dtype.name, p.dtype.name)] = moved.get((src.dtype.name, p.dtype.name), 0) + 1
+    for (a, b), n in sorted(moved.items()):
+        why = (f"{fmt.upper()} cannot hold {a}" if a not in STORABLE.get(fmt, STORABLE_TENSORS.get(fmt, ()))
+               else "norms and biases stay F32" if b == "F32" else "block size")
+        report.notes.append(f"{n} tensors {a} -> {b} ({why}; the values are kept exactly)"
+                            if b in ("F32", "F64") else f"{n} tensors {a} -> {b} ({why})")
 
 
 def _check_tensors(view: ModelView, config: ModelConfig) -> list[str]:
@@ -188,7 +233,9 @@ def plan(view: ModelView, fmt: str, requested: str | None, report: ConvertReport
         fld = names.rotary_head_field(name)
         if fmt == "gguf" and family.gguf_rope_permuted and fld:
             rotary, heads = "to_adjacent", getattr(config, fld)
-        planned.append(Planned(name, src, _choose_dtype(src, fmt, requested, report.notes), rotary, heads))
+        dt = _choose_dtype(src, fmt, requested, report.notes)
+        asked = requested is not None and dt.name == REQUESTED[requested].get(fmt)
+        planned.append(Planned(name, src, dt, rotary, heads, requested=asked))
     if fmt == "gguf" and family.gguf_rope_permuted:
         out_config = out_config.replace(rope_type=names.ROPE_ADJACENT)
     return out_config, planned
@@ -223,9 +270,12 @@ def _source_name(view: ModelView) -> str:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
             force: bool = False, allow_no_tokenizer: bool = False,
-            progress: bool = False) -> ConvertReport:
+            progress: bool = False, allow_changes: bool = False) -> ConvertReport:
     """Convert `src` (any format) to `dst` (.apr, .gguf, or a directory for HF). A source
-    without a model architecture converts as bare tensors (to .apr, .gguf or .safetensors)."""
+    without a model architecture converts as bare tensors (to .apr, .gguf or .safetensors).
+    A conversion that would change the model (drop tensors, rename tokens) is refused unless
+    ``allow_changes``; what it changes, exactly or not, is in the report and the output's
+    metadata."""
     if dtype is not None and dtype not in CONVERT_DTYPES:
         raise UnsupportedError(f"--dtype {dtype}: choose from {', '.join(CONVERT_DTYPES)}")
     fmt = target_format(dst)
@@ -248,6 +298,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
                 raise AprError(f"{src}: has no tokenizer; the {fmt.upper()} file would not be "
                                "self-contained (pass --allow-no-tokenizer to write it anyway)")
             out_config, planned = plan(view, fmt, dtype, report)
+        refusals = out_config.gguf_refusals() if out_config is not None and fmt == "gguf" else []
+        if refusals:
+            raise UnsupportedError(f"{src}: GGUF cannot hold this model exactly: " + "; ".join(refusals))
+        _account(view, out_config, planned, fmt, report)
+        if report.changes and not allow_changes:
+            raise AprError(f"{src} -> {dst}: the conversion " + "; ".join(report.changes)
+                           + " (pass --allow-changes to write it anyway, with each change listed)")
         for p in planned:
             report.dtypes[p.dtype.name] = report.dtypes.get(p.dtype.name, 0) + 1
         report.tensors = len(planned)
@@ -307,6 +364,12 @@ def _write_apr(view, config, planned, dst, report, tick) -> None:
                 meta[k] = view.metadata[k]
     meta.update(config.to_apr_metadata())
     meta.update(_custom_keys(view))
+    meta.pop(names.NOTES_KEY, None)
+    meta.pop(names.DEQUANTIZED_KEY, None)
+    if report.notes or report.changes:
+        meta[names.NOTES_KEY] = report.changes + report.notes
+    if report.dequantized:
+        meta[names.DEQUANTIZED_KEY] = report.dequantized
     if view.tokenizer is not None:
         meta.update(to_apr_metadata(view.tokenizer))
         if view.tokenizer.vocab_size > config.vocab_size:
@@ -331,6 +394,10 @@ def _write_gguf(view, config, planned, dst, report, tick) -> None:
         kv.append(("general.quantization_version", 2, None))
     for key, value in config.to_gguf_kv().items():
         kv.append((key, value, None))
+    if report.notes or report.changes:
+        kv.append((names.GGUF_NOTES_KEY, report.changes + report.notes, None))
+    if report.dequantized:
+        kv.append((names.GGUF_DEQUANTIZED_KEY, json.dumps(report.dequantized), None))
     if view.tokenizer is not None:
         kv.extend(to_gguf_fields(view.tokenizer, config.vocab_size))
     else:   # llama.cpp refuses a file without tokenizer.ggml.model; "none" loads, with no vocab
@@ -362,5 +429,11 @@ def _write_hf(view, config, planned, dst, report, tick) -> None:
             gen = {k: v for k, v in (("bos_token_id", tok.bos_token_id),
                                      ("eos_token_id", tok.eos_token_id)) if v is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        st_meta = {"format": "pt"}
+        if report.notes or report.changes:
+            st_meta[names.NOTES_KEY] = json.dumps(report.changes + report.notes)
+        if report.dequantized:
+            st_meta[names.DEQUANTIZED_KEY] = json.dumps(report.dequantized)
         write_safetensors(tmp / "model.safetensors",
-                          [StTensor(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
+                          [StTensor(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned],
+                          st_meta)

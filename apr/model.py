@@ -11,6 +11,7 @@ layout as stored (for example GGUF llama rotary order). Nothing is read until as
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 from . import names
 from .config import ModelConfig
 from .container import AprFile
-from .dtypes import DType, decode
+from .dtypes import DTYPES as DTYPES_BY_NAME, DType, decode
 from .errors import AprError, AprWarning, FormatError
 from .gguf_io import GgufFile
 from .layout import adjacent_to_halves
@@ -44,6 +45,14 @@ class TensorRef:
     rotary_heads: int | None = None  # rows in adjacent-pair rotary order, permuted with this head count
     # (file, absolute byte offset) when the stored bytes are one contiguous range of a file
     file_span: tuple[Path, int] | None = field(default=None, repr=False)
+    # the lossy dtype these values were dequantized from by an earlier conversion (recorded in
+    # the file's metadata): their rounding is that dtype's, not the stored one's
+    origin_dtype: DType | None = None
+
+    @property
+    def precision(self) -> str:
+        """Name of the dtype whose rounding bounds these values (origin, else stored)."""
+        return (self.origin_dtype or self.dtype).name
 
     def raw(self) -> np.ndarray:
         """Stored data, no copy: typed array with the HF shape, or flat uint8 for block types
@@ -204,11 +213,31 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
                         source_name=name, nbytes=e.size, _raw=_bind(f.raw, name),
                         rotary_heads=heads, file_span=(path, f.data_offset + e.offset))
         (training if name.startswith(names.TRAINING_PREFIX) else tensors)[name] = ref
+    _apply_origins(tensors, meta.get(names.DEQUANTIZED_KEY), path)
     view = ModelView(path, "apr", config, from_apr_metadata(meta), meta, tensors, training, info,
                      [f.close])
     if note:
         view.info["config_note"] = note
     return view
+
+
+def _apply_origins(tensors: dict[str, TensorRef], recorded: Any, path: Path) -> None:
+    """Set origin_dtype from a file's record of dequantized tensors ({name: dtype name})."""
+    if recorded is None:
+        return
+    if isinstance(recorded, str):          # safetensors metadata holds strings only
+        try:
+            recorded = json.loads(recorded)
+        except ValueError:
+            raise FormatError(f"{path}: {names.DEQUANTIZED_KEY} is not JSON") from None
+    if not isinstance(recorded, dict):
+        raise FormatError(f"{path}: {names.DEQUANTIZED_KEY} must map tensor names to dtype names")
+    for name, dtype_name in recorded.items():
+        if name in tensors:
+            if not isinstance(dtype_name, str) or dtype_name not in DTYPES_BY_NAME:
+                raise FormatError(f"{path}: {names.DEQUANTIZED_KEY}[{name!r}] = {dtype_name!r} "
+                                  "is not a dtype name")
+            tensors[name].origin_dtype = DTYPES_BY_NAME[dtype_name]
 
 
 def _rotary_heads(config: ModelConfig | None, name: str) -> int | None:
@@ -252,6 +281,7 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
                                   layout=layout if heads else names.LAYOUT_GGUF, source_name=gname,
                                   nbytes=e.nbytes, _raw=_bind(g.raw, gname),
                                   rotary_heads=heads, file_span=(path, e.offset))
+    _apply_origins(tensors, kv.get(names.GGUF_DEQUANTIZED_KEY), path)
     tok = from_gguf_kv(g.kv)
     info = {"version": g.version, "size_bytes": path.stat().st_size,
             "embedding_rows": emb[0] if emb else None}
@@ -283,8 +313,10 @@ def _open_safetensors(path: Path, verify: bool) -> ModelView:
         config = ModelConfig.from_hf_config(read_json(cfg_path, "model config"), where=str(cfg_path))
     else:
         note = "a lone .safetensors file carries no architecture (no config.json beside it)"
+    tensors = _st_tensors([st])
+    _apply_origins(tensors, st.metadata.get(names.DEQUANTIZED_KEY), path)
     view = ModelView(path, "safetensors", config, from_hf_dir(path.parent) if config else None,
-                     dict(st.metadata), _st_tensors([st]), {}, {"size_bytes": st.size}, [])
+                     dict(st.metadata), tensors, {}, {"size_bytes": st.size}, [])
     if note:
         view.info["config_note"] = note
     return view
@@ -298,6 +330,8 @@ def _open_hf(path: Path, verify: bool) -> ModelView:
     config = ModelConfig.from_hf_config(raw_cfg, where=str(cfg_path))
     files = [SafetensorsFile(f) for f in hf_weight_files(path)]
     tensors = _st_tensors(files)
+    for f in files:
+        _apply_origins(tensors, f.metadata.get(names.DEQUANTIZED_KEY), f.path)
     for name in list(tensors):
         if names.HF_NON_PARAMETERS.search(name):
             del tensors[name]

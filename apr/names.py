@@ -85,6 +85,10 @@ APR_KEY_ALIASES: dict[str, tuple[str, ...]] = {
     "rope_theta": ("rope_freq_base", "freq_base"),
 }
 
+DEQUANTIZED_KEY = "dequantized_from"   # {tensor: lossy dtype} of tensors a conversion decoded
+NOTES_KEY = "conversion_notes"         # what a conversion changed, in words
+GGUF_DEQUANTIZED_KEY = "general." + DEQUANTIZED_KEY
+GGUF_NOTES_KEY = "general." + NOTES_KEY
 TIED_KEY = "tied_embeddings"         # aprender's custom key for tied embeddings
 ATTENTION_BIAS_KEY = "attention_bias"  # our custom key (no typed key exists)
 TRAINING_PREFIX = "__training__."
@@ -174,7 +178,7 @@ APR_INERT_KEYS: frozenset[str] = frozenset({
     "model_type", "name", "description", "author", "license", "data_source", "data_license",
     "version", "source", "original_format", "created_at", "total_size", "param_count",
     "quantization", "sharding", "chat_template", "chat_format", "special_tokens",
-    "hf_architecture", "hf_model_type", "conversion_notes",
+    "hf_architecture", "hf_model_type", "conversion_notes", "dequantized_from",
 })
 APR_INERT_PREFIXES = ("tokenizer.", "training.", TRAINING_PREFIX)
 

@@ -149,22 +149,34 @@ def _pad_names(token_id: int) -> Iterator[str]:
 
 
 def _unique_tokens(td: TokenizerData, n_rows: int | None = None) -> tuple[list[str], list[int]]:
-    """Token strings and types with every string unique, padded with row pads to ``n_rows``."""
+    """Token strings and types with every string unique, padded with row pads to ``n_rows``.
+    Of a repeated string, a real token keeps it (the first one, if several are real) and
+    unused entries (gap fillers) are renamed; `renamed_tokens` lists the real tokens renamed."""
     tokens, types = list(td.vocab), list(td.token_type)
+    keeper: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        j = keeper.get(tok)
+        if j is None or (types[j] == UNUSED and types[i] != UNUSED):
+            keeper[tok] = i
     taken = set(tokens)
-    seen: set[str] = set()
     for i in range(n_rows if n_rows is not None else len(tokens)):
         if i >= len(tokens):
             tokens.append("")
             types.append(UNUSED)
-        if i < len(td.vocab) and tokens[i] not in seen:
-            seen.add(tokens[i])
+        elif keeper.get(tokens[i]) == i:
             continue
         name = next(n for n in _pad_names(i) if n not in taken)
         tokens[i], types[i] = name, UNUSED
         taken.add(name)
-        seen.add(name)
     return tokens, types
+
+
+def renamed_tokens(td: TokenizerData) -> list[tuple[int, str, str]]:
+    """(id, string, new string) of every real token (not an unused gap filler) that a writer
+    renames to keep token strings unique: two real tokens share a string."""
+    tokens, _ = _unique_tokens(td)
+    return [(i, old, new) for i, (old, new) in enumerate(zip(td.vocab, tokens))
+            if old != new and td.token_type[i] != UNUSED]
 
 
 def _spec_or_raise(td: TokenizerData, default_pre: str | None) -> PreTokenizerSpec:

@@ -75,12 +75,12 @@ class Pair:
 
     def equal(self, x: np.ndarray, y: np.ndarray) -> bool:
         """x and y (views of A and of B) equal within the two dtypes' rounding."""
-        return x.shape == y.shape and within_rounding(pair_stats(x, y), self.ref_a.dtype.name,
-                                                      self.ref_b.dtype.name)
+        return x.shape == y.shape and within_rounding(pair_stats(x, y), self.ref_a.precision,
+                                                      self.ref_b.precision)
 
     @property
     def dtype_label(self) -> str:
-        return lossiest(self.ref_a.dtype.name, self.ref_b.dtype.name)
+        return lossiest(self.ref_a.precision, self.ref_b.precision)
 
     def release(self) -> None:
         self._cache.clear()
@@ -100,7 +100,7 @@ def detect_identical(p: Pair) -> Relation | None:
 
 def detect_rounding(p: Pair) -> Relation | None:
     s = p.stats
-    if s is None or not within_rounding(s, p.ref_a.dtype.name, p.ref_b.dtype.name):
+    if s is None or not within_rounding(s, p.ref_a.precision, p.ref_b.precision):
         return None
     how = (f"rel L2 {_fmt(s.rel_l2)} <= {_fmt(p.tol)}" if s.rel_l2 <= p.tol
            else f"max |Δ| {_fmt(s.max_abs)} within half a quantization step")

@@ -64,6 +64,10 @@ class TensorFinding:
     tolerance: float | None = None  # relative L2 allowed by the dtypes
     stats: PairStats | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # the dtypes whose rounding bounds each side (the stored one, or the lossy dtype an earlier
+    # conversion dequantized it from)
+    precision_a: str | None = None
+    precision_b: str | None = None
 
 
 @dataclass

@@ -113,12 +113,13 @@ def _finding(name: str, ra: TensorRef, rb: TensorRef, rel, tol: float, stats) ->
     return R.TensorFinding(name=name, relation=rel.relation, defect=rel.defect, message=rel.message,
                            dtype_a=ra.dtype.name, dtype_b=rb.dtype.name,
                            shape_a=list(ra.shape), shape_b=list(rb.shape), tolerance=tol,
-                           stats=stats, detail=rel.detail)
+                           stats=stats, detail=rel.detail, precision_a=ra.precision,
+                           precision_b=rb.precision)
 
 
 def compare_pair(name: str, ra: TensorRef, rb: TensorRef, ctx: Context, rd: Readers) -> R.TensorFinding:
     """Classify B's tensor against A's (both in HF order)."""
-    tol = pair_tolerance(ra.dtype.name, rb.dtype.name)
+    tol = pair_tolerance(ra.precision, rb.precision)
     stats = value_stats(ra, rb, rd) if tuple(ra.shape) == tuple(rb.shape) else None
     field = names.rotary_head_field(name)
     pair = Pair(name, ra, rb, tol, stats, head_counts=ctx.head_counts,
