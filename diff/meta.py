@@ -25,7 +25,7 @@ from .report import CONFIG, ConfigFinding, TokenizerFinding
 CONFIG_KEYS: tuple[str, ...] = (
     "family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
     "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta",
-    "rms_norm_eps", "attention_bias",
+    "rms_norm_eps", "attention_bias", "mlp_bias", "hidden_act", "sliding_window", "layer_types",
 )
 FLOAT_REL = 1e-6
 TOKENIZER_FORMATS = ("apr", "gguf", "hf")      # formats that carry a tokenizer
