@@ -414,6 +414,10 @@ def _write_hf(view, config, planned, dst, report, tick) -> None:
     dtypes = {p.dtype.name for p in planned if len(p.shape) > 1}
     torch_dtype = HF_TORCH_DTYPE.get(dtypes.pop() if len(dtypes) == 1 else "F32", "float32")
     hf_cfg = config.to_hf_config(torch_dtype)
+    if view.format == "hf":     # inert keys as the source said them (ids, dropout, init range...)
+        for key, value in view.metadata.items():
+            if key in names.HF_INERT_KEYS and key not in names.HF_REWRITTEN_KEYS:
+                hf_cfg[key] = value
     tok = view.tokenizer
     if tok is not None:
         if tok.bos_token_id is not None:

@@ -163,6 +163,8 @@ HF_INERT_KEYS: frozenset[str] = frozenset({
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens",
 })
+# inert keys a writer sets itself instead of copying them from the source
+HF_REWRITTEN_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype"})
 # config.json keys refused unless they hold this value (None: refused unless absent/null).
 HF_DEFAULT_ONLY: dict[str, object] = {
     "is_encoder_decoder": False, "is_decoder": False, "add_cross_attention": False,

@@ -257,3 +257,61 @@ def test_bf16_model_with_f32_norms_is_equivalent(tmp_path):
     for a, b in (("hf", "m.gguf"), ("hf", "g.apr"), ("m.apr", "g.apr")):
         code, out, _ = run("diff", tmp_path / a, tmp_path / b)
         assert code == 0, (a, b, out)
+
+
+# --------------------------------------------------------------------------- closed world in APR and GGUF
+
+def test_apr_and_gguf_keys_are_closed_world(tmp_path):
+    td = from_hf_tokenizer_json(tokenizer_json())
+    src = _apr_with_tokenizer(tmp_path / "a.apr", td)
+    assert run("logits", src, "--tokens", "1,2")[0] == 0
+    from apr.container import AprFile
+    with AprFile.open(src) as f:
+        meta = dict(f.metadata)
+        tensors = [TensorSource(n, e.dtype, e.shape, (lambda n=n, f=f: np.array(f.raw(n))))
+                   for n, e in f.tensors.items()]
+        write_apr(tmp_path / "b.apr", {**meta, "rope_scaling_factor": 4.0}, tensors)
+    code, _, err = run("logits", tmp_path / "b.apr", "--tokens", "1,2")
+    assert code == 2 and "rope_scaling_factor" in err
+    assert run("logits", tmp_path / "b.apr", "--tokens", "1,2", "--ignore-key", "rope_scaling_factor")[0] == 0
+    # GGUF: an {arch}.* key nobody models, and a rope scaling type that is not "none"
+    assert run("export", src, "-o", tmp_path / "a.gguf", "-q")[0] == 0
+    for key, value in (("llama.attention.sliding_window", 4), ("llama.rope.scaling.type", "linear")):
+        out = tmp_path / f"{key}.gguf"
+        _rewrite_gguf(tmp_path / "a.gguf", out, {key: value})
+        code, _, err = run("logits", out, "--tokens", "1,2")
+        assert code == 2 and key in err, err
+
+
+def _rewrite_gguf(src: Path, dst: Path, extra: dict) -> None:
+    """A copy of a GGUF with extra key/values (through the gguf library's reader and writer)."""
+    import gguf
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, f.contents(), vt)
+    for key, value in extra.items():
+        w.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str)
+                        else gguf.GGUFValueType.UINT32)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)   # F32 export: plain arrays
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_hf_round_trip_keeps_inert_keys(tmp_path):
+    torch.manual_seed(0)
+    hf = save(transformers.LlamaForCausalLM(transformers.LlamaConfig(attention_dropout=0.25, initializer_range=0.05,
+                                                                      **SMALL)), tmp_path / "hf")
+    assert run("convert", hf, "-o", tmp_path / "back", "-q")[0] == 0
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["attention_dropout"] == 0.25 and cfg["initializer_range"] == 0.05
