@@ -24,6 +24,7 @@ from apr.tokenizer import (UNKNOWN, UNUSED, TokenizerData, from_hf_tokenizer_jso
                            renamed_tokens, to_apr_metadata)
 from ref.load import load_model
 from tests.oracles import hf_logits, llama_cpp_logits, tokenizer_json, write_tokenizer
+from tests.test_model_vs_hf import hf_exact64  # noqa: F401  (fixture)
 
 WINDOW, SEQ = 4, 30          # sequences of 7.5 windows
 
@@ -315,3 +316,52 @@ def test_hf_round_trip_keeps_inert_keys(tmp_path):
     assert run("convert", hf, "-o", tmp_path / "back", "-q")[0] == 0
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg["attention_dropout"] == 0.25 and cfg["initializer_range"] == 0.05
+
+
+# --------------------------------------------------------------------------- gradients of the new terms
+
+GRAD_CASES = {
+    "llama-mlp_bias-gelu_tanh": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                                 dict(mlp_bias=True, hidden_act="gelu_pytorch_tanh", attention_bias=True)),
+    "llama-relu2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(hidden_act="relu2")),
+    "qwen2-sliding-3": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                        dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
+}
+
+
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_gradients_with_new_terms_float64(name, hf_exact64):  # noqa: F811
+    """Loss and every parameter's gradient against transformers' loss.backward(), with the
+    config read from transformers' own config dict."""
+    from apr.config import ModelConfig
+    from ref.model import Model
+    from tests.test_model_vs_hf import make_ids, make_targets, rel_err
+    cfg_cls, model_cls, extra = GRAD_CASES[name]
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              attn_implementation="eager", **extra)
+    torch.manual_seed(0)
+    hf = model_cls(cfg_cls(**kw)).double().eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_(1.0 + 0.2 * noise if n.endswith("norm.weight") else 0.3 * noise if n.endswith(".bias")
+                    else noise * 1.5 / p.shape[-1] ** 0.5)
+    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    assert cfg.mlp_bias == extra.get("mlp_bias", False)
+    assert bool(cfg.layer_types) == ("use_sliding_window" in extra)
+    sd = hf.state_dict()
+    model = Model(cfg, {n: sd[n].numpy().copy() for n in cfg.tensor_shapes()}, dtype=np.float64)
+    ids = make_ids(5) % 97
+    targets = make_targets(ids)
+    loss, grads = model.loss_and_grads(ids, targets)
+    logits = hf(input_ids=torch.tensor(ids)).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), torch.tensor(targets).reshape(-1),
+                                            ignore_index=-100)
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-12 * abs(ref.item())
+    params = dict(hf.named_parameters())
+    assert sorted(grads) == sorted(params)
+    for n, g in grads.items():
+        assert rel_err(g, params[n].grad.numpy()) <= 1e-8, n
