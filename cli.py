@@ -474,9 +474,27 @@ def _with_ignore_key(cmd: click.Command) -> None:
     cmd.callback = callback
 
 
+def _last_resort(name: str, cmd: click.Command) -> None:
+    """An exception no handler expected is still one line, exit code 3, never a traceback.
+    (A test input that reaches this is a bug: the tests assert it never happens.)"""
+    inner = cmd.callback
+
+    @functools.wraps(inner)
+    def callback(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:       # noqa: BLE001 - the point of a last resort
+            message = " ".join(str(e).split())[:300]
+            fail(f"internal error in {name} (please report): {type(e).__name__}: {message}", 3)
+    cmd.callback = callback
+
+
 for _name, _cmd in main.commands.items():
     if _name != "demo":
         _with_ignore_key(_cmd)
+    _last_resort(_name, _cmd)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

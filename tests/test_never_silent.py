@@ -365,3 +365,14 @@ def test_gradients_with_new_terms_float64(name, hf_exact64):  # noqa: F811
     assert sorted(grads) == sorted(params)
     for n, g in grads.items():
         assert rel_err(g, params[n].grad.numpy()) <= 1e-8, n
+
+
+def test_unexpected_exception_is_one_line_exit_3(tmp_path, monkeypatch):
+    import apr.model
+
+    def boom(*a, **k):
+        raise RuntimeError("something\nunexpected")
+    monkeypatch.setattr(apr.model, "detect_format", boom)
+    code, out, err = run("inspect", tmp_path)
+    assert code == 3 and out == ""
+    assert err.splitlines() == ["error: internal error in inspect (please report): RuntimeError: something unexpected"]
