@@ -120,6 +120,9 @@ def _print_inspect(r: dict[str, Any], show_tensors: bool) -> None:
         out(f"  rope: theta {c['rope_theta']:g}, order {c['rope_type']}; rms eps {c['rms_norm_eps']:g}; "
             f"tied embeddings {c['tie_word_embeddings']}; attention bias {c['attention_bias']}; "
             f"max positions {c['max_position_embeddings']}")
+        sliding = [i for i, t in enumerate(c["layer_types"]) if t == "sliding_attention"]
+        out(f"  mlp: {c['hidden_act']}, biases {c['mlp_bias']}; attention: "
+            + (f"sliding window {c['sliding_window']} in layers {sliding}" if sliding else "full in every layer"))
     else:
         out(f"  architecture: none ({r['config_note']})")
     t = r["tokenizer"]

@@ -110,3 +110,19 @@ def llama_cpp_convert(llama_cpp_src: Path, hf_dir: Path, out: Path, tokenizer=No
                           capture_output=True, text=True, cwd=llama_cpp_src, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def randomize_params(model, seed: int = 0) -> None:
+    """Every parameter random and non-negligible, in place: norm weights near 1, biases of
+    size 0.3, the embedding N(0, 0.5^2), matrices of size O(1/sqrt(fan_in))."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * noise)
+            else:
+                p.copy_(noise * (0.5 if name.endswith("embed_tokens.weight") else 1.5 / p.shape[-1] ** 0.5))

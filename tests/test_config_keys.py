@@ -10,7 +10,6 @@ does not survive saving is judged by what the file says. Values transformers its
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 from transformers.activations import ACT2FN
 
 import cli
+from tests.oracles import randomize_params
 from tests.test_model_vs_hf import hf_exact64  # noqa: F401  (fixture)
 
 CLASSES = {
@@ -97,19 +97,6 @@ def candidates(key: str, default):
     return []
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(noise * (0.5 if p.ndim == 2 and "embed" in name else 1.5 / math.sqrt(p.shape[-1])))
-
-
 def _logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor([ids]))
@@ -125,7 +112,7 @@ def hf_case(tmp: Path, family: str, overrides: dict, seed: int = 0):
     try:
         torch.manual_seed(seed)
         model = model_cls(cfg_cls(**kw)).double()
-        _randomize(model, seed)
+        randomize_params(model, seed)
         model.save_pretrained(tmp)
         back = model_cls.from_pretrained(tmp, dtype=torch.float64, attn_implementation="eager").eval()
         ids = [int(i) for i in np.random.default_rng(seed).integers(0, back.config.vocab_size, SEQ)]

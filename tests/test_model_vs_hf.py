@@ -29,6 +29,7 @@ from apr.errors import AprError, ConfigError
 from apr.names import ROPE_ADJACENT
 from ref.generate import generate, sample_token
 from ref.model import EMBED, LM_HEAD, Model
+from tests.oracles import randomize_params
 
 B, T = 2, 12
 
@@ -121,16 +122,7 @@ def build_hf(case: Case, seed: int = 0) -> torch.nn.Module:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
     assert model.config.rope_parameters["rope_theta"] == case.theta
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == case.tied
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(noise * (0.5 if name == EMBED else 1.5 / np.sqrt(p.shape[1])))
+    randomize_params(model, seed)
     return model.double().eval()
 
 

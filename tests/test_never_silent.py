@@ -23,7 +23,8 @@ from apr.model import open_model
 from apr.tokenizer import (UNKNOWN, UNUSED, TokenizerData, from_hf_tokenizer_json,
                            renamed_tokens, to_apr_metadata)
 from ref.load import load_model
-from tests.oracles import hf_logits, llama_cpp_logits, tokenizer_json, write_tokenizer
+from tests.oracles import (hf_logits, llama_cpp_logits, randomize_params, tokenizer_json,
+                           write_tokenizer)
 from tests.test_model_vs_hf import hf_exact64  # noqa: F401  (fixture)
 
 WINDOW, SEQ = 4, 30          # sequences of 7.5 windows
@@ -36,16 +37,7 @@ def run(*args) -> tuple[int, str, str]:
 
 def save(model: torch.nn.Module, directory: Path, seed: int = 0) -> Path:
     """Random non-trivial parameters (biases and norms too), saved with a tokenizer."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * noise)
-            else:
-                p.copy_(noise * (0.5 if "embed" in name else 1.5 / p.shape[-1] ** 0.5))
+    randomize_params(model, seed)
     model.save_pretrained(directory)
     write_tokenizer(directory)
     return directory
@@ -342,12 +334,7 @@ def test_gradients_with_new_terms_float64(name, hf_exact64):  # noqa: F811
               attn_implementation="eager", **extra)
     torch.manual_seed(0)
     hf = model_cls(cfg_cls(**kw)).double().eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            p.copy_(1.0 + 0.2 * noise if n.endswith("norm.weight") else 0.3 * noise if n.endswith(".bias")
-                    else noise * 1.5 / p.shape[-1] ** 0.5)
+    randomize_params(hf, 3)
     cfg = ModelConfig.from_hf_config(hf.config.to_dict())
     assert cfg.mlp_bias == extra.get("mlp_bias", False)
     assert bool(cfg.layer_types) == ("use_sliding_window" in extra)
