@@ -1,15 +1,21 @@
 """Atomic outputs: write beside the target under a temporary name, fsync, rename into place.
-On any error the temporary is removed, so a failed write never leaves a partial output."""
+On any error the temporary is removed, so a failed write never leaves a partial output.
+
+Temporaries are named ``.{target}.apr-ref-{pid}-{random}.tmp``. A process killed mid-write
+cannot remove its own; the next write to the same target removes every such temporary whose
+process is gone (`remove_stale`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputExistsError
+from .errors import AprError, OutputExistsError
 
 
 def check_output(path: str | os.PathLike, force: bool) -> Path:
@@ -20,23 +26,93 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
     return p
 
 
+TMP_TAG = "apr-ref"
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.{TMP_TAG}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True                 # someone else's live process (or not ours to judge)
+    return True
+
+
+def remove_stale(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of earlier writes to ``target`` whose process no longer runs;
+    returns what was removed."""
+    target = Path(target)
+    return _remove_stale(target.parent, re.escape(f".{target.name}."))
+
+
+def remove_stale_in(directory: str | os.PathLike) -> list[Path]:
+    """`remove_stale` for every target in ``directory`` (a run's checkpoint folder)."""
+    return _remove_stale(Path(directory), r"\..+\.")
+
+
+def _remove_stale(directory: Path, name_pattern: str) -> list[Path]:
+    pattern = re.compile(name_pattern + re.escape(f"{TMP_TAG}-") + r"(\d+)-[^/]*\.tmp")
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale(target)
+    with _naming(target, None):
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
+        with _naming(target, tmp_path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _naming(target: Path, tmp: Path | None) -> Iterator[None]:
+    """An OSError while writing the temporary (a read-only or full disk) names the output the
+    user asked for, not the hidden temporary."""
+    try:
+        yield
+    except OSError as e:
+        where = str(getattr(e, "filename", "") or "")
+        if tmp is None or where.startswith(str(tmp)) or e.errno in _DISK_ERRORS:
+            raise AprError(f"{target}: cannot write: {e.strerror or e}") from None
+        raise
 
 
 def fsync_dir(directory: Path) -> None:
@@ -58,23 +134,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale(target)
+    with _naming(target, None):
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
-        for child in tmp.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            if old.is_dir():
-                shutil.rmtree(old)
+        with _naming(target, tmp):
+            yield tmp
+            for child in tmp.iterdir():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
             else:
-                old.unlink()
-        else:
-            os.replace(tmp, target)
+                os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

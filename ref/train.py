@@ -53,7 +53,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from apr import names
-from apr.atomic import atomic_file
+from apr.atomic import atomic_file, remove_stale_in
 from apr.config import ModelConfig, preset
 from apr.container import AprFile, TensorSource, tensor_source, write_apr
 from apr.errors import AprError, ConfigError
@@ -669,6 +669,8 @@ def resume_run(path: str, given: dict[str, Any] | None = None, *, progress: bool
         run_dir = (src if src.is_dir() else
                    ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else Path(cfg.run_dir))
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
+        for stale in remove_stale_in(ckpt.parent):          # left by a run killed mid-write
+            log(f"removed {stale.name}, the temporary of a checkpoint write that was killed")
         state = TrainState.from_metadata(meta)
         if state.step >= cfg.steps:
             raise GateError(f"--resume {ckpt}: the run is complete at step {state.step} "
