@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
@@ -489,8 +490,11 @@ def _last_resort(name: str, cmd: click.Command) -> None:
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
             raise
         except Exception as e:       # noqa: BLE001 - the point of a last resort
+            import traceback
             message = " ".join(str(e).split())[:300]
-            fail(f"internal error in {name} (please report): {type(e).__name__}: {message}", 3)
+            frames = traceback.extract_tb(e.__traceback__)
+            at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+            fail(f"internal error in {name}{at} (please report): {type(e).__name__}: {message}", 3)
     cmd.callback = callback
 
 

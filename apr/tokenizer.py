@@ -43,10 +43,12 @@ import gguf
 import tokenizers
 
 from .errors import ConfigError, FormatError, UnsupportedError
+from .untrusted import Values
 
 # llama.cpp token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 GAP_TOKEN = "<unk>"
+MAX_TOKENS = 1 << 24          # no tokenizer has more (the largest have ~260k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +394,10 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     post-processor's template and BOS/EOS from well-known token names.
     """
     doc = _load_json(text_or_path)
+    try:        # the tokenizers library checks the whole structure and every type in it
+        tokenizers.Tokenizer.from_str(json.dumps(doc))
+    except Exception as e:  # noqa: BLE001 - its errors have no common base class
+        raise FormatError(f"tokenizer.json is not a valid tokenizer: {' '.join(str(e).split())[:200]}") from None
     model = doc.get("model") or {}
     mtype = model.get("type") or ("BPE" if "merges" in model else "unknown")
     if mtype != "BPE":
@@ -408,6 +414,9 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     for a in doc.get("added_tokens") or []:
         by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
     n = max(by_id) + 1 if by_id else 0
+    if n > min(MAX_TOKENS, 4 * len(by_id) + 65536):
+        raise FormatError(f"tokenizer.json: token id {n - 1} is implausible for {len(by_id)} tokens "
+                          "(the gaps up to it would be filled one by one)")
     vocab, token_type = [], []
     for i in range(n):
         tok, typ = by_id.get(i, (GAP_TOKEN, UNUSED))
@@ -421,6 +430,8 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     for i, tok in enumerate(vocab):
         ids.setdefault(tok, i)
     config = _load_json(tokenizer_config) if tokenizer_config is not None else {}
+    cv = Values(config, "tokenizer_config.json")
+    add_bos_checked = cv.get("add_bos_token", bool)
     post_bos = _bos_from_post_processor(doc)
     # A key the config has (even as null) is authoritative; an absent one is guessed.
     if "bos_token" in config:
@@ -432,12 +443,12 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     else:
         eos = next((t for t in _KNOWN_EOS if t in ids), None)
     pad = _token_content(config.get("pad_token"))
-    add_bos = config.get("add_bos_token")
+    add_bos = add_bos_checked
     chat_template = config.get("chat_template")
     if add_bos is None:
         add_bos = post_bos is not None
     if isinstance(chat_template, list):  # [{"name": ..., "template": ...}, ...]
-        named = {c.get("name"): c.get("template") for c in chat_template}
+        named = {c.get("name"): c.get("template") for c in chat_template if isinstance(c, dict)}
         chat_template = named.get("default", next(iter(named.values()), None))
 
     def token_id(tok: str | None, what: str) -> int | None:
@@ -504,35 +515,37 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
     ``tokenizer.token_type`` makes every token normal except bos/eos/padding (control)."""
     if meta.get("tokenizer.vocabulary") is None:
         return None
-    vocab = [str(t) for t in meta["tokenizer.vocabulary"]]
-    model_type = str(meta.get("tokenizer.model_type", "BPE"))
+    v = Values(meta, "APR metadata")
+    vocab = v.items("tokenizer.vocabulary", str)
+    model_type = v.get("tokenizer.model_type", str, default="BPE") or "BPE"
     if model_type.upper() != "BPE":
         raise UnsupportedError(f"tokenizer model type {model_type!r} is not supported "
                                "(only byte-level BPE)")
-    if meta.get("tokenizer.merges") is None:
+    merges = v.items("tokenizer.merges", str)
+    if merges is None:
         raise ConfigError("APR tokenizer has tokenizer.vocabulary but no tokenizer.merges")
-    size = meta.get("tokenizer.vocab_size")
-    if size is not None and int(size) != len(vocab):
+    size = v.get("tokenizer.vocab_size", int)
+    if size is not None and size != len(vocab):
         raise ConfigError(f"tokenizer.vocab_size is {size} but tokenizer.vocabulary has "
                           f"{len(vocab)} tokens")
-    pre_type = meta.get("tokenizer.pre_type")
-    add_bos = meta.get("tokenizer.add_bos_token")
+    pre_type = v.get("tokenizer.pre_type", str)
+    add_bos = v.get("tokenizer.add_bos_token", bool)
     if add_bos is None:
         spec = pre_tokenizer_spec(pre_type)
         add_bos = spec.add_bos if spec else False
-    special = {key: _opt_int(meta.get(f"tokenizer.{key}"))
+    special = {key: v.token_id(f"tokenizer.{key}", len(vocab))
                for key in ("bos_token_id", "eos_token_id", "padding_token_id")}
-    token_type = [int(t) for t in meta.get("tokenizer.token_type") or []]
+    token_type = v.items("tokenizer.token_type", int, default=[])
     if not token_type:
         token_type = [NORMAL] * len(vocab)
         for i in special.values():
-            if i is not None and 0 <= i < len(vocab):
+            if i is not None:
                 token_type[i] = CONTROL
     return TokenizerData(
-        vocab=vocab, merges=[str(m) for m in meta["tokenizer.merges"]], **special,
-        model_type="BPE", pre_type=str(pre_type) if pre_type else None,
+        vocab=vocab, merges=merges, **special,
+        model_type="BPE", pre_type=pre_type or None,
         token_type=token_type, add_bos_token=bool(add_bos),
-        chat_template=meta.get("tokenizer.chat_template"))
+        chat_template=v.get("tokenizer.chat_template", str))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,33 +616,31 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
     ``[PAD{id}]`` / ``<|pad_{id}|>`` row pads are typed 5 (unused) whatever the file says;
     a pre-tokenizer of ``"default"`` reads as None (unknown).
     """
-    def get(key: str) -> Any:
-        return kv.get(key)
-
-    tokens = get("tokenizer.ggml.tokens")
-    if tokens is None:
+    v = Values(kv, "GGUF")
+    if kv.get("tokenizer.ggml.tokens") is None:
         return None
-    model = get("tokenizer.ggml.model")
+    tokens = v.items("tokenizer.ggml.tokens", str)
+    model = v.get("tokenizer.ggml.model", str)
     if model != "gpt2":
         what = _GGUF_MODEL_NAMES.get(model, repr(model))
         raise UnsupportedError(f"GGUF tokenizer model {what} is not supported "
                                "(only byte-level BPE, tokenizer.ggml.model 'gpt2')")
-    merges = get("tokenizer.ggml.merges")
+    merges = v.items("tokenizer.ggml.merges", str)
     if merges is None:
         raise FormatError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
-    types = [int(x) for x in get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)]
+    types = v.items("tokenizer.ggml.token_type", int) or [NORMAL] * len(tokens)
     types = [UNUSED if is_row_pad(tok, i) else typ
              for i, (tok, typ) in enumerate(zip(tokens, types))]
-    pre = get("tokenizer.ggml.pre")
-    pre_type = None if pre in (None, "", "default") else str(pre)
-    add_bos = get("tokenizer.ggml.add_bos_token")
+    pre = v.get("tokenizer.ggml.pre", str)
+    pre_type = None if pre in (None, "", "default") else pre
+    add_bos = v.get("tokenizer.ggml.add_bos_token", bool)
     if add_bos is None:
         spec = pre_tokenizer_spec(pre_type)
         add_bos = spec.add_bos if spec else False
     return TokenizerData(
-        vocab=list(tokens), merges=list(merges), token_type=types,
-        bos_token_id=_opt_int(get("tokenizer.ggml.bos_token_id")),
-        eos_token_id=_opt_int(get("tokenizer.ggml.eos_token_id")),
-        padding_token_id=_opt_int(get("tokenizer.ggml.padding_token_id")),
+        vocab=tokens, merges=merges, token_type=types,
+        bos_token_id=v.token_id("tokenizer.ggml.bos_token_id", len(tokens)),
+        eos_token_id=v.token_id("tokenizer.ggml.eos_token_id", len(tokens)),
+        padding_token_id=v.token_id("tokenizer.ggml.padding_token_id", len(tokens)),
         model_type="BPE", pre_type=pre_type, add_bos_token=bool(add_bos),
-        chat_template=get("tokenizer.chat_template"))
+        chat_template=v.get("tokenizer.chat_template", str))

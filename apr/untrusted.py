@@ -59,3 +59,17 @@ class Values:
         if value is None:
             return None
         return check_value(value, kind, key, self.where)
+
+    def items(self, key: str, kind: type, default: Any = None) -> list | None:
+        """A list whose every element is ``kind``; ``default`` when absent or null."""
+        value = self.get(key, list)
+        if value is None:
+            return default
+        return [check_value(x, kind, f"{key}[{i}]", self.where) for i, x in enumerate(value)]
+
+    def token_id(self, key: str, count: int) -> int | None:
+        """An optional token id, which must lie in [0, count)."""
+        value = self.get(key, int)
+        if value is not None and not 0 <= value < count:
+            raise ConfigError(f"{self.where}: {key} = {value} is outside the vocabulary [0, {count})")
+        return value

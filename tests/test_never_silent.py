@@ -362,4 +362,6 @@ def test_unexpected_exception_is_one_line_exit_3(tmp_path, monkeypatch):
     monkeypatch.setattr(apr.model, "detect_format", boom)
     code, out, err = run("inspect", tmp_path)
     assert code == 3 and out == ""
-    assert err.splitlines() == ["error: internal error in inspect (please report): RuntimeError: something unexpected"]
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: internal error in inspect at test_never_silent.py:")
+    assert err.strip().endswith("(please report): RuntimeError: something unexpected")

@@ -543,7 +543,7 @@ def test_inconsistent_apr_metadata_is_an_error():
         from_apr_metadata({**meta, "tokenizer.vocab_size": 3})
     with pytest.raises(ConfigError, match="no tokenizer.merges"):
         from_apr_metadata({k: v for k, v in meta.items() if k != "tokenizer.merges"})
-    with pytest.raises(ConfigError, match="bos_token_id 7"):
+    with pytest.raises(ConfigError, match="bos_token_id = 7 is outside"):
         from_apr_metadata({**meta, "tokenizer.bos_token_id": 7})
     with pytest.raises(UnsupportedError, match="'WordPiece'"):
         from_apr_metadata({**meta, "tokenizer.model_type": "WordPiece"})

@@ -1,0 +1,178 @@
+"""The fuzz campaign: mutants of small APR, GGUF and HF files through every command that
+reads files, in-process, each case under a time bound. A case fails on a traceback (an
+exception that escaped, or the last-resort handler's exit 3), a hang, an exit code outside
+{0, 1, 2} (1 only for diff's findings), a partial output, or a leftover temporary file.
+
+    python -m tests.fuzz.campaign --budget 600        # a longer campaign on request
+    python -m tests.fuzz.campaign --cases 300 --seed 7
+
+Each failure is kept as a regression file under tests/fuzz/regressions/ (the mutant and the
+command), which `tests/test_fuzz.py` replays in every run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+REGRESSIONS = Path(__file__).resolve().parent / "regressions"
+CASE_SECONDS = 20
+
+
+class Hang(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    cases: dict[str, int] = field(default_factory=dict)        # "format command" -> count
+    exits: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def make_seeds(directory: Path) -> dict[str, Path]:
+    """Tiny model files: an HF directory saved by transformers, its APR and GGUF conversions."""
+    sys.path.insert(0, str(ROOT))
+    import cli
+    from tests.oracles import make_hf_model
+    hf = make_hf_model(directory / "hf", "qwen2", hidden=32, layers=1, heads=2, kv_heads=1, ffn=48)
+    runner = CliRunner()
+    for out in ("seed.apr", "seed.gguf"):
+        r = runner.invoke(cli.main, ["convert", str(hf), "-o", str(directory / out), "-q"])
+        assert r.exit_code == 0, r.output
+    return {"hf": hf, "apr": directory / "seed.apr", "gguf": directory / "seed.gguf"}
+
+
+def _mutators(fmt: str, seed: Path):
+    from tests.fuzz import mutators as m
+    return {"apr": m.apr_mutators, "gguf": m.gguf_mutators, "hf": m.hf_mutators}[fmt](seed)
+
+
+COMMANDS = ("inspect", "convert", "logits", "diff")
+
+
+def _args(command: str, seed: Path, mutant: Path, out: Path) -> list[str]:
+    return {"inspect": ["inspect", str(mutant), "--json"],
+            "convert": ["convert", str(mutant), "-o", str(out), "-q"],
+            "logits": ["logits", str(mutant), "--tokens", "1,2,3"],
+            "diff": ["diff", str(seed), str(mutant), "--json"]}[command]
+
+
+def _alarm(signum, frame):
+    raise Hang(f"no result in {CASE_SECONDS} s")
+
+
+def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
+    """None if the command behaved; else what went wrong."""
+    import cli
+    out = work / "out.apr"
+    before = set(p.name for p in work.iterdir())
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(CASE_SECONDS)
+    try:
+        r = CliRunner().invoke(cli.main, _args(command, seed, mutant, out))
+    except Hang as e:
+        return f"hang: {e}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        exc = r.exception
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb else "?"
+        return f"traceback: {type(exc).__name__} at {where}: {str(exc)[:200]}"
+    allowed = {0, 1, 2} if command == "diff" else {0, 2}
+    if r.exit_code not in allowed:
+        return f"exit {r.exit_code}: {r.stderr.strip()[-300:]}"
+    if r.exit_code != 0 and r.stderr.strip() and not r.stderr.strip().splitlines()[-1].startswith("error: ") \
+            and command != "diff":
+        return f"exit {r.exit_code} without an error line: {r.stderr.strip()[-200:]}"
+    left = [p for p in work.iterdir() if p.name not in before and p.name != "out.apr"]
+    if left:
+        return f"leftover files: {[p.name for p in left]}"
+    if command == "convert" and r.exit_code != 0 and out.exists():
+        return "partial output after a failed convert"
+    if out.exists():
+        out.unlink()
+    return None
+
+
+def save_regression(fmt: str, command: str, mutant: Path, problem: str) -> Path:
+    digest = hashlib.sha256((fmt + command + problem).encode()).hexdigest()[:12]
+    REGRESSIONS.mkdir(exist_ok=True)
+    target = REGRESSIONS / f"{fmt}-{command}-{digest}"
+    if target.exists():
+        return target
+    target.mkdir()
+    dest = target / ("mutant" if mutant.is_dir() else "mutant." + fmt)
+    (shutil.copytree if mutant.is_dir() else shutil.copyfile)(mutant, dest)
+    (target / "case.json").write_text(json.dumps({"format": fmt, "command": command,
+                                                  "found": problem}, indent=1) + "\n")
+    return target
+
+
+def campaign(cases: int, seed: int = 0, budget: float | None = None, save: bool = False,
+             formats=("apr", "gguf", "hf")) -> Outcome:
+    """``cases`` mutants per format (or as many as ``budget`` seconds allow), every command."""
+    rng = random.Random(seed)
+    outcome = Outcome()
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="apr-ref-fuzz-") as d:
+        base = Path(d)
+        seeds = make_seeds(base / "seeds")
+        for i in range(cases):
+            for fmt in formats:
+                if budget is not None and time.monotonic() - start > budget:
+                    return outcome
+                work = base / f"case-{i}-{fmt}"
+                work.mkdir()
+                mutate = rng.choice(_mutators(fmt, seeds[fmt]))
+                mutant = work / ("mutant" if fmt == "hf" else f"mutant.{fmt}")
+                try:
+                    mutate(seeds[fmt], mutant, rng)
+                except Exception:       # the mutator could not build this mutant: not a case
+                    shutil.rmtree(work, ignore_errors=True)
+                    continue
+                for command in COMMANDS:
+                    key = f"{fmt} {command}"
+                    outcome.cases[key] = outcome.cases.get(key, 0) + 1
+                    problem = run_case(command, seeds[fmt], mutant, work)
+                    if problem:
+                        outcome.failures.append(f"{key} [{getattr(mutate, '__name__', 'mutate')}]: {problem}")
+                        if save:
+                            save_regression(fmt, command, mutant, problem)
+                shutil.rmtree(work, ignore_errors=True)
+    return outcome
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="apr-ref's fuzz campaign over its file readers")
+    ap.add_argument("--cases", type=int, default=1_000_000, help="mutants per format")
+    ap.add_argument("--budget", type=float, default=None, help="stop after this many seconds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-save", action="store_true", help="do not keep failures as regression files")
+    a = ap.parse_args(argv)
+    if a.budget is None and a.cases == 1_000_000:
+        a.budget = 300
+    o = campaign(a.cases, a.seed, a.budget, save=not a.no_save)
+    print(json.dumps({"cases": o.cases, "failures": len(o.failures)}, indent=1))
+    for f in sorted(set(o.failures)):
+        print(f)
+    return 1 if o.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

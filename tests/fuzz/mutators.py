@@ -1,0 +1,224 @@
+"""Structure-aware mutators for model files: each takes a seed file (or HF directory) and a
+random generator and writes one mutant. Field-level mutations go through the formats' own
+structure (APR metadata rewritten with valid CRCs, GGUF key/values rewritten by the gguf
+library, JSON values of config.json / tokenizer.json / a safetensors header replaced), so the
+mutant reaches the code past the checksums; byte-level ones (truncation at region boundaries,
+bit flips) cover the rest."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+# values of the wrong type or out of range: what a hostile file puts where a value belongs
+HOSTILE: tuple[Any, ...] = (
+    None, True, False, 0, -1, 1, 2 ** 31, 2 ** 32 - 1, 2 ** 63, -(2 ** 63), 2 ** 64, 10 ** 30,
+    0.5, -0.0, 1e308, float("inf"), float("-inf"), float("nan"), "", "x", "\ud800", "64",
+    [], [1, 2], [[[]]], {}, {"a": 1}, ["a"] * 3,
+)
+
+
+def hostile(rng: random.Random) -> Any:
+    return rng.choice(HOSTILE)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, allow_nan=True)
+
+
+def mutate_json_value(doc: Any, rng: random.Random, depth: int = 0) -> Any:
+    """One value somewhere in a JSON document replaced by a hostile one (or a key dropped)."""
+    if isinstance(doc, dict) and doc and depth < 4:
+        key = rng.choice(list(doc))
+        roll = rng.random()
+        out = dict(doc)
+        if roll < 0.1:
+            del out[key]
+        elif roll < 0.55 or not isinstance(doc[key], (dict, list)):
+            out[key] = hostile(rng)
+        else:
+            out[key] = mutate_json_value(doc[key], rng, depth + 1)
+        return out
+    if isinstance(doc, list) and doc and depth < 4:
+        i = rng.randrange(len(doc))
+        out = list(doc)
+        out[i] = hostile(rng) if rng.random() < 0.6 else mutate_json_value(doc[i], rng, depth + 1)
+        return out
+    return hostile(rng)
+
+
+# --------------------------------------------------------------------------- byte level
+
+def truncate(src: Path, dst: Path, rng: random.Random, boundaries: list[int]) -> None:
+    data = src.read_bytes()
+    cut = rng.choice(boundaries + [rng.randrange(len(data))]) if boundaries else rng.randrange(len(data))
+    cut = max(0, min(len(data) - 1, cut + rng.choice((-1, 0, 0, 1))))
+    dst.write_bytes(data[:cut])
+
+
+def bit_flip(src: Path, dst: Path, rng: random.Random, region: tuple[int, int] | None = None) -> None:
+    data = bytearray(src.read_bytes())
+    lo, hi = region or (0, len(data))
+    for _ in range(rng.choice((1, 1, 2, 8))):
+        i = rng.randrange(lo, max(lo + 1, min(hi, len(data))))
+        data[i] ^= 1 << rng.randrange(8)
+    dst.write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------------- APR
+
+def _apr_layout(data: bytes) -> tuple[int, int, int]:
+    meta_size = struct.unpack_from("<I", data, 20)[0]
+    index_off, data_off = struct.unpack_from("<QQ", data, 24)
+    return 64 + meta_size, index_off, data_off
+
+
+def _fix_header_crc(data: bytearray) -> None:
+    crc = zlib.crc32(bytes(data[0:40]) + bytes(data[44:64])) & 0xFFFFFFFF
+    struct.pack_into("<I", data, 40, crc)
+
+
+def _fix_footer_crc(data: bytearray) -> None:
+    struct.pack_into("<I", data, len(data) - 4, zlib.crc32(bytes(data[:-4])) & 0xFFFFFFFF)
+
+
+def apr_metadata(src: Path, dst: Path, rng: random.Random) -> None:
+    """A metadata value replaced; the file rewritten by our writer (valid CRCs)."""
+    import numpy as np
+    from apr.container import AprFile, TensorSource, write_apr
+    with AprFile.open(src) as f:
+        meta = mutate_json_value(dict(f.metadata), rng)
+        raw = {n: (e.dtype, e.shape, np.array(f.raw(n)).tobytes()) for n, e in f.tensors.items()}
+    sources = [TensorSource(n, dt, shape, (lambda b=b: np.frombuffer(b, np.uint8)))
+               for n, (dt, shape, b) in raw.items()]
+    if not isinstance(meta, dict):
+        meta = {"value": meta}
+    try:
+        write_apr(dst, meta, sources)
+    except Exception:        # our writer refuses it (e.g. not JSON-serializable): a raw patch then
+        dst.write_bytes(src.read_bytes())
+        patch_apr_field(dst, dst, rng)
+
+
+APR_FIELDS = ((6, "<H"), (8, "<I"), (12, "<Q"), (20, "<I"), (24, "<Q"), (32, "<Q"))
+
+
+def patch_apr_field(src: Path, dst: Path, rng: random.Random) -> None:
+    """A header field or an index entry's field overwritten, with both CRCs made valid again."""
+    data = bytearray(src.read_bytes())
+    meta_end, index_off, data_off = _apr_layout(data)
+    if rng.random() < 0.5:
+        off, fmt = rng.choice(APR_FIELDS)
+    else:          # somewhere in the tensor index: dims, offsets, sizes, name lengths
+        off = rng.randrange(index_off, max(index_off + 1, min(data_off, len(data)) - 8))
+        fmt = rng.choice(("<Q", "<H", "<B", "<I"))
+    width = struct.calcsize(fmt)
+    value = rng.choice((0, 1, 2 ** (8 * width) - 1, 2 ** (8 * width - 1), rng.randrange(2 ** (8 * width))))
+    if off + width <= len(data):
+        struct.pack_into(fmt, data, off, value)
+    _fix_header_crc(data)
+    _fix_footer_crc(data)
+    dst.write_bytes(bytes(data))
+
+
+def apr_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
+    data = seed.read_bytes()
+    meta_end, index_off, data_off = _apr_layout(data)
+    bounds = [4, 40, 64, meta_end, index_off, data_off, len(data) - 4]
+    return [apr_metadata, apr_metadata, patch_apr_field, patch_apr_field,
+            lambda s, d, r: truncate(s, d, r, bounds), lambda s, d, r: bit_flip(s, d, r)]
+
+
+# --------------------------------------------------------------------------- GGUF
+
+def gguf_kv(src: Path, dst: Path, rng: random.Random) -> None:
+    """A key/value replaced by a hostile value of some GGUF type, or dropped, or added."""
+    import gguf
+    import numpy as np
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    keys = [k for k in r.fields if not k.startswith("GGUF.")]
+    victim = rng.choice(keys)
+    w = gguf.GGUFWriter(dst, arch if victim != "general.architecture" else str(hostile(rng))[:20] or "x")
+    VT = gguf.GGUFValueType
+    for name in keys:
+        f = r.fields[name]
+        if name == "general.architecture":
+            continue
+        if name == victim:
+            roll = rng.random()
+            if roll < 0.2:
+                continue
+            value = hostile(rng)
+            if isinstance(value, bool):
+                w.add_key_value(name, value, VT.BOOL)
+            elif isinstance(value, int):
+                w.add_key_value(name, value % 2 ** 64 if value >= 0 else value % 2 ** 63 - 2 ** 63,
+                                VT.UINT64 if value >= 0 else VT.INT64)
+            elif isinstance(value, float):
+                w.add_key_value(name, value, VT.FLOAT64)
+            elif isinstance(value, str):
+                w.add_key_value(name, value.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), VT.STRING)
+            elif isinstance(value, list) and value and all(isinstance(x, int) for x in value):
+                w.add_key_value(name, value, VT.ARRAY, sub_type=VT.INT32)
+            else:
+                w.add_key_value(name, "not-a-" + type(value).__name__, VT.STRING)
+            continue
+        vt = f.types[0]
+        if vt == VT.ARRAY:
+            w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, f.contents(), vt)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
+    size = seed.stat().st_size
+    bounds = [4, 8, 16, 24, size // 4, size // 2, size - 32]
+    return [gguf_kv, gguf_kv, gguf_kv, lambda s, d, r: truncate(s, d, r, bounds),
+            lambda s, d, r: bit_flip(s, d, r, (0, min(size, 4096))), lambda s, d, r: bit_flip(s, d, r)]
+
+
+# --------------------------------------------------------------------------- HF directory
+
+def _hf_json(name: str) -> Callable[[Path, Path, random.Random], None]:
+    def mutate(src: Path, dst: Path, rng: random.Random) -> None:
+        shutil.copytree(src, dst)
+        doc = json.loads((src / name).read_text(encoding="utf-8"))
+        (dst / name).write_text(_json_text(mutate_json_value(doc, rng)), encoding="utf-8")
+    mutate.__name__ = f"json:{name}"
+    return mutate
+
+
+def hf_safetensors_header(src: Path, dst: Path, rng: random.Random) -> None:
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    data = path.read_bytes()
+    n = struct.unpack_from("<Q", data, 0)[0]
+    header = mutate_json_value(json.loads(data[8:8 + n]), rng)
+    text = _json_text(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+def hf_bytes(src: Path, dst: Path, rng: random.Random) -> None:
+    shutil.copytree(src, dst)
+    name = rng.choice(["config.json", "tokenizer.json", "model.safetensors"])
+    target = dst / name
+    if rng.random() < 0.5:
+        truncate(src / name, target, rng, [8, 16])
+    else:
+        bit_flip(src / name, target, rng)
+
+
+def hf_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
+    return [_hf_json("config.json"), _hf_json("config.json"), _hf_json("tokenizer.json"),
+            hf_safetensors_header, hf_bytes]
