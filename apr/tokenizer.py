@@ -321,6 +321,8 @@ def _load_json(text_or_path: str | Path | Mapping[str, Any]) -> dict[str, Any]:
             text = Path(text_or_path).read_text(encoding="utf-8")
         except OSError as e:
             raise FormatError(f"cannot read {text_or_path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{text_or_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     else:
         text = str(text_or_path)
     try:
@@ -477,7 +479,10 @@ def from_hf_dir(path: str | Path) -> TokenizerData | None:
     td = from_hf_tokenizer_json(path / "tokenizer.json", config)
     jinja = path / "chat_template.jinja"
     if td.chat_template is None and jinja.is_file():
-        td.chat_template = jinja.read_text(encoding="utf-8")
+        try:
+            td.chat_template = jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{jinja}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return td
 
 

@@ -73,8 +73,11 @@ def _alarm(signum, frame):
     raise Hang(f"no result in {CASE_SECONDS} s")
 
 
+LAST_EXIT: list[int] = [0]
+
+
 def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
-    """None if the command behaved; else what went wrong."""
+    """None if the command behaved; else what went wrong (the exit code goes to LAST_EXIT)."""
     import cli
     out = work / "out.apr"
     before = set(p.name for p in work.iterdir())
@@ -83,10 +86,12 @@ def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
     try:
         r = CliRunner().invoke(cli.main, _args(command, seed, mutant, out))
     except Hang as e:
+        LAST_EXIT[0] = -1
         return f"hang: {e}"
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+    LAST_EXIT[0] = r.exit_code
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         exc = r.exception
         tb = exc.__traceback__
@@ -150,6 +155,8 @@ def campaign(cases: int, seed: int = 0, budget: float | None = None, save: bool 
                     key = f"{fmt} {command}"
                     outcome.cases[key] = outcome.cases.get(key, 0) + 1
                     problem = run_case(command, seeds[fmt], mutant, work)
+                    ek = f"{key} exit {LAST_EXIT[0]}"
+                    outcome.exits[ek] = outcome.exits.get(ek, 0) + 1
                     if problem:
                         outcome.failures.append(f"{key} [{getattr(mutate, '__name__', 'mutate')}]: {problem}")
                         if save:
@@ -168,7 +175,7 @@ def main(argv=None) -> int:
     if a.budget is None and a.cases == 1_000_000:
         a.budget = 300
     o = campaign(a.cases, a.seed, a.budget, save=not a.no_save)
-    print(json.dumps({"cases": o.cases, "failures": len(o.failures)}, indent=1))
+    print(json.dumps({"cases": o.cases, "exits": o.exits, "failures": len(o.failures)}, indent=1))
     for f in sorted(set(o.failures)):
         print(f)
     return 1 if o.failures else 0
