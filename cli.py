@@ -40,6 +40,17 @@ def handle_errors(fn):
     return wrapper
 
 
+def json_text(doc: Any, **kw) -> str:
+    """JSON for stdout: UTF-8 where it can be, \\u escapes where a string from a file is not
+    valid Unicode (a lone surrogate)."""
+    text = json.dumps(doc, indent=2, ensure_ascii=False, **kw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(doc, indent=2, ensure_ascii=True, **kw)
+    return text
+
+
 def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
@@ -153,7 +164,7 @@ def inspect(path: str, as_json: bool, show_tensors: bool) -> None:
     """Show what a model file holds: format, architecture, tokenizer, tensors."""
     r = inspect_report(path)
     if as_json:
-        click.echo(json.dumps(r, indent=2, ensure_ascii=False, default=str))
+        click.echo(json_text(r, default=str))
     else:
         _print_inspect(r, show_tensors)
 

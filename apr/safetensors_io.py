@@ -8,6 +8,7 @@ oracle our tests read our files back with.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .dtypes import DType, dtype_by_name
-from .errors import FormatError, UnsupportedError
+from .errors import ConfigError, FormatError, UnsupportedError
+from .untrusted import Values
 
 MAX_HEADER = 100 * 1024 * 1024
 # safetensors dtype strings we read and write (our DType names coincide)
@@ -56,20 +58,27 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise FormatError(f"{where}: safetensors header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise FormatError(f"{where}: safetensors __metadata__ must map strings to strings")
         self.data_start = 8 + n
         self.size = size
         self.entries: dict[str, SafetensorsEntry] = {}
         for name, info in header.items():
+            v = Values(info if isinstance(info, dict) else {}, f"{where}: tensor {name!r}")
             try:
-                dt = str(info["dtype"])
-                shape = tuple(int(d) for d in info["shape"])
-                b, e = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
+                dt = v.get("dtype", str)
+                shape = tuple(v.items("shape", int, default=[None]))
+                offsets = v.items("data_offsets", int)
+            except ConfigError as err:
+                raise FormatError(str(err)) from None
+            if dt is None or offsets is None or len(offsets) != 2 or None in shape or any(d < 0 for d in shape):
                 raise FormatError(f"{where}: tensor {name!r}: malformed header entry") from None
+            b, e = offsets
             if dt not in SAFETENSORS_DTYPES:
                 raise UnsupportedError(f"{where}: tensor {name!r} has dtype {dt}, not supported")
             dtype = dtype_by_name(dt)
-            expect = int(np.prod(shape, dtype=np.int64)) * dtype.numpy.itemsize
+            expect = math.prod(shape) * dtype.numpy.itemsize          # Python ints: no wrap-around
             if e - b != expect or b < 0:
                 raise FormatError(f"{where}: tensor {name!r}: {e - b} bytes for shape {list(shape)} {dt} "
                                   f"(expected {expect})")

@@ -202,7 +202,12 @@ def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt
     report = compare(a, b, logits=logits, tokens=_parse_tokens(tokens), prompt=prompt,
                      progress=not quiet and sys.stderr.isatty())
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        text = json.dumps(report.to_json(), indent=2, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:      # a string from a file that is not valid Unicode
+            text = json.dumps(report.to_json(), indent=2, ensure_ascii=True)
+        click.echo(text)
     else:
         click.echo(format_report(report, show_all, pattern, limit))
     sys.exit(EXIT_EQUIVALENT if report.equivalent else EXIT_DEFECT)

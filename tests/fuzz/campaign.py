@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import shutil
 import signal
 import sys
@@ -115,15 +116,27 @@ def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
     return None
 
 
-def save_regression(fmt: str, command: str, mutant: Path, problem: str) -> Path:
-    digest = hashlib.sha256((fmt + command + problem).encode()).hexdigest()[:12]
+def save_regression(fmt: str, command: str, mutant: Path, problem: str, seed: Path) -> Path:
+    """Keep one mutant per format and failure site (the site is the same whatever command
+    reached it; the replay runs every command)."""
+    site = re.sub(r"internal error in [a-z-]+", "internal error", problem)
+    site = re.sub(r"(position|byte) \d+", r"\1 N", site)
+    digest = hashlib.sha256((fmt + site).encode()).hexdigest()[:12]
     REGRESSIONS.mkdir(exist_ok=True)
-    target = REGRESSIONS / f"{fmt}-{command}-{digest}"
+    target = REGRESSIONS / f"{fmt}-{digest}"
     if target.exists():
         return target
     target.mkdir()
     dest = target / ("mutant" if mutant.is_dir() else "mutant." + fmt)
     (shutil.copytree if mutant.is_dir() else shutil.copyfile)(mutant, dest)
+    # diff compares the mutant with its seed; an HF seed is kept as its config and tokenizer
+    # only (its weights are the mutant's, which the replay links in)
+    if seed.is_dir():
+        (target / "seed").mkdir()
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(seed / name, target / "seed" / name)
+    else:
+        shutil.copyfile(seed, target / ("seed." + fmt))
     (target / "case.json").write_text(json.dumps({"format": fmt, "command": command,
                                                   "found": problem}, indent=1) + "\n")
     return target
@@ -160,7 +173,7 @@ def campaign(cases: int, seed: int = 0, budget: float | None = None, save: bool 
                     if problem:
                         outcome.failures.append(f"{key} [{getattr(mutate, '__name__', 'mutate')}]: {problem}")
                         if save:
-                            save_regression(fmt, command, mutant, problem)
+                            save_regression(fmt, command, mutant, problem, seeds[fmt])
                 shutil.rmtree(work, ignore_errors=True)
     return outcome
 

@@ -1,0 +1,52 @@
+"""The bounded fuzz campaign of CI (a fixed seed; `python -m tests.fuzz.campaign --budget S`
+runs a longer one) and the replay of every failure a campaign ever found."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.fuzz.campaign import COMMANDS, LAST_EXIT, REGRESSIONS, campaign, run_case
+
+CI_CASES = 400           # mutants per format: 4,800 command runs
+
+
+def test_bounded_campaign_finds_nothing():
+    o = campaign(CI_CASES, seed=0)
+    assert o.failures == [], "\n".join(sorted(set(o.failures))[:20])
+    for fmt in ("apr", "gguf", "hf"):
+        for command in COMMANDS:
+            assert o.cases[f"{fmt} {command}"] >= CI_CASES * 0.9, (fmt, command)
+            # the mutants reach both outcomes: accepted files and refused ones
+            assert o.exits.get(f"{fmt} {command} exit 2", 0) > 0, (fmt, command, o.exits)
+            assert o.exits.get(f"{fmt} {command} exit 0", 0) + o.exits.get(f"{fmt} {command} exit 1", 0) > 0
+
+
+CASES = sorted(p for p in REGRESSIONS.iterdir() if p.is_dir()) if REGRESSIONS.is_dir() else []
+
+
+def test_regressions_exist():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("case", CASES, ids=[p.name for p in CASES])
+def test_regression_replays_cleanly(case: Path, tmp_path):
+    info = json.loads((case / "case.json").read_text())
+    fmt = info["format"]
+    mutant = case / ("mutant" if fmt == "hf" else f"mutant.{fmt}")
+    seed = case / ("seed" if fmt == "hf" else f"seed.{fmt}")
+    if fmt == "hf":            # the seed directory keeps config and tokenizer; weights are shared
+        local = tmp_path / "seed"
+        shutil.copytree(seed, local)
+        weights = mutant / "model.safetensors"
+        if weights.exists():
+            shutil.copyfile(weights, local / "model.safetensors")
+        seed = local
+    work = tmp_path / "work"
+    work.mkdir()
+    for command in COMMANDS:
+        problem = run_case(command, seed, mutant, work)
+        assert problem is None, f"{case.name} {command} (first found: {info['found'][:120]}): {problem}"
+        assert LAST_EXIT[0] in (0, 1, 2)
