@@ -99,6 +99,13 @@ def _qwen2_windows(v: Values, vals: dict[str, Any], where: str) -> None:
     vals["sliding_window"] = window or 0
 
 
+# Bounds far above any model shipped, checked before a shape is used to loop or allocate
+# (a layer count of 10^8 from a hostile file would otherwise loop for minutes).
+SIZE_LIMITS = {"hidden_size": 1 << 20, "num_layers": 4096, "num_heads": 1 << 16, "num_kv_heads": 1 << 16,
+               "intermediate_size": 1 << 22, "vocab_size": 1 << 24, "head_dim": 1 << 16,
+               "max_position_embeddings": 1 << 31}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: str
@@ -173,6 +180,12 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad.append(f"{name}={v!r} must be a positive integer")
+        if bad:
+            raise ConfigError("; ".join(bad))
+        for name, limit in SIZE_LIMITS.items():
+            v = getattr(self, name)
+            if v > limit:
+                bad.append(f"{name}={v} is implausible (more than {limit})")
         if bad:
             raise ConfigError("; ".join(bad))
         if self.num_heads % self.num_kv_heads:

@@ -50,3 +50,23 @@ def test_regression_replays_cleanly(case: Path, tmp_path):
         problem = run_case(command, seed, mutant, work)
         assert problem is None, f"{case.name} {command} (first found: {info['found'][:120]}): {problem}"
         assert LAST_EXIT[0] in (0, 1, 2)
+
+
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 10 ** 8), ("num_hidden_layers", 2 ** 32 - 1),
+                                       ("vocab_size", 2 ** 40), ("max_position_embeddings", 2 ** 63),
+                                       ("hidden_size", [64]), ("rms_norm_eps", "1e-6")])
+def test_huge_or_mistyped_counts_are_refused_at_once(key, value, tmp_path):
+    """Counts are checked before any loop or allocation uses them (no hang, one error line)."""
+    from click.testing import CliRunner
+
+    import cli
+    from tests.oracles import make_hf_model
+    hf = make_hf_model(tmp_path / "hf", "llama", hidden=32, layers=1, heads=2, kv_heads=1, ffn=48)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg[key] = value
+    (hf / "config.json").write_text(json.dumps(cfg))
+    for args in (["inspect", str(hf)], ["convert", str(hf), "-o", str(tmp_path / "o.apr")]):
+        r = CliRunner().invoke(cli.main, args)
+        assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+        assert key in r.stderr or key.replace("num_hidden_layers", "num_layers") in r.stderr, r.stderr
+    assert not (tmp_path / "o.apr").exists()
