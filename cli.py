@@ -441,6 +441,8 @@ def qa(model_path, max_ppl, min_tps, no_gguf, as_json):
     from ref.qa import run_qa
     if not Path(model_path).exists():
         raise AprError(f"{model_path}: no such file or directory")
+    from apr.model import detect_format
+    detect_format(Path(model_path))      # not a model file at all (a pickle, text): bad input, exit 2
 
     def show(g):
         if not as_json:

@@ -38,6 +38,9 @@ _SCALAR = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UI
            VT.FLOAT64: "<d"}
 
 
+MAX_ARRAY_DEPTH = 4     # GGUF arrays of arrays are rare; 100,000 deep is an attack
+
+
 class _Cursor:
     """Little-endian reads from a memory map; every overrun is a FormatError."""
 
@@ -62,17 +65,22 @@ class _Cursor:
         except UnicodeDecodeError:
             raise FormatError(f"{self.where}: the string at byte {self.pos - n} is not UTF-8") from None
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype == VT.STRING:
             return self.string()
         if vtype == VT.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise FormatError(f"{self.where}: arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {self.pos}")
             item, count = self.scalar("<I"), self.scalar("<Q")
+            if count > len(self.buf) - self.pos:       # every element takes at least one byte
+                raise FormatError(f"{self.where}: an array of {count} elements at byte {self.pos} "
+                                  f"cannot fit the file")
             if item == VT.STRING:
                 return [self.string() for _ in range(count)]
             if item in _SCALAR and item != VT.FLOAT32:
                 dt = np.dtype(_SCALAR[item])
                 return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).tolist()
-            return [self.value(item) for _ in range(count)]
+            return [self.value(item, depth + 1) for _ in range(count)]
         if vtype in _SCALAR:
             v = self.scalar(_SCALAR[vtype])
             # the shortest decimal that is the same float32: 1e-06, not 9.999999974752427e-07
@@ -99,6 +107,9 @@ class GgufFile:
         if self.version not in (2, 3):
             raise UnsupportedError(f"{where}: GGUF version {self.version} is not supported (2 or 3)")
         n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+        if n_tensors > size // 24 or n_kv > size // 12:     # a tensor info / key-value's least size
+            raise FormatError(f"{where}: {n_tensors} tensors and {n_kv} key/values cannot fit "
+                              f"a {size}-byte file")
         self.kv: dict[str, Any] = {}
         for _ in range(n_kv):
             key = c.string()
@@ -111,7 +122,10 @@ class GgufFile:
                 raise FormatError(f"{where}: tensor {name!r} has {ndim} dimensions")
             ne = [c.scalar("<Q") for _ in range(ndim)]
             infos.append((name, ne, c.scalar("<I"), c.scalar("<Q")))
-        align = int(self.kv.get("general.alignment", 32))
+        align = self.kv.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1 << 20 \
+                or align & (align - 1):
+            raise FormatError(f"{where}: general.alignment = {align!r} (expected a power of two)")
         data_start = -(-c.pos // align) * align
         self.entries: dict[str, GgufEntry] = {}
         for name, ne, ggml_type, offset in infos:

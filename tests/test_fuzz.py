@@ -70,3 +70,34 @@ def test_huge_or_mistyped_counts_are_refused_at_once(key, value, tmp_path):
         assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
         assert key in r.stderr or key.replace("num_hidden_layers", "num_layers") in r.stderr, r.stderr
     assert not (tmp_path / "o.apr").exists()
+
+
+def _gguf_bytes(kv_parts: bytes, n_kv: int) -> bytes:
+    import struct
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, n_kv) + kv_parts
+
+
+def _key(name: str) -> bytes:
+    import struct
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+@pytest.mark.parametrize("what", ["nested", "alignment0", "huge_counts"])
+def test_hostile_gguf_structure_is_one_error(what, tmp_path):
+    import struct
+    from click.testing import CliRunner
+
+    import cli
+    if what == "nested":          # an array of arrays 100,000 deep
+        body = _key("general.x") + struct.pack("<I", 9) + (struct.pack("<IQ", 9, 1) * 100_000)
+        data = _gguf_bytes(body, 1)
+    elif what == "alignment0":
+        data = _gguf_bytes(_key("general.alignment") + struct.pack("<II", 4, 0), 1)
+    else:
+        data = b"GGUF" + struct.pack("<IQQ", 3, 2 ** 62, 2 ** 62)
+    path = tmp_path / "x.gguf"
+    path.write_bytes(data)
+    for args in (["inspect", str(path)], ["diff", str(path), str(path)]):
+        r = CliRunner().invoke(cli.main, args)
+        assert r.exit_code == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, \
+            (what, r.exit_code, r.stderr, r.exception)

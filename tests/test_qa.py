@@ -91,3 +91,13 @@ def test_corrupt_file_fails_format_and_skips_the_rest(good, tmp_path):
 def test_missing_file_is_bad_input(tmp_path):
     r = cli("qa", tmp_path / "nope.apr")
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope.apr'}: no such file or directory"
+
+
+def test_pickle_or_text_is_bad_input_not_a_failed_gate(tmp_path):
+    pkl = tmp_path / "model.bin"
+    pkl.write_bytes(b"\x80\x04\x95" + b"\x00" * 32)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello, not a model\n")
+    for path, what in ((pkl, "pickle"), (txt, "not a model file")):
+        r = cli("qa", path)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("error: ") and what in r.stderr
