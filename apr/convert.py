@@ -151,7 +151,7 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
             if src.origin_dtype is not None:
                 report.dequantized[p.name] = src.origin_dtype.name
             continue
-        exact = p.dtype.name in ("F32", "F64") or (p.dtype.name == "F32" and src.dtype.numpy is not None)
+        exact = p.dtype.name in ("F32", "F64")            # every stored dtype decodes exactly to these
         if exact and (src.dtype.numpy is None or src.origin_dtype is not None):
             report.dequantized[p.name] = src.precision
         if p.requested:

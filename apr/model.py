@@ -133,17 +133,26 @@ def _resolve_tied(view: ModelView) -> ModelView:
     head, emb = view.tensors.get(names.LM_HEAD), view.tensors.get(names.EMBED)
     if not cfg.tie_word_embeddings or head is None or emb is None or head.shape != emb.shape:
         return view
-    if head.dtype == emb.dtype and head.nbytes == emb.nbytes and head.rotary_heads == emb.rotary_heads:
-        same = np.array_equal(np.asarray(head.raw()).view(np.uint8), np.asarray(emb.raw()).view(np.uint8))
-    else:
-        same = np.array_equal(head.numpy(np.float32), emb.numpy(np.float32))
-    if not same:
+    if not _same_values(head, emb):
         view.config = cfg.replace(tie_word_embeddings=False)
         msg = (f"{view.path}: declares tied embeddings but stores an lm_head.weight that differs from "
                "the embedding; like transformers, the stored lm_head is used (untied)")
         view.info.setdefault("warnings", []).append(msg)
         warnings.warn(msg, AprWarning, stacklevel=3)
     return view
+
+
+COMPARE_CHUNK = 1 << 24      # bytes of each tensor compared at a time (bounded memory)
+
+
+def _same_values(a: TensorRef, b: TensorRef) -> bool:
+    """Whether two tensors of one shape hold the same values: their bytes, slice by slice,
+    when they are stored alike (an APR's lm_head copy), else the decoded values."""
+    if a.dtype != b.dtype or a.nbytes != b.nbytes or a.rotary_heads != b.rotary_heads:
+        return bool(np.array_equal(a.numpy(np.float32), b.numpy(np.float32)))
+    ra, rb = np.asarray(a.raw()).reshape(-1).view(np.uint8), np.asarray(b.raw()).reshape(-1).view(np.uint8)
+    return all(np.array_equal(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
+               for i in range(0, ra.size, COMPARE_CHUNK))
 
 
 def detect_format(path: Path) -> str:
