@@ -133,7 +133,9 @@ def _resolve_tied(view: ModelView) -> ModelView:
     head, emb = view.tensors.get(names.LM_HEAD), view.tensors.get(names.EMBED)
     if not cfg.tie_word_embeddings or head is None or emb is None or head.shape != emb.shape:
         return view
-    if not _same_values(head, emb):
+    same = _same_values(head, emb)
+    view.info["tied_copy_equal"] = same     # checked once here; diff and qa need not read it again
+    if not same:
         view.config = cfg.replace(tie_word_embeddings=False)
         msg = (f"{view.path}: declares tied embeddings but stores an lm_head.weight that differs from "
                "the embedding; like transformers, the stored lm_head is used (untied)")
@@ -150,9 +152,25 @@ def _same_values(a: TensorRef, b: TensorRef) -> bool:
     when they are stored alike (an APR's lm_head copy), else the decoded values."""
     if a.dtype != b.dtype or a.nbytes != b.nbytes or a.rotary_heads != b.rotary_heads:
         return bool(np.array_equal(a.numpy(np.float32), b.numpy(np.float32)))
-    ra, rb = np.asarray(a.raw()).reshape(-1).view(np.uint8), np.asarray(b.raw()).reshape(-1).view(np.uint8)
-    return all(np.array_equal(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
-               for i in range(0, ra.size, COMPARE_CHUNK))
+    if a.file_span is None or b.file_span is None:
+        ra, rb = (np.asarray(t.raw()).reshape(-1).view(np.uint8) for t in (a, b))
+        return all(np.array_equal(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
+                   for i in range(0, ra.size, COMPARE_CHUNK))
+    # read, not mapped: pages of a large file do not stay resident once compared
+    bufs = [bytearray(min(COMPARE_CHUNK, a.nbytes)) for _ in range(2)]
+    with open(a.file_span[0], "rb", buffering=0) as fa, open(b.file_span[0], "rb", buffering=0) as fb:
+        fa.seek(a.file_span[1])
+        fb.seek(b.file_span[1])
+        left = a.nbytes
+        while left > 0:
+            n = min(left, COMPARE_CHUNK)
+            va, vb = memoryview(bufs[0])[:n], memoryview(bufs[1])[:n]
+            if fa.readinto(va) != n or fb.readinto(vb) != n:
+                raise FormatError(f"{a.file_span[0]}: tensor {a.source_name!r} or {b.source_name!r} is truncated")
+            if not np.array_equal(np.frombuffer(va, np.uint8), np.frombuffer(vb, np.uint8)):
+                return False
+            left -= n
+    return True
 
 
 def detect_format(path: Path) -> str:

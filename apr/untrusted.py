@@ -65,6 +65,11 @@ class Values:
         value = self.get(key, list)
         if value is None:
             return default
+        if kind is str and all(type(x) is str for x in value):     # the common case, fast
+            return list(value)
+        if kind is int and all(type(x) is int for x in value) and \
+                (not value or -MAX_SIZE <= min(value) and max(value) <= MAX_SIZE):
+            return list(value)
         return [check_value(x, kind, f"{key}[{i}]", self.where) for i, x in enumerate(value)]
 
     def token_id(self, key: str, count: int) -> int | None:

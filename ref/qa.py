@@ -166,7 +166,7 @@ def gate_tied_embeddings(ctx: QaContext):
     if cfg.tie_word_embeddings:
         if head is None:
             return True, "tied: output projection is the embedding", True, None
-        same = np.array_equal(head.numpy(np.float32), emb.numpy(np.float32))
+        same = bool(view.info.get("tied_copy_equal"))      # compared when the file was opened
         return same, ("tied: lm_head.weight is a copy of the embedding (APR convention)" if same else
                       "config says tied but lm_head.weight differs from the embedding"), True, None
     if head is None:
