@@ -32,7 +32,9 @@ def handle_errors(fn):
         except BrokenPipeError:
             sys.stderr.close()
             sys.exit(0)
-        except (OSError, MemoryError) as e:
+        except MemoryError as e:
+            fail(f"out of memory{': ' + str(e) if str(e) else ''}")
+        except OSError as e:
             where = getattr(e, "filename", None)
             fail(f"{where}: {e.strerror}" if where and getattr(e, "strerror", None) else str(e))
         except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from .errors import AprError, OutputExistsError
 def check_output(path: str | os.PathLike, force: bool) -> Path:
     """Refuse to overwrite an existing output unless forced."""
     p = Path(path)
-    if p.exists() and not force:
+    if os.path.lexists(p) and not force:        # a dangling or looping link too
         raise OutputExistsError(f"{p} already exists (use --force to overwrite)")
     return p
 

@@ -23,6 +23,7 @@ from . import names
 from .atomic import atomic_file
 from .dtypes import DTYPES, DType, decode, dtype_from_apr_code, encode, nbytes
 from .errors import AprError, ChecksumError, FormatError, UnsupportedError
+from .untrusted import check_shape, load_json, path_kind
 
 MAGIC = b"APR\x00"
 VERSION = (2, 0)
@@ -300,6 +301,8 @@ class AprFile:
     def open(cls, path: str | os.PathLike) -> "AprFile":
         """Open and validate an APR v2 file (reads header, metadata and index only)."""
         path = Path(path)
+        if path_kind(path) != "file":
+            raise FormatError(f"{path}: no such file")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(HEADER_SIZE)
@@ -431,11 +434,10 @@ def _parse_header(path: Path, head: bytes, size: int) -> tuple:
 
 def _parse_metadata(path: Path, blob: bytes) -> dict[str, Any]:
     try:
-        meta = json.loads(blob.decode("utf-8"))
+        text = blob.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: metadata is not valid UTF-8 (byte {64 + e.start})") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: metadata is not valid JSON: {e.msg} at character {e.pos}") from None
+    meta = load_json(text, f"{path}: metadata")
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: metadata is a JSON {type(meta).__name__}, not an object")
     return meta
@@ -477,6 +479,7 @@ def _parse_entry(path: Path, buf: bytes, pos: int, k: int) -> tuple[TensorEntry,
 
 def _check_entry(path: Path, e: TensorEntry, data_offset: int, file_size: int) -> None:
     where = f"{path}: tensor {e.name!r}"
+    check_shape(e.shape, where)
     if e.offset % ALIGN:
         raise FormatError(f"{where}: offset {e.offset} is not a multiple of 64")
     try:

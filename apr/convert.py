@@ -280,7 +280,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
         raise UnsupportedError(f"--dtype {dtype}: choose from {', '.join(CONVERT_DTYPES)}")
     fmt = target_format(dst)
     dst_path = check_output(dst, force)
-    if Path(src).resolve() == dst_path.resolve():
+    if os.path.realpath(src) == os.path.realpath(dst_path):
         raise AprError(f"{dst}: output would overwrite the input")
     with open_model(src, verify=True) as view:
         report = ConvertReport(str(src), str(dst), view.format, fmt)

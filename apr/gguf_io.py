@@ -16,6 +16,7 @@ import numpy as np
 
 from .dtypes import DType, dtype_from_ggml, nbytes
 from .errors import FormatError, UnsupportedError
+from .untrusted import check_shape, path_kind
 
 logging.getLogger("gguf").setLevel(logging.WARNING)
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
@@ -96,6 +97,8 @@ class GgufFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         where = str(self.path)
+        if path_kind(self.path) != "file":
+            raise FormatError(f"{where}: no such file")
         size = self.path.stat().st_size
         if size < 24:
             raise FormatError(f"{where}: truncated: {size} bytes is too short for GGUF")
@@ -130,7 +133,7 @@ class GgufFile:
         self.entries: dict[str, GgufEntry] = {}
         for name, ne, ggml_type, offset in infos:
             dtype = dtype_from_ggml(ggml_type)
-            shape = tuple(int(d) for d in reversed(ne))
+            shape = check_shape(tuple(int(d) for d in reversed(ne)), f"{where}: tensor {name!r}")
             n = nbytes(dtype, shape)
             start = data_start + offset
             if start + n > size:

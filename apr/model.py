@@ -29,6 +29,7 @@ from .gguf_io import GgufFile
 from .layout import adjacent_to_halves
 from .safetensors_io import SafetensorsFile, hf_weight_files, read_json
 from .tokenizer import TokenizerData, from_apr_metadata, from_gguf_kv, from_hf_dir
+from .untrusted import is_file, path_kind
 
 FORMATS = ("apr", "gguf", "safetensors", "hf")
 
@@ -174,9 +175,10 @@ def _same_values(a: TensorRef, b: TensorRef) -> bool:
 
 
 def detect_format(path: Path) -> str:
-    if path.is_dir():
+    kind = path_kind(path)
+    if kind == "dir":
         return "hf"
-    if not path.exists():
+    if kind is None:
         raise AprError(f"{path}: no such file or directory")
     with open(path, "rb") as f:
         head = f.read(16)
@@ -336,7 +338,7 @@ def _open_safetensors(path: Path, verify: bool) -> ModelView:
     st = SafetensorsFile(path)
     cfg_path = path.parent / "config.json"
     config, note = None, None
-    if cfg_path.exists():
+    if is_file(cfg_path):
         config = ModelConfig.from_hf_config(read_json(cfg_path, "model config"), where=str(cfg_path))
     else:
         note = "a lone .safetensors file carries no architecture (no config.json beside it)"
@@ -351,7 +353,7 @@ def _open_safetensors(path: Path, verify: bool) -> ModelView:
 
 def _open_hf(path: Path, verify: bool) -> ModelView:
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
+    if not is_file(cfg_path):
         raise FormatError(f"{path}: not an HF model directory (no config.json)")
     raw_cfg = read_json(cfg_path, "model config")
     config = ModelConfig.from_hf_config(raw_cfg, where=str(cfg_path))

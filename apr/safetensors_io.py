@@ -19,7 +19,7 @@ import numpy as np
 
 from .dtypes import DType, dtype_by_name
 from .errors import ConfigError, FormatError, UnsupportedError
-from .untrusted import Values
+from .untrusted import Values, describe, is_file, load_json, path_kind, read_text
 
 MAX_HEADER = 100 * 1024 * 1024
 # safetensors dtype strings we read and write (our DType names coincide)
@@ -41,6 +41,8 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         where = str(self.path)
+        if path_kind(self.path) != "file":
+            raise FormatError(f"{where}: no such file")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -52,9 +54,10 @@ class SafetensorsFile:
                                   f"does not fit a {size}-byte file)")
             raw = f.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{where}: safetensors header is not valid JSON ({e.__class__.__name__})") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{where}: safetensors header is not UTF-8 (byte {8 + e.start})") from None
+        header = load_json(text, f"{where}: safetensors header")
         if not isinstance(header, dict):
             raise FormatError(f"{where}: safetensors header is not a JSON object")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
@@ -132,30 +135,32 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[StTensor],
 
 
 def read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path.parent}: no {path.name} ({what})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    return load_json(read_text(path, what), str(path))
 
 
 def hf_weight_files(directory: Path) -> list[Path]:
     """The safetensors files of an HF directory: a sharded index or a single file."""
     index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index, "sharded weight index").get("weight_map")
+    if is_file(index):
+        doc = read_json(index, "sharded weight index")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError(f"{index}: no weight_map")
-        files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (directory / f).exists():
+            raise FormatError(f"{index}: no weight_map object")
+        files = set()
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or shard != Path(shard).name \
+                    or shard in (".", ".."):
+                raise FormatError(f"{index}: weight_map[{describe(name)}] is {describe(shard)}, "
+                                  "expected the file name of a shard in the same directory")
+            files.add(shard)
+        for f in sorted(files):
+            if not is_file(directory / f):
                 raise FormatError(f"{index}: shard {f} is missing")
-        return [directory / f for f in files]
+        return [directory / f for f in sorted(files)]
     single = directory / "model.safetensors"
-    if single.exists():
+    if is_file(single):
         return [single]
-    found = sorted(directory.glob("*.safetensors"))
+    found = sorted(p for p in directory.glob("*.safetensors") if is_file(p))
     if found:
         return found
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):

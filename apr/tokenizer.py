@@ -43,7 +43,7 @@ import gguf
 import tokenizers
 
 from .errors import ConfigError, FormatError, UnsupportedError
-from .untrusted import Values
+from .untrusted import Values, is_file, load_json, read_text
 
 # llama.cpp token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -317,20 +317,12 @@ def _load_json(text_or_path: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(text_or_path, Mapping):
         return dict(text_or_path)
     if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
-        try:
-            text = Path(text_or_path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise FormatError(f"cannot read {text_or_path}: {e.strerror}") from e
-        except UnicodeDecodeError as e:
-            raise FormatError(f"{text_or_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text, where = read_text(text_or_path, "tokenizer JSON"), str(text_or_path)
     else:
-        text = str(text_or_path)
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"tokenizer JSON is not valid JSON: {e}") from e
+        text, where = str(text_or_path), "tokenizer JSON"
+    doc = load_json(text, where)
     if not isinstance(doc, dict):
-        raise FormatError("tokenizer JSON is not an object")
+        raise FormatError(f"{where}: not a JSON object")
     return doc
 
 
@@ -472,17 +464,14 @@ def from_hf_dir(path: str | Path) -> TokenizerData | None:
     """The tokenizer of an HF model directory (tokenizer.json, tokenizer_config.json and
     chat_template.jinja when present); None if it has no tokenizer.json."""
     path = Path(path)
-    if not (path / "tokenizer.json").is_file():
+    if not is_file(path / "tokenizer.json"):
         return None
     config_path = path / "tokenizer_config.json"
-    config = _load_json(config_path) if config_path.is_file() else None
+    config = _load_json(config_path) if is_file(config_path) else None
     td = from_hf_tokenizer_json(path / "tokenizer.json", config)
     jinja = path / "chat_template.jinja"
-    if td.chat_template is None and jinja.is_file():
-        try:
-            td.chat_template = jinja.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise FormatError(f"{jinja}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if td.chat_template is None and is_file(jinja):
+        td.chat_template = read_text(jinja, "chat template")
     return td
 
 

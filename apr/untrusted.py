@@ -4,10 +4,15 @@ before it is used, so a wrong one is one error that names the file, the key and 
 expected."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import stat
+from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, FormatError
 
 # Counts and sizes beyond this are not a model a reference can run (and would wrap int64).
 MAX_SIZE = 2 ** 31 - 1
@@ -42,6 +47,90 @@ def check_value(value: Any, kind: type, key: str, where: str) -> Any:
     if kind is int and not -MAX_SIZE <= value <= MAX_SIZE:
         raise ConfigError(f"{where}: {key} = {value} is out of range (|value| <= {MAX_SIZE})")
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def load_json(text: str, where: str) -> Any:
+    """A JSON document from untrusted text: invalid JSON, nesting too deep for the parser, or a
+    string with a lone surrogate (not Unicode: no output can print it, no writer store it)
+    is one FormatError naming ``where``."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}: not valid JSON: {e.msg} at character {e.pos}") from None
+    except RecursionError:
+        raise FormatError(f"{where}: JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):       # the common case never pays for the walk below
+        stack = [doc]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, str):
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise FormatError(f"{where}: the string {describe(x)} is not valid Unicode "
+                                      "(a lone surrogate escape)") from None
+            elif isinstance(x, dict):
+                stack.extend(x)
+                stack.extend(x.values())
+            elif isinstance(x, list):
+                stack.extend(x)
+    return doc
+
+
+def path_kind(path: str | os.PathLike) -> str | None:
+    """"file", "dir" or None (nothing there). Anything else that is there -- a FIFO, socket or
+    device (reading one blocks or never ends), a symbolic link loop -- is a FormatError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FormatError(f"{path}: a symbolic link to nothing ({os.readlink(path)})") from None
+        return None
+    except OSError as e:            # ELOOP, ENAMETOOLONG, EACCES, ...
+        raise FormatError(f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    raise FormatError(f"{path}: not a regular file or directory (FIFOs, sockets and devices are "
+                      "never read)")
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """True for a regular file, False for nothing there; a FormatError for anything else
+    (so an optional file that is a FIFO or a directory is an error, not silently absent)."""
+    kind = path_kind(path)
+    if kind == "dir":
+        raise FormatError(f"{path}: a directory where a file belongs")
+    return kind == "file"
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a regular file (``what`` it is names it when it is missing)."""
+    path = Path(path)
+    if not is_file(path):
+        raise FormatError(f"{path.parent}: no {path.name} ({what})")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def check_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """A tensor shape read from a file: every dimension in [0, MAX_SIZE], so that no product
+    of dimensions wraps an int64 (a zero beside a 2^63 would pass every size check)."""
+    for d in shape:
+        if not 0 <= d <= MAX_SIZE:
+            raise FormatError(f"{where}: shape {list(shape)} has a dimension outside "
+                              f"[0, {MAX_SIZE}]")
+    return shape
 
 
 class Values:

@@ -19,6 +19,7 @@ in `--json`:
     MISSING             a tensor in A is not in B
     EXTRA               a tensor in B is not in A
     SHAPE               shapes differ in a way no layout explains
+    NON-FINITE          a tensor holds inf or nan values where the other file's does not
     LAYOUT transposed   B holds A's transpose (square or not; with the reversed shape, or
                         the transpose's bytes under A's shape)
     LAYOUT rotary-permuted

@@ -98,6 +98,18 @@ def detect_identical(p: Pair) -> Relation | None:
     return None
 
 
+def detect_nonfinite(p: Pair) -> Relation | None:
+    """A side holds inf or nan (the statistics of the other detectors are over the elements
+    finite on both sides, so nothing else may be claimed)."""
+    s = p.stats
+    if s is None or not (s.nonfinite_a or s.nonfinite_b):
+        return None
+    n = p.ref_a.numel
+    return Relation("non-finite", R.NONFINITE,
+                    f"inf/nan values: B {s.nonfinite_b} of {n}, A {s.nonfinite_a} of {n}",
+                    {"nonfinite_a": s.nonfinite_a, "nonfinite_b": s.nonfinite_b})
+
+
 def detect_rounding(p: Pair) -> Relation | None:
     s = p.stats
     if s is None or not within_rounding(s, p.ref_a.precision, p.ref_b.precision):
@@ -306,6 +318,7 @@ def detect_unrelated(p: Pair) -> Relation:
 
 DETECTORS: tuple[Callable[[Pair], Relation | None], ...] = (
     detect_identical,
+    detect_nonfinite,
     detect_rounding,
     detect_transposed,
     detect_padded,

@@ -184,6 +184,12 @@ def compare_logits(va: ModelView, vb: ModelView, ids: Sequence[int], dtype: Any,
     """Run both models on `ids` and compare (see the module notes)."""
     tol = logit_tolerance(findings, dtype)
     rep = LogitsReport(ran=True, tokens=list(ids), dtype=np.dtype(dtype).name, tolerance=tol)
+    with np.errstate(all="ignore"):      # inf/nan weights: reported below, not as warnings
+        return _compare_logits(rep, va, vb, ids, dtype, findings, config, tol)
+
+
+def _compare_logits(rep: LogitsReport, va: ModelView, vb: ModelView, ids: Sequence[int], dtype: Any,
+                    findings: list[TensorFinding], config: list[ConfigFinding], tol: float) -> LogitsReport:
     try:
         ra = _forward(_build("A", va, dtype), ids)
         model_b = _build("B", vb, dtype)
@@ -199,6 +205,10 @@ def compare_logits(va: ModelView, vb: ModelView, ids: Sequence[int], dtype: Any,
                        f"<= {tol:.3g}, top-1 {rep.top1_agreement:.0%}")
     else:
         _explain(rep, findings, config, model_b, va, ids, ra)
+        bad = [f"{side} {n} of {run.logits.size}" for side, run in (("A", ra), ("B", rb))
+               if (n := int(run.logits.size - np.count_nonzero(np.isfinite(run.logits))))]
+        if bad:
+            rep.message += f" (inf/nan logits: {', '.join(bad)})"
     if ra.logits.shape != rb.logits.shape:
         rep.note = (f"vocabularies differ ({ra.logits.shape[-1]} vs {rb.logits.shape[-1]} logits): "
                     "compared on the common ids")

@@ -13,6 +13,7 @@ EQUIVALENT = "equivalent"
 MISSING = "MISSING"
 EXTRA = "EXTRA"
 SHAPE = "SHAPE"
+NONFINITE = "NON-FINITE"
 TRANSPOSED = "LAYOUT transposed"
 ROTARY = "LAYOUT rotary-permuted"
 PADDING = "PADDING"
@@ -27,7 +28,7 @@ LOGITS = "LOGITS"
 
 # When several defects are found, the diagnosis names the first class in this order (the
 # most structural first); a culprit the logits localized goes in front of all of them.
-CLASS_PRIORITY: tuple[str, ...] = (MISSING, EXTRA, SHAPE, TRANSPOSED, ROTARY, PADDING, TIED,
+CLASS_PRIORITY: tuple[str, ...] = (MISSING, EXTRA, SHAPE, NONFINITE, TRANSPOSED, ROTARY, PADDING, TIED,
                                    SHUFFLED, SCALED, UNRELATED, NOISE, CONFIG, TOKENIZER, LOGITS)
 
 # Per-tensor relations that are not defects.
@@ -48,6 +49,8 @@ class PairStats:
     scale: float = 1.0             # s minimizing |b - s a|
     max_value: float = 0.0         # largest |value| on either side
     identical: bool = True         # every value equal
+    nonfinite_a: int = 0           # inf / nan values in A (the other fields cover the
+    nonfinite_b: int = 0           # elements finite on both sides)
 
 
 @dataclass

@@ -85,26 +85,40 @@ class Moments:
     max_value: float = 0.0
     identical: bool = True
 
+    nonfinite_a: int = 0
+    nonfinite_b: int = 0
+
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         a = np.asarray(a, dtype=np.float64 if a.dtype == np.float64 else np.float32).reshape(-1)
         b = np.asarray(b, dtype=a.dtype).reshape(-1)
         if a.size == 0:
             return
-        d = b - a
+        self.identical = self.identical and bool(np.array_equal(a, b, equal_nan=True))
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        if not (fa.all() and fb.all()):        # statistics over the elements finite on both sides
+            self.nonfinite_a += int(a.size - np.count_nonzero(fa))
+            self.nonfinite_b += int(b.size - np.count_nonzero(fb))
+            both = fa & fb
+            a, b = a[both], b[both]
+            if a.size == 0:
+                return
+        sums = _sums(a, b)
+        if not all(map(math.isfinite, sums)):   # float32 sums overflowed: the block in float64
+            sums = _sums(a.astype(np.float64), b.astype(np.float64))
+        d_abs, d_max, v_max, dd, aa, bb, ab = sums
         self.n += a.size
-        self.identical = self.identical and bool(np.array_equal(a, b))
-        ad = np.abs(d)
-        self.max_abs = max(self.max_abs, float(ad.max()))
-        self.max_value = max(self.max_value, float(np.abs(a).max()), float(np.abs(b).max()))
-        self.sum_abs += float(ad.sum(dtype=np.float64))
-        self.sum_dd += float(np.dot(d, d))
-        self.sum_aa += float(np.dot(a, a))
-        self.sum_bb += float(np.dot(b, b))
-        self.sum_ab += float(np.dot(a, b))
+        self.max_abs = max(self.max_abs, d_max)
+        self.max_value = max(self.max_value, v_max)
+        self.sum_abs += d_abs
+        self.sum_dd += dd
+        self.sum_aa += aa
+        self.sum_bb += bb
+        self.sum_ab += ab
 
     def stats(self) -> PairStats:
         if self.n == 0:
-            return PairStats()
+            return PairStats(identical=self.identical, nonfinite_a=self.nonfinite_a,
+                             nonfinite_b=self.nonfinite_b)
         na, nb = math.sqrt(self.sum_aa), math.sqrt(self.sum_bb)
         norm = max(na, nb)
         rel = math.sqrt(self.sum_dd) / norm if norm > 0 else 0.0
@@ -114,7 +128,18 @@ class Moments:
             rel = 0.0
         return PairStats(max_abs=self.max_abs, mean_abs=self.sum_abs / self.n,
                          rmse=math.sqrt(self.sum_dd / self.n), cosine=cosine, rel_l2=rel,
-                         scale=scale, max_value=self.max_value, identical=self.identical)
+                         scale=scale, max_value=self.max_value, identical=self.identical,
+                         nonfinite_a=self.nonfinite_a, nonfinite_b=self.nonfinite_b)
+
+
+def _sums(a: np.ndarray, b: np.ndarray) -> tuple[float, ...]:
+    """sum |d|, max |d|, max |value|, <d, d>, <a, a>, <b, b>, <a, b> for d = b - a."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = b - a
+        ad = np.abs(d)
+        return (float(ad.sum(dtype=np.float64)), float(ad.max()),
+                max(float(np.abs(a).max()), float(np.abs(b).max())),
+                float(np.dot(d, d)), float(np.dot(a, a)), float(np.dot(b, b)), float(np.dot(a, b)))
 
 
 def pair_stats(a: np.ndarray, b: np.ndarray) -> PairStats:
@@ -124,11 +149,18 @@ def pair_stats(a: np.ndarray, b: np.ndarray) -> PairStats:
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    """|b - a| / max(|a|, |b|) (0 for two zero arrays)."""
+    """|b - a| / max(|a|, |b|) (0 for two zero arrays; infinite when a side holds inf or nan
+    that the other does not hold at the same place)."""
     a = np.asarray(a).reshape(-1)
     b = np.asarray(b).reshape(-1)
     if a.dtype != np.float64:
         a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
-    d = b - a
-    norm = math.sqrt(max(float(np.dot(a, a)), float(np.dot(b, b))))
-    return math.sqrt(float(np.dot(d, d))) / norm if norm > 0 else 0.0
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    if not (fa.all() and fb.all()):
+        if not (np.array_equal(fa, fb) and np.array_equal(a[~fa], b[~fb], equal_nan=True)):
+            return math.inf
+        a, b = a[fa], b[fb]
+    d_abs, d_max, v_max, dd, aa, bb, ab = _sums(a.astype(np.float64), b.astype(np.float64)) \
+        if a.size else (0.0,) * 7
+    norm = math.sqrt(max(aa, bb))
+    return math.sqrt(dd) / norm if norm > 0 else 0.0

@@ -1,7 +1,8 @@
 """The fuzz campaign: mutants of small APR, GGUF and HF files through every command that
-reads files, in-process, each case under a time bound. A case fails on a traceback (an
-exception that escaped, or the last-resort handler's exit 3), a hang, an exit code outside
-{0, 1, 2} (1 only for diff's findings), a partial output, or a leftover temporary file.
+reads files, in-process, each case under a time and a memory bound. A case fails on a
+traceback (an exception that escaped, or the last-resort handler's exit 3; a MemoryError
+under the bound ends there too), a hang, an exit code outside {0, 1, 2} (1 only for diff's
+findings and qa's failed gates), a partial output, or a leftover temporary file.
 
     python -m tests.fuzz.campaign --budget 600        # a longer campaign on request
     python -m tests.fuzz.campaign --cases 300 --seed 7
@@ -16,6 +17,7 @@ import hashlib
 import json
 import random
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -29,9 +31,12 @@ from click.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[2]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
 CASE_SECONDS = 20
+# Address space a case may add to the process's: the seeds are ~100 KB, so a reader that
+# allocates gigabytes has believed a size it read.
+CASE_BYTES = 2 << 30
 
 
-class Hang(Exception):
+class Hang(BaseException):       # not an Exception: no handler of the CLI may catch it
     pass
 
 
@@ -47,12 +52,24 @@ def make_seeds(directory: Path) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT))
     import cli
     from tests.oracles import make_hf_model
-    hf = make_hf_model(directory / "hf", "qwen2", hidden=32, layers=1, heads=2, kv_heads=1, ffn=48)
+    hf = make_hf_model(directory / "hf", "qwen2", hidden=32, layers=1, heads=2, kv_heads=1, ffn=48,
+                        rope_theta=1e6)           # a plausible Qwen2 value: the seed passes qa
     runner = CliRunner()
     for out in ("seed.apr", "seed.gguf"):
         r = runner.invoke(cli.main, ["convert", str(hf), "-o", str(directory / out), "-q"])
         assert r.exit_code == 0, r.output
-    return {"hf": hf, "apr": directory / "seed.apr", "gguf": directory / "seed.gguf"}
+    return {"hf": hf, "apr": directory / "seed.apr", "gguf": directory / "seed.gguf",
+            "corpus": write_corpus(directory / "corpus")}
+
+
+def write_corpus(directory: Path) -> Path:
+    """What pretrain --init reads: a few small documents."""
+    directory.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(6):
+        (directory / f"{i}.txt").write_text(" ".join(rng.choice(("the", "cat", "sat", "on", "a", "mat"))
+                                                     for _ in range(120)) + "\n")
+    return directory
 
 
 def _mutators(fmt: str, seed: Path):
@@ -60,14 +77,25 @@ def _mutators(fmt: str, seed: Path):
     return {"apr": m.apr_mutators, "gguf": m.gguf_mutators, "hf": m.hf_mutators}[fmt](seed)
 
 
-COMMANDS = ("inspect", "convert", "logits", "diff")
+COMMANDS = ("inspect", "convert", "logits", "diff", "qa", "pretrain")
+SLOW_COMMANDS = ("qa", "pretrain")     # a campaign may run these on every k-th mutant only
+# exit codes a command may end with on a mutant: 1 is diff's "a defect was found" and qa's
+# "a gate failed"; 2 is bad input
+ALLOWED_EXITS = {"diff": {0, 1, 2}, "qa": {0, 1, 2}}
+CORPUS: list[Path] = []           # set by make_seeds' caller: the corpus pretrain reads
 
 
 def _args(command: str, seed: Path, mutant: Path, out: Path) -> list[str]:
+    if command == "pretrain":
+        return ["pretrain", "--init", str(mutant), "--dataset", str(CORPUS[0]),
+                "--run-dir", str(out.parent / "run"), "--steps", "1", "--batch-size", "1",
+                "--seq-length", "8", "--val-batches", "1", "--allow-data-starvation",
+                "--allow-untrained-init", "-q"]
     return {"inspect": ["inspect", str(mutant), "--json"],
             "convert": ["convert", str(mutant), "-o", str(out), "-q"],
             "logits": ["logits", str(mutant), "--tokens", "1,2,3"],
-            "diff": ["diff", str(seed), str(mutant), "--json"]}[command]
+            "diff": ["diff", str(seed), str(mutant), "--json"],
+            "qa": ["qa", str(mutant), "--no-gguf", "--json"]}[command]
 
 
 def _alarm(signum, frame):
@@ -77,15 +105,49 @@ def _alarm(signum, frame):
 LAST_EXIT: list[int] = [0]
 
 
+def _address_space() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
+
+
+class memory_bound:
+    """While active, the process may map at most CASE_BYTES more than it had: an allocation
+    beyond that raises MemoryError instead of swapping the machine."""
+
+    def __enter__(self):
+        self.old = resource.getrlimit(resource.RLIMIT_AS)
+        limit = _address_space() + CASE_BYTES
+        if self.old[1] != resource.RLIM_INFINITY:
+            limit = min(limit, self.old[1])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, self.old[1]))
+        return self
+
+    def __exit__(self, *exc):
+        resource.setrlimit(resource.RLIMIT_AS, self.old)
+
+
+def _leftovers(work: Path, before: set[str]) -> list[str]:
+    """New files in the case's directory, but the expected outputs (out.apr; the run
+    directory, in which only temporaries count)."""
+    left = [p.name for p in work.iterdir() if p.name not in before and p.name not in ("out.apr", "run")]
+    run = work / "run"
+    if run.is_dir():
+        left += [str(p.relative_to(work)) for p in run.rglob("*") if p.name.endswith(".tmp")]
+    return left
+
+
 def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
     """None if the command behaved; else what went wrong (the exit code goes to LAST_EXIT)."""
     import cli
     out = work / "out.apr"
+    if command == "pretrain" and not CORPUS:       # a replay outside a campaign
+        CORPUS.append(write_corpus(Path(tempfile.mkdtemp(prefix="apr-ref-fuzz-")) / "corpus"))
     before = set(p.name for p in work.iterdir())
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(CASE_SECONDS)
     try:
-        r = CliRunner().invoke(cli.main, _args(command, seed, mutant, out))
+        with memory_bound():
+            r = CliRunner().invoke(cli.main, _args(command, seed, mutant, out))
     except Hang as e:
         LAST_EXIT[0] = -1
         return f"hang: {e}"
@@ -100,20 +162,23 @@ def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
             tb = tb.tb_next
         where = f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb else "?"
         return f"traceback: {type(exc).__name__} at {where}: {str(exc)[:200]}"
-    allowed = {0, 1, 2} if command == "diff" else {0, 2}
-    if r.exit_code not in allowed:
+    if r.exit_code not in ALLOWED_EXITS.get(command, {0, 2}):
         return f"exit {r.exit_code}: {r.stderr.strip()[-300:]}"
-    if r.exit_code != 0 and r.stderr.strip() and not r.stderr.strip().splitlines()[-1].startswith("error: ") \
-            and command != "diff":
-        return f"exit {r.exit_code} without an error line: {r.stderr.strip()[-200:]}"
-    left = [p for p in work.iterdir() if p.name not in before and p.name != "out.apr"]
+    lines = r.stderr.strip().splitlines()
+    if any(line.startswith("error: out of memory") for line in lines):
+        return f"MemoryError under the {CASE_BYTES >> 30} GiB bound: {lines[-1][:200]}"
+    if r.exit_code == 2 and not (lines and lines[-1].startswith("error: ")):
+        return f"exit 2 without a final error line: {r.stderr.strip()[-200:]!r}"
+    left = _leftovers(work, before)
     if left:
-        return f"leftover files: {[p.name for p in left]}"
+        return f"leftover files: {left}"
     if command == "convert" and r.exit_code != 0 and out.exists():
         return "partial output after a failed convert"
     if out.exists():
         out.unlink()
+    shutil.rmtree(work / "run", ignore_errors=True)
     return None
+
 
 
 def save_regression(fmt: str, command: str, mutant: Path, problem: str, seed: Path) -> Path:
@@ -143,14 +208,16 @@ def save_regression(fmt: str, command: str, mutant: Path, problem: str, seed: Pa
 
 
 def campaign(cases: int, seed: int = 0, budget: float | None = None, save: bool = False,
-             formats=("apr", "gguf", "hf")) -> Outcome:
-    """``cases`` mutants per format (or as many as ``budget`` seconds allow), every command."""
+             formats=("apr", "gguf", "hf"), slow_every: int = 1) -> Outcome:
+    """``cases`` mutants per format (or as many as ``budget`` seconds allow), every command
+    (`SLOW_COMMANDS` on every ``slow_every``-th mutant)."""
     rng = random.Random(seed)
     outcome = Outcome()
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="apr-ref-fuzz-") as d:
         base = Path(d)
         seeds = make_seeds(base / "seeds")
+        CORPUS[:] = [seeds.pop("corpus")]
         for i in range(cases):
             for fmt in formats:
                 if budget is not None and time.monotonic() - start > budget:
@@ -165,6 +232,8 @@ def campaign(cases: int, seed: int = 0, budget: float | None = None, save: bool 
                     shutil.rmtree(work, ignore_errors=True)
                     continue
                 for command in COMMANDS:
+                    if command in SLOW_COMMANDS and i % slow_every:
+                        continue
                     key = f"{fmt} {command}"
                     outcome.cases[key] = outcome.cases.get(key, 0) + 1
                     problem = run_case(command, seeds[fmt], mutant, work)
@@ -183,11 +252,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=1_000_000, help="mutants per format")
     ap.add_argument("--budget", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slow-every", type=int, default=1, metavar="K",
+                    help="run qa and pretrain on every K-th mutant only")
     ap.add_argument("--no-save", action="store_true", help="do not keep failures as regression files")
     a = ap.parse_args(argv)
     if a.budget is None and a.cases == 1_000_000:
         a.budget = 300
-    o = campaign(a.cases, a.seed, a.budget, save=not a.no_save)
+    o = campaign(a.cases, a.seed, a.budget, save=not a.no_save, slow_every=a.slow_every)
     print(json.dumps({"cases": o.cases, "exits": o.exits, "failures": len(o.failures)}, indent=1))
     for f in sorted(set(o.failures)):
         print(f)

@@ -86,22 +86,41 @@ def _fix_footer_crc(data: bytearray) -> None:
     struct.pack_into("<I", data, len(data) - 4, zlib.crc32(bytes(data[:-4])) & 0xFFFFFFFF)
 
 
+def apr_tensors(src: Path) -> list:
+    """The tensors of an APR file as writer sources (stored bytes, as they are)."""
+    import numpy as np
+    from apr.container import AprFile, TensorSource
+    with AprFile.open(src) as f:
+        raw = {n: (e.dtype, e.shape, np.array(f.raw(n)).tobytes()) for n, e in f.tensors.items()}
+    return [TensorSource(n, dt, shape, (lambda b=b: np.frombuffer(b, np.uint8)))
+            for n, (dt, shape, b) in raw.items()]
+
+
+def write_apr_as_stranger(dst: Path, meta: dict, sources: list) -> None:
+    """Our container writer, but with metadata JSON as another writer may produce it: NaN,
+    Infinity and lone surrogates as escapes (which our writer refuses)."""
+    from unittest import mock
+
+    from apr.container import write_apr
+
+    def raw_json(m):
+        return json.dumps(m, ensure_ascii=True, allow_nan=True).encode()
+    with mock.patch("apr.container.metadata_json", raw_json):
+        write_apr(dst, meta, sources)
+
+
 def apr_metadata(src: Path, dst: Path, rng: random.Random) -> None:
     """A metadata value replaced; the file rewritten by our writer (valid CRCs)."""
-    import numpy as np
-    from apr.container import AprFile, TensorSource, write_apr
+    from apr.container import AprFile, write_apr
     with AprFile.open(src) as f:
         meta = mutate_json_value(dict(f.metadata), rng)
-        raw = {n: (e.dtype, e.shape, np.array(f.raw(n)).tobytes()) for n, e in f.tensors.items()}
-    sources = [TensorSource(n, dt, shape, (lambda b=b: np.frombuffer(b, np.uint8)))
-               for n, (dt, shape, b) in raw.items()]
+    sources = apr_tensors(src)
     if not isinstance(meta, dict):
         meta = {"value": meta}
     try:
         write_apr(dst, meta, sources)
-    except Exception:        # our writer refuses it (e.g. not JSON-serializable): a raw patch then
-        dst.write_bytes(src.read_bytes())
-        patch_apr_field(dst, dst, rng)
+    except Exception:        # our writer refuses it (NaN, a lone surrogate)
+        write_apr_as_stranger(dst, meta, sources)
 
 
 APR_FIELDS = ((6, "<H"), (8, "<I"), (12, "<Q"), (20, "<I"), (24, "<Q"), (32, "<Q"))
@@ -209,6 +228,18 @@ def hf_safetensors_header(src: Path, dst: Path, rng: random.Random) -> None:
     path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
 
 
+def hf_index(src: Path, dst: Path, rng: random.Random) -> None:
+    """The single file described by a sharded index (model.safetensors.index.json), then one
+    of the index's values made hostile."""
+    shutil.copytree(src, dst)
+    data = (src / "model.safetensors").read_bytes()
+    n = struct.unpack_from("<Q", data, 0)[0]
+    names = [k for k in json.loads(data[8:8 + n]) if k != "__metadata__"]
+    index = {"metadata": {"total_size": len(data) - 8 - n},
+             "weight_map": {k: "model.safetensors" for k in names}}
+    (dst / "model.safetensors.index.json").write_text(_json_text(mutate_json_value(index, rng)))
+
+
 def hf_bytes(src: Path, dst: Path, rng: random.Random) -> None:
     shutil.copytree(src, dst)
     name = rng.choice(["config.json", "tokenizer.json", "model.safetensors"])
@@ -221,4 +252,4 @@ def hf_bytes(src: Path, dst: Path, rng: random.Random) -> None:
 
 def hf_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
     return [_hf_json("config.json"), _hf_json("config.json"), _hf_json("tokenizer.json"),
-            hf_safetensors_header, hf_bytes]
+            hf_safetensors_header, hf_index, hf_bytes]
