@@ -2,59 +2,18 @@
 the reference transformer on them (logits, run, bench)."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
 import click
 
+from apr.console import (handle_errors, json_text, parse_token_ids, show_progress,
+                         show_warnings_as_lines, with_ignore_key)
 from apr.errors import AprError
+from ref.backend import DEVICES
 
 LIST_ELIDE = 64
-
-
-def fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """Bad input becomes one `error: ...` line on stderr and exit code 2, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AprError as e:
-            fail(str(e))
-        except BrokenPipeError:
-            sys.stderr.close()
-            sys.exit(0)
-        except MemoryError as e:
-            fail(f"out of memory{': ' + str(e) if str(e) else ''}")
-        except OSError as e:
-            where = getattr(e, "filename", None)
-            fail(f"{where}: {e.strerror}" if where and getattr(e, "strerror", None) else str(e))
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-    return wrapper
-
-
-def json_text(doc: Any, **kw) -> str:
-    """JSON for stdout: UTF-8 where it can be, \\u escapes where a string from a file is not
-    valid Unicode (a lone surrogate)."""
-    text = json.dumps(doc, indent=2, ensure_ascii=False, **kw)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(doc, indent=2, ensure_ascii=True, **kw)
-    return text
-
-
-def show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -243,7 +202,7 @@ def export(model, dst, dtype, force, allow_no_tokenizer, allow_changes, quiet, a
 
 # --------------------------------------------------------------------------- model commands
 
-_device_opt = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu",
+_device_opt = click.option("--device", type=click.Choice(DEVICES), default="cpu",
                            show_default=True, help="cuda without a usable GPU is an error, never a CPU run.")
 
 
@@ -285,10 +244,7 @@ def _token_ids(view, tokens: str | None, prompt: str | None, tokenizer_path: str
     if (tokens is None) == (prompt is None):
         raise AprError("give exactly one of --tokens 1,2,3 or --prompt TEXT")
     if tokens is not None:
-        try:
-            ids = [int(t) for t in tokens.replace(" ", "").split(",") if t != ""]
-        except ValueError:
-            raise AprError(f"--tokens {tokens!r}: expected comma-separated integers") from None
+        ids = parse_token_ids(tokens)
     else:
         ids = _tokenizer(view, tokenizer_path)[1].encode(prompt, add_special_tokens=False).ids
     if not ids:
@@ -476,54 +432,11 @@ def _register_package_commands() -> None:
 _register_package_commands()
 
 
-def _with_ignore_key(cmd: click.Command) -> None:
-    """Give a command the --ignore-key option: config keys the reader would refuse as unknown
-    (or as not at their default) are skipped for this run."""
-    from apr.config import ignoring_keys
-    cmd.params.append(click.Option(
-        ["--ignore-key", "ignore_keys"], multiple=True, metavar="KEY",
-        help="Read a config/metadata key that would be refused as unknown or non-default as if "
-             "it were absent (repeatable). Only for keys you know do not change the logits."))
-    inner = cmd.callback
-
-    @functools.wraps(inner)
-    def callback(*args, ignore_keys=(), **kwargs):
-        with ignoring_keys(ignore_keys):
-            return inner(*args, **kwargs)
-    cmd.callback = callback
-
-
-def _last_resort(name: str, cmd: click.Command) -> None:
-    """An exception no handler expected is still one line, exit code 3, never a traceback.
-    (A test input that reaches this is a bug: the tests assert it never happens.)"""
-    inner = cmd.callback
-
-    @functools.wraps(inner)
-    def callback(*args, **kwargs):
-        try:
-            return inner(*args, **kwargs)
-        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
-            raise
-        except Exception as e:       # noqa: BLE001 - the point of a last resort
-            import traceback
-            message = " ".join(str(e).split())[:300]
-            frames = traceback.extract_tb(e.__traceback__)
-            at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-            fail(f"internal error in {name}{at} (please report): {type(e).__name__}: {message}", 3)
-    cmd.callback = callback
-
-
 for _name, _cmd in main.commands.items():
     if _name != "demo":
-        _with_ignore_key(_cmd)
-    _last_resort(_name, _cmd)
+        with_ignore_key(_cmd)
 
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"warning: {message}", err=True)
-
-
-warnings.showwarning = _show_warning
+show_warnings_as_lines()
 
 
 if __name__ == "__main__":

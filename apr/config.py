@@ -9,7 +9,7 @@ import contextlib
 import contextvars
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import AprError, ConfigError, UnsupportedError
 from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALIASES,
@@ -18,7 +18,7 @@ from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALI
                     GGUF_DEFAULT_ONLY, GGUF_INERT_KEYS, GGUF_INERT_PREFIXES, GGUF_KEY_LENGTH_KEY,
                     GGUF_ROPE_DIM_KEY, GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
                     HF_DEFAULT_ONLY, HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_ADJACENT, ROPE_HALVES,
-                    SLIDING_ATTENTION, TIED_KEY, family_from_any)
+                    LM_HEAD, SLIDING_ATTENTION, TIED_KEY, family_from_any)
 from .untrusted import Values, check_value, describe
 
 # keys the user said to skip (--ignore-key): see `ignoring_keys`
@@ -104,6 +104,25 @@ def _qwen2_windows(v: Values, vals: dict[str, Any], where: str) -> None:
 SIZE_LIMITS = {"hidden_size": 1 << 20, "num_layers": 4096, "num_heads": 1 << 16, "num_kv_heads": 1 << 16,
                "intermediate_size": 1 << 22, "vocab_size": 1 << 24, "head_dim": 1 << 16,
                "max_position_embeddings": 1 << 31}
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One way a set of tensors differs from what a config implies."""
+    kind: str                                  # "missing", "shape", "unexpected", "tied"
+    name: str
+    found: tuple[int, ...] | None = None       # the shape there (None: absent)
+    expected: tuple[int, ...] | None = None    # the shape the config implies
+
+    def __str__(self) -> str:
+        return {
+            "missing": f"tensor {self.name} is missing (the config implies it)",
+            "shape": f"tensor {self.name} has shape {list(self.found or ())}, the config implies "
+                     f"{list(self.expected or ())}",
+            "unexpected": f"tensor {self.name} is not one the config implies",
+            "tied": f"the config declares tied embeddings but {self.name} differs from the "
+                    "embedding (it is run untied, with the stored lm_head, as transformers does)",
+        }[self.kind]
 
 
 @dataclass(frozen=True)
@@ -219,6 +238,21 @@ class ModelConfig:
                                   "when a layer uses sliding-window attention")
 
     # ------------------------------------------------------------------ tensors
+    def mismatches(self, shapes: Mapping[str, Sequence[int]]) -> list[Mismatch]:
+        """Every way tensors of these shapes (by canonical name) differ from what this config
+        implies: missing ones, wrong shapes, names it does not imply. A stored lm_head.weight
+        is optional with tied embeddings (and must then have the embedding's shape)."""
+        expected = self.tensor_shapes(include_lm_head=True)
+        out = []
+        for name, shape in expected.items():
+            if name not in shapes:
+                if not (name == LM_HEAD and self.tie_word_embeddings):
+                    out.append(Mismatch("missing", name, None, shape))
+            elif tuple(shapes[name]) != shape:
+                out.append(Mismatch("shape", name, tuple(shapes[name]), shape))
+        out += [Mismatch("unexpected", n, tuple(shapes[n])) for n in shapes if n not in expected]
+        return out
+
     def tensor_shapes(self, include_lm_head: bool | None = None) -> dict[str, tuple[int, ...]]:
         """Every parameter the config implies, by canonical HF name, with its HF shape.
         lm_head.weight is included unless the embeddings are tied (or as asked)."""

@@ -11,10 +11,8 @@ Rules every direction follows:
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +21,7 @@ import numpy as np
 
 from . import names
 from .atomic import atomic_dir, atomic_file, check_output
+from .console import progress_bar, utc_timestamp
 from .config import ModelConfig
 from .container import TensorSource, write_apr
 from .dtypes import DType, dtype_by_name, encode, nbytes
@@ -141,7 +140,7 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
         if fmt == "gguf" and pads > 0:
             report.notes.append(f"token list padded with {pads} unused row pads to the embedding's "
                                 f"{config.vocab_size} rows")
-    if view.declared_tied and config is not None and not config.tie_word_embeddings:
+    if any(m.kind == "tied" for m in view.mismatches()):
         report.notes.append("the source declares tied embeddings but stores a different lm_head.weight; "
                             "written untied with that lm_head (what transformers runs)")
     moved: dict[tuple[str, str], int] = {}
@@ -162,21 +161,6 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
                else "norms and biases stay F32" if b == "F32" else "block size")
         report.notes.append(f"{n} tensors {a} -> {b} ({why}; the values are kept exactly)"
                             if b in ("F32", "F64") else f"{n} tensors {a} -> {b} ({why})")
-
-
-def _check_tensors(view: ModelView, config: ModelConfig) -> list[str]:
-    """Every tensor the config implies is present with its shape; returns the extras."""
-    expected = config.tensor_shapes(include_lm_head=True)
-    for name, shape in expected.items():
-        ref = view.tensors.get(name)
-        if ref is None:
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            raise ConfigError(f"{view.path}: tensor {name} is missing (the config implies it)")
-        if tuple(ref.shape) != tuple(shape):
-            raise ConfigError(f"{view.path}: tensor {name} has shape {list(ref.shape)}, "
-                              f"the config implies {list(shape)}")
-    return sorted(n for n in view.tensors if n not in expected)
 
 
 def _choose_dtype(ref: TensorRef, fmt: str, requested: str | None, notes: list[str]) -> DType:
@@ -219,8 +203,8 @@ def plan_tensors(view: ModelView, fmt: str, requested: str | None, report: Conve
 
 
 def plan(view: ModelView, fmt: str, requested: str | None, report: ConvertReport) -> tuple[ModelConfig, list[Planned]]:
-    config = view.require_config()
-    report.dropped = _check_tensors(view, config)
+    config = view.check_runnable()
+    report.dropped = sorted(m.name for m in view.mismatches() if m.kind == "unexpected")
     out_config = config.replace(rope_type=names.ROPE_HALVES)
     family = names.FAMILIES[config.family]
     wanted = out_config.tensor_shapes(include_lm_head=(fmt == "apr") or not config.tie_word_embeddings)
@@ -239,14 +223,6 @@ def plan(view: ModelView, fmt: str, requested: str | None, report: ConvertReport
     if fmt == "gguf" and family.gguf_rope_permuted:
         out_config = out_config.replace(rope_type=names.ROPE_ADJACENT)
     return out_config, planned
-
-
-def _progress(total: int, label: str, enabled: bool) -> Callable[[Any], None]:
-    if not enabled:
-        return lambda _t: None
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False, file=sys.stderr)
-    return lambda t: bar.update(t.nbytes)
 
 
 def _custom_keys(view: ModelView) -> dict[str, Any]:
@@ -309,12 +285,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
             report.dtypes[p.dtype.name] = report.dtypes.get(p.dtype.name, 0) + 1
         report.tensors = len(planned)
         report.bytes_written = sum(p.nbytes for p in planned)
-        tick = _progress(report.bytes_written, f"writing {Path(dst).name}", progress)
-        if out_config is None:
-            _write_tensors(view, fmt, planned, dst_path, tick)
-        else:
-            {"apr": _write_apr, "gguf": _write_gguf, "hf": _write_hf}[fmt](
-                view, out_config, planned, dst_path, report, tick)
+        with progress_bar(progress, total=report.bytes_written, unit="B", unit_scale=True,
+                          desc=f"writing {Path(dst).name}") as bar:
+            tick = lambda p: bar.update(p.nbytes)        # noqa: E731
+            if out_config is None:
+                _write_tensors(view, fmt, planned, dst_path, tick)
+            else:
+                {"apr": _write_apr, "gguf": _write_gguf, "hf": _write_hf}[fmt](
+                    view, out_config, planned, dst_path, report, tick)
     return report
 
 
@@ -353,7 +331,7 @@ def _write_apr(view, config, planned, dst, report, tick) -> None:
         "name": _source_name(view),
         "source": str(view.path.name),
         "original_format": view.format,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": utc_timestamp(),
         "total_size": report.bytes_written,
         "param_count": config.param_count(),
     }

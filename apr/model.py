@@ -21,10 +21,10 @@ from typing import Any, Callable
 import numpy as np
 
 from . import names
-from .config import ModelConfig
+from .config import Mismatch, ModelConfig
 from .container import AprFile
 from .dtypes import DTYPES as DTYPES_BY_NAME, DType, decode
-from .errors import AprError, AprWarning, FormatError
+from .errors import AprError, AprWarning, ConfigError, FormatError
 from .gguf_io import GgufFile
 from .layout import adjacent_to_halves
 from .safetensors_io import SafetensorsFile, hf_weight_files, read_json
@@ -115,6 +115,26 @@ class ModelView:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def mismatches(self) -> list[Mismatch]:
+        """Every way this view's tensors differ from its config (missing, wrong shape, not
+        implied), and a declared tie the stored lm_head breaks; each caller decides whether
+        to raise or report. Empty without a config."""
+        if self.config is None:
+            return []
+        found = self.config.mismatches({n: r.shape for n, r in self.tensors.items()})
+        if self.declared_tied and not self.config.tie_word_embeddings:
+            found.append(Mismatch("tied", names.LM_HEAD))
+        return found
+
+    def check_runnable(self) -> ModelConfig:
+        """The config, if every tensor it implies is there with its shape; else the first
+        mismatch as a ConfigError naming the file."""
+        config = self.require_config()
+        for m in self.mismatches():
+            if m.kind in ("missing", "shape"):
+                raise ConfigError(f"{self.path}: {m}")
+        return config
 
     def require_config(self) -> ModelConfig:
         if self.config is None:

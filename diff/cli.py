@@ -4,43 +4,17 @@ Register it on the CLI group with ``main.add_command(diff_command, "diff")``.
 """
 from __future__ import annotations
 
-import functools
-import json
 import re
 import sys
-from typing import Callable
 
 import click
+
+from apr.console import handle_errors, json_text, parse_token_ids, show_progress
 
 from . import report as R
 
 DEFAULT_LIMIT = 50
-EXIT_EQUIVALENT, EXIT_DEFECT, EXIT_ERROR = 0, 1, 2
-
-
-def _minimal_handle_errors(fn: Callable) -> Callable:
-    """The part of cli.handle_errors this command needs, when cli.py is not importable."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from apr.errors import AprError
-        try:
-            return fn(*args, **kwargs)
-        except AprError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_ERROR)
-    return wrapper
-
-
-def _handle_errors(fn: Callable) -> Callable:
-    """cli.handle_errors (bad input -> `error: ...`, exit 2), imported when first used."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            from cli import handle_errors
-        except ImportError:
-            handle_errors = _minimal_handle_errors
-        return handle_errors(fn)(*args, **kwargs)
-    return wrapper
+EXIT_EQUIVALENT, EXIT_DEFECT = 0, 1          # 2: unreadable input (apr.console)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -161,16 +135,6 @@ def format_report(report: R.DiffReport, show_all: bool = False, pattern: str | N
 
 # --------------------------------------------------------------------------- command
 
-def _parse_tokens(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(t) for t in value.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}",
-                                 param_hint="--tokens") from None
-
-
 @click.command("diff")
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
@@ -185,7 +149,7 @@ def _parse_tokens(value: str | None) -> list[int] | None:
               help="List at most this many tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON document.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@_handle_errors
+@handle_errors
 def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt: str | None,
                  show_all: bool, pattern: str | None, limit: int, as_json: bool, quiet: bool) -> None:
     """Compare two model files (APR, GGUF, .safetensors or HF directory) and name the
@@ -199,15 +163,10 @@ def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt
             re.compile(pattern)
         except re.error as e:
             raise AprError(f"--filter {pattern!r}: {e}") from None
-    report = compare(a, b, logits=logits, tokens=_parse_tokens(tokens), prompt=prompt,
-                     progress=not quiet and sys.stderr.isatty())
+    report = compare(a, b, logits=logits, prompt=prompt, progress=show_progress(quiet),
+                     tokens=None if tokens is None else parse_token_ids(tokens))
     if as_json:
-        text = json.dumps(report.to_json(), indent=2, ensure_ascii=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:      # a string from a file that is not valid Unicode
-            text = json.dumps(report.to_json(), indent=2, ensure_ascii=True)
-        click.echo(text)
+        click.echo(json_text(report.to_json()))
     else:
         click.echo(format_report(report, show_all, pattern, limit))
     sys.exit(EXIT_EQUIVALENT if report.equivalent else EXIT_DEFECT)

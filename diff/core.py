@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from apr.console import progress_bar
 from apr.errors import AprError
 from apr.model import ModelView, open_model
 
@@ -156,14 +156,6 @@ def diagnose(tensors: list[R.TensorFinding], config: list[R.ConfigFinding],
 
 # --------------------------------------------------------------------------- compare
 
-def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
-    if not enabled:
-        return (lambda n: None), (lambda: None)
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="comparing", leave=False, file=sys.stderr)
-    return bar.update, bar.close
-
-
 def summarize(path: str | os.PathLike, v: ModelView) -> R.FileSummary:
     dtypes: dict[str, int] = {}
     for ref in v.tensors.values():
@@ -186,11 +178,9 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
     t0 = time.perf_counter()
     with open_model(a_path) as va, open_model(b_path) as vb:
         t1 = time.perf_counter()
-        tick, done = _progress(tensor_bytes(va, vb), progress)
-        try:
-            tensors = list(compare_tensors(va, vb, tick))
-        finally:
-            done()
+        with progress_bar(progress, total=tensor_bytes(va, vb), unit="B", unit_scale=True,
+                          desc="comparing") as bar:
+            tensors = list(compare_tensors(va, vb, bar.update))
         config = compare_configs(va.config, vb.config)
         tokenizer = compare_tokenizers(va, vb)
         t2 = time.perf_counter()

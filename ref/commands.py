@@ -8,14 +8,14 @@
 """
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import click
 from click.core import ParameterSource
+
+from apr.console import handle_errors, log_lines, show_progress
 
 from .backend import DEVICES
 
@@ -24,27 +24,6 @@ TRAIN_OPTION_FIELDS = (
     "seq_length", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
     "max_grad_norm", "seed", "device", "eval_every", "val_batches", "save_every", "patience",
     "val_fraction", "wrap", "warn_on_wrap", "allow_data_starvation", "allow_untrained_init")
-
-
-def handle_errors(fn: Callable) -> Callable:
-    """cli.handle_errors, looked up when the command runs (cli imports this module)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from cli import handle_errors as cli_handle_errors
-        return cli_handle_errors(fn)(*args, **kwargs)
-    return wrapper
-
-
-def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
-
-
-def _stderr_log(quiet: bool) -> Callable[[str], None]:
-    """Plan, evaluations and warnings on stderr; with --quiet only warnings."""
-    def log(message: str) -> None:
-        if not quiet or message.startswith("warning:"):
-            click.echo(message, err=True)
-    return log
 
 
 # --------------------------------------------------------------------------- prepare-data
@@ -71,7 +50,7 @@ def prepare_data_command(corpus: str, tokenizer_path: str, output: str, val_frac
     from .data import load_tokenizer, prepare_dataset
     td = load_tokenizer(tokenizer_path)
     m = prepare_dataset(corpus, td, output, val_fraction=val_fraction, shard_tokens=shard_tokens,
-                        force=force, progress=_show_progress(quiet))
+                        force=force, progress=show_progress(quiet))
     if as_json:
         click.echo(json.dumps({"output": output, **asdict(m)}, indent=1, ensure_ascii=False))
         return
@@ -188,7 +167,7 @@ def pretrain_command(ctx: click.Context, **values: Any) -> None:
     data and configuration gate checked before step 1."""
     from .train import RunConfig, resume_run, start_run, train
     quiet, as_json = values["quiet"], values["as_json"]
-    progress, log = _show_progress(quiet), _stderr_log(quiet)
+    progress, log = show_progress(quiet), log_lines(quiet)
     if values["resume"]:
         given = _given(ctx, values)
         shape = _shape(values)

@@ -31,7 +31,6 @@ Reading (`open_prepared`, `TrainBatches`, `validation_batches`):
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import math
@@ -42,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from apr.console import progress_bar, utc_timestamp
 from apr.atomic import atomic_dir
 from apr.errors import AprError, ConfigError, FormatError, OutputExistsError
 from apr.tokenizer import (UNUSED, TokenizerData, build_tokenizer, from_hf_dir,
@@ -361,7 +361,7 @@ def prepare_dataset(corpus: str | os.PathLike, td: TokenizerData, out_dir: str |
     corpus = Path(corpus)
     tokenizer = build_tokenizer(td, default_pre="gpt-2")
     scan = CorpusScan()
-    bar = _progress_bar(progress, f"tokenizing {corpus.name}")
+    bar = progress_bar(progress, unit="tok", unit_scale=True, desc=f"tokenizing {corpus.name}")
     max_id = -1
     with atomic_dir(out) as tmp:
         writers = {"train": ShardWriter(tmp, "train", shard_tokens),
@@ -370,7 +370,7 @@ def prepare_dataset(corpus: str | os.PathLike, td: TokenizerData, out_dir: str |
             split = "val" if is_validation(doc.id, val_fraction) else "train"
             writers[split].add_document(ids, td.eos_token_id)
             max_id = max(max_id, max(ids, default=-1))
-            bar(len(ids) + 1)
+            bar.update(len(ids) + 1)
         train, val = writers["train"].close(), writers["val"].close()
         if train.tokens == 0:
             raise DataError(f"{corpus}: no training documents found ({scan.files_read} files "
@@ -382,10 +382,10 @@ def prepare_dataset(corpus: str | os.PathLike, td: TokenizerData, out_dir: str |
             val_fraction=val_fraction, train=train, val=val,
             content_hash=_content_hash(writers["train"].sha, writers["val"].sha),
             files_read=scan.files_read, skipped_files=scan.skipped,
-            created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            created_at=utc_timestamp(),
             max_token_id=max(max_id, td.eos_token_id))
         (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-    bar(None)
+    bar.close()
     return manifest
 
 
@@ -396,16 +396,6 @@ def _content_hash(train_sha, val_sha) -> str:
 
 def _skip_counts(scan: CorpusScan) -> str:
     return ", ".join(f"{len(v)} {k}" for k, v in scan.skipped.items()) or "none"
-
-
-def _progress_bar(enabled: bool, label: str) -> Callable[[int | None], None]:
-    """update(n) adds n tokens; update(None) closes the bar."""
-    if not enabled:
-        return lambda _n: None
-    import sys
-    from tqdm import tqdm
-    bar = tqdm(unit="tok", unit_scale=True, desc=label, leave=False, file=sys.stderr)
-    return lambda n: bar.close() if n is None else bar.update(n)
 
 
 # --------------------------------------------------------------------------- reading

@@ -15,6 +15,10 @@ from typing import Callable
 
 import click
 
+from apr.console import handle_errors, show_progress
+
+from .backend import DEVICES
+
 CORPUS_GLOB = "*.py"            # the top-level modules of the standard library
 DEMO_VOCAB = 1024
 DEMO_SHAPE = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -134,13 +138,12 @@ def run_demo(out: Path, steps: int, batch_size: int, seq_length: int, lr: float,
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--seq-length", default=128, show_default=True)
 @click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out, steps, batch_size, seq_length, lr, device, force, quiet) -> None:
     """Train a tiny model on the Python standard library's source, then qa, export, diff and
     generate: the whole tool on an embedded default, no downloads."""
-    from cli import handle_errors, show_progress
     code = handle_errors(run_demo)(Path(out), steps, batch_size, seq_length, lr, device, force,
                                    show_progress(quiet), click.echo)
     sys.exit(code)

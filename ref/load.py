@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 
 from apr import open_model
-from apr.errors import ConfigError
 from apr.model import ModelView
 
 from .backend import Backend, get_backend
@@ -17,16 +16,8 @@ from .model import Model
 def model_from_view(view: ModelView, backend: Backend | None = None, dtype: Any = np.float32) -> Model:
     """Dequantize every parameter the config implies to `dtype`, in the file's own rotary
     order (config.rope_type says which, and the model's rotary follows it)."""
-    config = view.require_config()
-    params = {}
-    for name, shape in config.tensor_shapes().items():
-        ref = view.tensors.get(name)
-        if ref is None:
-            raise ConfigError(f"{view.path}: tensor {name} is missing (the config implies it)")
-        if tuple(ref.shape) != tuple(shape):
-            raise ConfigError(f"{view.path}: tensor {name} has shape {list(ref.shape)}, "
-                              f"the config implies {list(shape)}")
-        params[name] = ref.numpy(dtype, order="stored")
+    config = view.check_runnable()
+    params = {name: view.tensors[name].numpy(dtype, order="stored") for name in config.tensor_shapes()}
     return Model(config, params, backend or get_backend("cpu"), dtype)
 
 

@@ -111,19 +111,17 @@ class Model:
             if head.shape != embed.shape or not np.array_equal(head, embed):
                 raise ConfigError(f"tie_word_embeddings is set but {LM_HEAD} differs from {EMBED}")
             del given[LM_HEAD]
-        missing = [n for n in shapes if n not in given]
-        unknown = [n for n in given if n not in shapes]
-        if missing or unknown:
-            parts = [f"{what} {len(names)} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
-                     for what, names in (("missing", missing), ("unexpected", unknown)) if names]
+        found = cfg.mismatches({n: np.shape(a) for n, a in given.items()})
+        if LM_HEAD not in shapes:        # tied: a stored lm_head was equal and is dropped above
+            found = [m for m in found if m.name != LM_HEAD]
+        groups = {k: [m.name for m in found if m.kind == k] for k in ("missing", "unexpected")}
+        if any(groups.values()):
+            parts = [f"{what} {len(ns)} ({', '.join(ns[:4])}{', ...' if len(ns) > 4 else ''})"
+                     for what, ns in groups.items() if ns]
             raise ConfigError("parameters do not match the config: " + "; ".join(parts))
-        out: dict[str, Array] = {}
-        for name, shape in shapes.items():
-            arr = self.backend.to_device(given[name], self.dtype)
-            if tuple(arr.shape) != tuple(shape):
-                raise ConfigError(f"{name}: shape {tuple(arr.shape)}, config implies {tuple(shape)}")
-            out[name] = arr
-        return out
+        for m in found:                  # shapes
+            raise ConfigError(f"{m.name}: shape {m.found}, config implies {m.expected}")
+        return {name: self.backend.to_device(given[name], self.dtype) for name in shapes}
 
     @staticmethod
     def _host(a: Any) -> Any:

@@ -131,16 +131,13 @@ def gate_tokenizer(ctx: QaContext):
 def gate_tensors(ctx: QaContext):
     view = _need_config(ctx)
     cfg: ModelConfig = view.config
-    problems = []
-    for name, shape in cfg.tensor_shapes().items():
-        ref = view.tensors.get(name)
-        if ref is None:
-            problems.append(f"{name} missing")
+    wrong = [m for m in view.mismatches() if m.kind in ("missing", "shape")]
+    problems = [f"{m.name} missing" if m.kind == "missing" else f"{m.name} shape {list(m.found)} != "
+                f"{list(m.expected)}" for m in wrong]
+    for name in cfg.tensor_shapes():
+        if any(m.name == name for m in wrong):
             continue
-        if tuple(ref.shape) != tuple(shape):
-            problems.append(f"{name} shape {list(ref.shape)} != {list(shape)}")
-            continue
-        values = ref.numpy(np.float32)
+        values = view.tensors[name].numpy(np.float32)
         if not np.isfinite(values).all():
             problems.append(f"{name} has {int((~np.isfinite(values)).sum())} non-finite values")
         if name == "model.embed_tokens.weight":
@@ -160,9 +157,9 @@ def gate_tied_embeddings(ctx: QaContext):
     emb = view.tensors.get("model.embed_tokens.weight")
     if emb is None:
         raise Skip("no embedding")
-    if view.declared_tied and not cfg.tie_word_embeddings:
-        return False, ("config says tied but lm_head.weight differs from the embedding (run untied, "
-                       "with the stored lm_head, as transformers does)"), True, None
+    broken = [m for m in view.mismatches() if m.kind == "tied"]
+    if broken:
+        return False, str(broken[0]), True, None
     if cfg.tie_word_embeddings:
         if head is None:
             return True, "tied: output projection is the embedding", True, None

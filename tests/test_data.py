@@ -278,8 +278,7 @@ def test_prepare_data_command(corpus, tok_path, tmp_path):
 
 
 def test_prepare_data_through_cli_main(corpus, tok_path, tmp_path):
-    code = ("import cli; from ref.commands import prepare_data_command; "
-            "cli.main.add_command(prepare_data_command, 'prepare-data'); cli.main()")
+    code = "import cli; cli.main()"
     r = subprocess.run([sys.executable, "-c", code, "prepare-data", str(corpus), "--tokenizer",
                         str(tmp_path / "missing.json"), "-o", str(tmp_path / "d")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
