@@ -148,32 +148,37 @@ def _run_convert(src, dst, dtype, force, allow_no_tokenizer, quiet, as_json, all
                f"{report.bytes_written:,} bytes of tensor data")
 
 
-_dtype_opt = click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
-                          help="Store matrices in this dtype (norms and biases stay F32 where "
-                               "required). Default: keep the source dtype when the target can hold it.")
-_force_opt = click.option("--force", is_flag=True, help="Overwrite an existing output.")
-_notok_opt = click.option("--allow-no-tokenizer", is_flag=True,
-                          help="Write even though the source has no tokenizer (the output will not "
-                               "be self-contained).")
-_quiet_opt = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-_changes_opt = click.option("--allow-changes", is_flag=True,
-                            help="Write even where the output changes the model (tensors the "
-                                 "architecture does not use dropped, repeated token strings "
-                                 "renamed); each change is listed on stderr and in the output's "
-                                 "metadata. Without it such a conversion is refused.")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+_CONVERT_OPTIONS = (
+    click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
+                 help="Store matrices in this dtype (norms and biases stay F32 where required). "
+                      "Default: keep the source dtype when the target can hold it."),
+    click.option("--force", is_flag=True, help="Overwrite an existing output."),
+    click.option("--allow-no-tokenizer", is_flag=True,
+                 help="Write even though the source has no tokenizer (the output will not be "
+                      "self-contained)."),
+    click.option("--allow-changes", is_flag=True,
+                 help="Write even where the output changes the model (tensors the architecture "
+                      "does not use dropped, repeated token strings renamed); each change is "
+                      "listed on stderr and in the output's metadata. Without it such a "
+                      "conversion is refused."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    _json_opt,
+)
+
+
+def _convert_options(command):
+    """The options that convert and export share, in this order in --help."""
+    for option in reversed(_CONVERT_OPTIONS):
+        command = option(command)
+    return command
 
 
 @main.command()
 @click.argument("src", type=click.Path())
 @click.option("-o", "--output", "dst", required=True, type=click.Path(),
               help="Output: NAME.apr, NAME.gguf, or a directory for an HF model.")
-@_dtype_opt
-@_force_opt
-@_notok_opt
-@_changes_opt
-@_quiet_opt
-@_json_opt
+@_convert_options
 @handle_errors
 def convert(src, dst, dtype, force, allow_no_tokenizer, allow_changes, quiet, as_json) -> None:
     """Convert a model between APR, GGUF and HF (format chosen by the output name).
@@ -186,12 +191,7 @@ def convert(src, dst, dtype, force, allow_no_tokenizer, allow_changes, quiet, as
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", "dst", required=True, type=click.Path(), help="Output NAME.gguf.")
-@_dtype_opt
-@_force_opt
-@_notok_opt
-@_changes_opt
-@_quiet_opt
-@_json_opt
+@_convert_options
 @handle_errors
 def export(model, dst, dtype, force, allow_no_tokenizer, allow_changes, quiet, as_json) -> None:
     """Export a model to GGUF for llama.cpp."""

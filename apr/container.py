@@ -23,7 +23,7 @@ from . import names
 from .atomic import atomic_file
 from .dtypes import DTYPES, DType, decode, dtype_from_apr_code, encode, nbytes
 from .errors import AprError, ChecksumError, FormatError, UnsupportedError
-from .untrusted import check_shape, load_json, path_kind
+from .untrusted import check_shape, load_json_object, path_kind
 
 MAGIC = b"APR\x00"
 VERSION = (2, 0)
@@ -433,14 +433,7 @@ def _parse_header(path: Path, head: bytes, size: int) -> tuple:
 
 
 def _parse_metadata(path: Path, blob: bytes) -> dict[str, Any]:
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: metadata is not valid UTF-8 (byte {64 + e.start})") from None
-    meta = load_json(text, f"{path}: metadata")
-    if not isinstance(meta, dict):
-        raise FormatError(f"{path}: metadata is a JSON {type(meta).__name__}, not an object")
-    return meta
+    return load_json_object(blob, f"{path}: metadata", offset=HEADER_SIZE)
 
 
 def _parse_entry(path: Path, buf: bytes, pos: int, k: int) -> tuple[TensorEntry, int]:

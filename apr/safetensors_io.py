@@ -19,7 +19,7 @@ import numpy as np
 
 from .dtypes import DType, dtype_by_name
 from .errors import ConfigError, FormatError, UnsupportedError
-from .untrusted import Values, describe, is_file, load_json, path_kind, read_text
+from .untrusted import Values, describe, is_file, load_json, load_json_object, path_kind, read_text
 
 MAX_HEADER = 100 * 1024 * 1024
 # safetensors dtype strings we read and write (our DType names coincide)
@@ -53,13 +53,7 @@ class SafetensorsFile:
                 raise FormatError(f"{where}: not a safetensors file (header length {n} "
                                   f"does not fit a {size}-byte file)")
             raw = f.read(n)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise FormatError(f"{where}: safetensors header is not UTF-8 (byte {8 + e.start})") from None
-        header = load_json(text, f"{where}: safetensors header")
-        if not isinstance(header, dict):
-            raise FormatError(f"{where}: safetensors header is not a JSON object")
+        header = load_json_object(raw, f"{where}: safetensors header", offset=8)
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         if not isinstance(self.metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):

@@ -80,6 +80,20 @@ def load_json(text: str, where: str) -> Any:
     return doc
 
 
+def load_json_object(blob: bytes, where: str, offset: int = 0) -> dict[str, Any]:
+    """A JSON object from untrusted bytes (a header or metadata section that starts at byte
+    ``offset`` of its file): bytes that are not UTF-8, any error of `load_json`, or a document
+    that is no object is one FormatError naming ``where`` (and, for UTF-8, the file's byte)."""
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where} is not valid UTF-8 (byte {offset + e.start})") from None
+    doc = load_json(text, where)
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where} is a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
 def path_kind(path: str | os.PathLike) -> str | None:
     """"file", "dir" or None (nothing there). Anything else that is there -- a FIFO, socket or
     device (reading one blocks or never ends), a symbolic link loop -- is a FormatError."""
