@@ -14,11 +14,15 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from .errors import AprError, ConfigError, UnsupportedError
 from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALIASES,
                     APR_KNOWN_KEYS, APR_MODELED_KEYS, APR_ROPE_TYPE, APR_ROPE_TYPE_INV,
-                    ATTENTION_BIAS_KEY, FAMILIES, FULL_ATTENTION, GGUF_CONFIG_KEYS,
+                    ATTENTION_BIAS_KEY, EMBED, FAMILIES, FULL_ATTENTION, GGUF_CONFIG_KEYS,
                     GGUF_DEFAULT_ONLY, GGUF_INERT_KEYS, GGUF_INERT_PREFIXES, GGUF_KEY_LENGTH_KEY,
-                    GGUF_ROPE_DIM_KEY, GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
+                    GGUF_ROPE_DIM_KEY, GGUF_ROPE_SCALING_FACTOR, GGUF_ROPE_SCALING_TYPE,
+                    GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
                     HF_DEFAULT_ONLY, HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_ADJACENT, ROPE_HALVES,
-                    LM_HEAD, SLIDING_ATTENTION, TIED_KEY, family_from_any)
+                    LM_HEAD, SLIDING_ATTENTION, TENSOR_KINDS, TIED_KEY, family_from_any,
+                    family_of_gguf_arch)
+from . import rope as rope_mod
+from .rope import RopeScaling
 from .untrusted import Values, check_value, describe
 
 # keys the user said to skip (--ignore-key): see `ignoring_keys`
@@ -59,23 +63,22 @@ def check_closed_world(data: Mapping[str, Any], where: str, modeled: Iterable[st
                                f"does not know whether it changes the computation{hint}")
 
 
-def _rope_theta(cfg: Mapping[str, Any], v: Values, where: str) -> float | None:
-    """rope_theta from rope_parameters / rope_scaling; anything but plain rotary is refused."""
-    theta = None
+def _rope(cfg: Mapping[str, Any], v: Values, where: str, max_pos: int | None
+          ) -> tuple[float | None, RopeScaling | None]:
+    """(rope_theta, scaling) from rope_parameters / rope_scaling (transformers' two spellings;
+    when both are given they must agree). A type the reference does not compute is refused."""
+    theta, found = None, []
     for key in ("rope_parameters", "rope_scaling"):
         rp = v.get(key, dict, default=None)
         if not rp:
             continue
-        rv = Values(rp, f"{where}: {key}")
-        kind = rv.get("rope_type", str) or rv.get("type", str)
-        if kind not in (None, "default"):
-            raise UnsupportedError(f"{where}: {key} {describe(dict(rp))} is not supported "
-                                   "(only plain rotary embeddings)")
-        check_closed_world(rp, f"{where}: {key}", modeled={"rope_type", "type", "rope_theta"}, ignore=())
-        t = rv.get("rope_theta", float)
+        found.append((key, rope_mod.from_dict(rp, f"{where}: {key}", max_pos)))
+        t = Values(rp, f"{where}: {key}").get("rope_theta", float)
         if t is not None:
             theta = t
-    return theta
+    if len(found) == 2 and found[0][1] != found[1][1]:
+        raise ConfigError(f"{where}: rope_parameters and rope_scaling disagree")
+    return theta, (found[0][1] if found else None)
 
 
 def _qwen2_windows(v: Values, vals: dict[str, Any], where: str) -> None:
@@ -97,6 +100,45 @@ def _qwen2_windows(v: Values, vals: dict[str, Any], where: str) -> None:
                                f"use_sliding_window={use} and sliding_window={size} give no window")
     vals["layer_types"] = tuple(types)
     vals["sliding_window"] = window or 0
+
+
+def _apr_rope(v: Values, where: str, max_pos: int | None) -> RopeScaling | None:
+    """The custom key rope_scaling: transformers' rope_parameters spelling, without theta."""
+    rp = v.get("rope_scaling", dict, default=None)
+    return rope_mod.from_dict(rp, f"{where}: rope_scaling", max_pos) if rp else None
+
+
+def _gguf_rope(v: Values, a: dict[str, str], rope_freqs: Sequence[float] | None,
+               where: str) -> RopeScaling | None:
+    """llama.cpp's RoPE scaling: rope.scaling.type linear with its factor, or per-pair
+    divisors in a rope_freqs.weight tensor (llama3); never both."""
+    kind = v.get(GGUF_ROPE_SCALING_TYPE.format(**a), str) or "none"
+    factor = v.get(GGUF_ROPE_SCALING_FACTOR.format(**a), float)
+    if kind not in ("none", "linear"):
+        raise UnsupportedError(f"{where}: {GGUF_ROPE_SCALING_TYPE.format(**a)} = {kind!r} is not "
+                               "supported (only none, linear, and llama3 factors in rope_freqs.weight)")
+    if rope_freqs is not None:
+        if kind != "none" or factor not in (None, 1.0):
+            raise ConfigError(f"{where}: rope_freqs.weight and {GGUF_ROPE_SCALING_TYPE.format(**a)} = "
+                              f"{kind!r} (factor {factor}) both scale RoPE; the file contradicts itself")
+        return rope_mod.from_dict({"rope_type": rope_mod.FREQ_FACTORS,
+                                   "freq_factors": list(rope_freqs)}, where)
+    if kind == "linear":
+        if factor is None:
+            raise ConfigError(f"{where}: {GGUF_ROPE_SCALING_TYPE.format(**a)} linear without "
+                              f"{GGUF_ROPE_SCALING_FACTOR.format(**a)}")
+        return None if factor == 1.0 else RopeScaling("linear", factor=factor)
+    if factor not in (None, 1.0):
+        raise UnsupportedError(f"{where}: {GGUF_ROPE_SCALING_FACTOR.format(**a)} = {factor} without "
+                               "a scaling type")
+    return None
+
+
+def _mistral_window(v: Values, vals: dict[str, Any]) -> None:
+    """Mistral's sliding_window (null: none) applies to every layer."""
+    size = v.get("sliding_window", int, default=4096)
+    vals["layer_types"] = (SLIDING_ATTENTION,) * vals["num_layers"] if size else ()
+    vals["sliding_window"] = size or 0
 
 
 # Bounds far above any model shipped, checked before a shape is used to loop or allocate
@@ -145,10 +187,13 @@ class ModelConfig:
     mlp_bias: bool = False                # gate/up/down projections carry biases
     sliding_window: int = 0               # window of the sliding-attention layers (0: none)
     layer_types: tuple[str, ...] = ()     # per layer full/sliding attention; (): all full
+    rope_scaling: RopeScaling | None = None   # RoPE beyond rope_theta (apr.rope); None: plain
 
     def __post_init__(self):
         if isinstance(self.layer_types, list):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.rope_scaling, Mapping):      # as to_dict() wrote it
+            object.__setattr__(self, "rope_scaling", rope_mod.from_dict(self.rope_scaling, "rope_scaling"))
         if self.layer_types and SLIDING_ATTENTION not in self.layer_types:
             object.__setattr__(self, "layer_types", ())      # all full: one spelling
         if not self.layer_types:
@@ -164,6 +209,30 @@ class ModelConfig:
     @property
     def hf_architecture(self) -> str:
         return FAMILIES[self.family].hf_architecture
+
+    @property
+    def qk_norm(self) -> bool:
+        """q and k are RMS-normalized per head before rotary (Qwen3)."""
+        return FAMILIES[self.family].qk_norm
+
+    @property
+    def output_bias(self) -> bool:
+        """o_proj has a bias (attention_bias in a family whose o_proj follows it)."""
+        return self.attention_bias and FAMILIES[self.family].output_bias
+
+    @property
+    def untied(self) -> bool:
+        return not self.tie_word_embeddings
+
+    @property
+    def computes_as(self) -> str:
+        """The family whose computation this is (a Mistral without its window is a Llama)."""
+        fam = FAMILIES[self.family]
+        return fam.gguf_family if fam.gguf_family and not self.layer_types else self.family
+
+    def inverse_frequencies(self):
+        """(inv_freq per rotary pair, attention factor) of this config's RoPE (apr.rope)."""
+        return rope_mod.inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
 
     @property
     def q_size(self) -> int:
@@ -227,6 +296,21 @@ class ModelConfig:
             raise UnsupportedError(f"{fam.hf_architecture} has no MLP biases (mlp_bias)")
         if self.layer_types and not fam.sliding_window_option:
             raise UnsupportedError(f"{fam.hf_architecture} has no sliding-window attention")
+        if self.attention_bias != fam.attention_bias and not fam.attention_bias_option:
+            raise UnsupportedError(f"{fam.hf_architecture} has attention_bias={fam.attention_bias} "
+                                   "fixed")
+        if fam.sliding_all_layers and self.layer_types and \
+                set(self.layer_types) != {SLIDING_ATTENTION}:
+            raise UnsupportedError(f"{fam.hf_architecture} slides the window in every layer or in "
+                                   f"none, not per layer ({list(self.layer_types)})")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, RopeScaling):
+                raise ConfigError(f"rope_scaling={self.rope_scaling!r} is not a RoPE scaling")
+            rope_mod.check(self.rope_scaling, "rope_scaling")
+            ff = self.rope_scaling.freq_factors
+            if ff is not None and len(ff) != self.head_dim // 2:
+                raise ConfigError(f"{len(ff)} RoPE frequency factors for head_dim {self.head_dim} "
+                                  f"({self.head_dim // 2} rotary pairs)")
         if self.layer_types:
             if len(self.layer_types) != self.num_layers or \
                     set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}:
@@ -254,34 +338,29 @@ class ModelConfig:
         return out
 
     def tensor_shapes(self, include_lm_head: bool | None = None) -> dict[str, tuple[int, ...]]:
-        """Every parameter the config implies, by canonical HF name, with its HF shape.
+        """Every parameter the config implies, by canonical HF name, with its HF shape, in the
+        order of the tensor-kind table (`apr.names.TENSOR_KINDS`), layer by layer.
         lm_head.weight is included unless the embeddings are tied (or as asked)."""
-        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+        def has(kind) -> bool:
+            if kind.hf == LM_HEAD and include_lm_head is not None:
+                return include_lm_head
+            return not kind.when or bool(getattr(self, kind.when))
+
+        def shape(kind) -> tuple[int, ...]:
+            return tuple(getattr(self, d) for d in kind.shape)
+
+        kinds = [k for k in TENSOR_KINDS.values() if has(k)]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for k in kinds:
+            if k.hf == EMBED:
+                shapes[k.hf] = shape(k)
         for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (h,)
-            shapes[p + "self_attn.q_proj.weight"] = (self.q_size, h)
-            shapes[p + "self_attn.k_proj.weight"] = (self.kv_size, h)
-            shapes[p + "self_attn.v_proj.weight"] = (self.kv_size, h)
-            if self.attention_bias:
-                shapes[p + "self_attn.q_proj.bias"] = (self.q_size,)
-                shapes[p + "self_attn.k_proj.bias"] = (self.kv_size,)
-                shapes[p + "self_attn.v_proj.bias"] = (self.kv_size,)
-            shapes[p + "self_attn.o_proj.weight"] = (h, self.q_size)
-            if self.attention_bias and FAMILIES[self.family].output_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (h,)
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
-            shapes[p + "mlp.gate_proj.weight"] = (f, h)
-            shapes[p + "mlp.up_proj.weight"] = (f, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, f)
-            if self.mlp_bias:
-                shapes[p + "mlp.gate_proj.bias"] = (f,)
-                shapes[p + "mlp.up_proj.bias"] = (f,)
-                shapes[p + "mlp.down_proj.bias"] = (h,)
-        shapes["model.norm.weight"] = (h,)
-        if include_lm_head if include_lm_head is not None else not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (v, h)
+            for k in kinds:
+                if k.per_layer:
+                    shapes[k.hf.format(i=i)] = shape(k)
+        for k in kinds:
+            if not k.per_layer and k.hf != EMBED:
+                shapes[k.hf] = shape(k)
         return shapes
 
     def param_count(self) -> int:
@@ -306,6 +385,9 @@ class ModelConfig:
         arch0 = archs[0] if archs and isinstance(archs[0], str) else None
         model_type = v.get("model_type", str, default=None)
         fam = family_from_any(arch0) or family_from_any(model_type)
+        if arch0 and model_type and family_from_any(model_type) not in (None, fam):
+            raise ConfigError(f"{where}: architectures {arch0!r} and model_type {model_type!r} name "
+                              "different families")
         if fam is None:
             name = arch0 or model_type
             raise UnsupportedError(f"{where}: architecture {name!r} is not supported "
@@ -324,18 +406,21 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         vals.setdefault("num_kv_heads", vals["num_heads"])
-        theta = _rope_theta(cfg, v, where)
+        theta, vals["rope_scaling"] = _rope(cfg, v, where, vals.get("max_position_embeddings"))
         if theta is not None:
             if "rope_theta" in vals and vals["rope_theta"] != theta:
                 raise ConfigError(f"{where}: rope_theta {vals['rope_theta']} and rope_parameters "
                                   f"rope_theta {theta} disagree")
             vals["rope_theta"] = theta
         vals["hidden_act"] = v.get("hidden_act", str, default="silu")
-        if fam == "llama":
-            vals["attention_bias"] = v.get("attention_bias", bool, default=False)
+        family = FAMILIES[fam]
+        vals["attention_bias"] = (v.get("attention_bias", bool, default=False)
+                                  if family.attention_bias_option else family.attention_bias)
+        if family.mlp_bias_option:
             vals["mlp_bias"] = v.get("mlp_bias", bool, default=False)
-        else:
-            vals["attention_bias"] = FAMILIES[fam].attention_bias
+        if family.sliding_all_layers:
+            _mistral_window(v, vals)
+        elif family.sliding_window_option:
             _qwen2_windows(v, vals, where)
         vals.setdefault("tie_word_embeddings", False)
         vals.setdefault("rope_theta", 10000.0)
@@ -358,17 +443,28 @@ class ModelConfig:
         d["initializer_range"] = 0.02
         d["use_cache"] = True
         d["torch_dtype"] = d["dtype"] = torch_dtype
-        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        if self.family == "llama":
-            if self.layer_types:
-                raise UnsupportedError("LlamaForCausalLM has no sliding-window attention")
+        if self.rope_scaling is not None and self.rope_scaling.type == rope_mod.FREQ_FACTORS:
+            raise UnsupportedError("config.json cannot hold per-frequency RoPE factors (a GGUF's "
+                                   "rope_freqs.weight without its llama3 parameters)")
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default",
+                                **(self.rope_scaling.to_dict() if self.rope_scaling else {})}
+        if fam.attention_bias_option:
             d["attention_bias"] = self.attention_bias
+        elif self.attention_bias != fam.attention_bias:
+            raise UnsupportedError(f"{fam.hf_architecture} has attention_bias={fam.attention_bias} "
+                                   "fixed; this config cannot be written for it")
+        if fam.mlp_bias_option:
             d["mlp_bias"] = self.mlp_bias
+        elif self.mlp_bias:
+            raise UnsupportedError(f"{fam.hf_architecture} has no MLP biases; this config cannot "
+                                   "be written for it")
+        if self.family == "llama":
             d["pretraining_tp"] = 1
-        else:
-            if self.attention_bias != fam.attention_bias or self.mlp_bias:
-                raise UnsupportedError(f"{fam.hf_architecture} always has q/k/v biases and no "
-                                       "other biases; this config cannot be written for it")
+        if self.layer_types and not fam.sliding_window_option:
+            raise UnsupportedError(f"{fam.hf_architecture} has no sliding-window attention")
+        if fam.sliding_all_layers:
+            d["sliding_window"] = self.sliding_window or None
+        elif fam.sliding_window_option:
             d["use_sliding_window"] = bool(self.layer_types)
             d["sliding_window"] = self.sliding_window or None
             d["layer_types"] = list(self.layer_types) or [FULL_ATTENTION] * self.num_layers
@@ -430,6 +526,7 @@ class ModelConfig:
             sliding_window=v.get("sliding_window", int, default=0) or 0,
             layer_types=tuple(check_value(t, str, "layer_types[]", where)
                               for t in v.get("layer_types", list, default=()) or ()),
+            rope_scaling=_apr_rope(v, where, get("max_position_embeddings", int)),
         )
         try:
             return cls(**vals)
@@ -466,25 +563,30 @@ class ModelConfig:
         if self.layer_types:
             meta["sliding_window"] = self.sliding_window
             meta["layer_types"] = list(self.layer_types)
+        if self.rope_scaling is not None:
+            meta["rope_scaling"] = self.rope_scaling.to_dict()
         return meta
 
     # ------------------------------------------------------------------ GGUF
     @classmethod
     def from_gguf_kv(cls, kv: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                     where: str = "GGUF", ignore: Iterable[str] | None = None) -> "ModelConfig":
+                     where: str = "GGUF", ignore: Iterable[str] | None = None,
+                     rope_freqs: Sequence[float] | None = None) -> "ModelConfig":
         """From GGUF key/values and the tensor shapes (by HF name). The stored rotary order
         follows the family's llama.cpp convention; the vocabulary size is the embedding's row
         count; tied embeddings are inferred from a missing output.weight, biases from the
-        bias tensors present."""
+        bias tensors present; ``rope_freqs``: the values of a rope_freqs.weight tensor
+        (llama.cpp's per-pair RoPE divisors), if the file has one."""
         v = Values(kv, where)
         arch = v.get("general.architecture", str)
-        fam = family_from_any(arch)
-        if fam is None or FAMILIES[fam].gguf_arch != arch:
+        fam = family_of_gguf_arch(arch)
+        if fam is None:
             raise UnsupportedError(f"{where}: general.architecture {arch!r} is not supported "
-                                   f"(supported: {', '.join(f.gguf_arch for f in FAMILIES.values())})")
+                                   f"(supported: {', '.join(sorted({f.gguf_arch for f in FAMILIES.values()}))})")
         a = {"arch": arch}
         modeled = {k.format(**a) for k in (*GGUF_CONFIG_KEYS.values(), GGUF_ROPE_DIM_KEY, GGUF_KEY_LENGTH_KEY,
-                                           GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY)}
+                                           GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY,
+                                           GGUF_ROPE_SCALING_TYPE, GGUF_ROPE_SCALING_FACTOR)}
         check_closed_world(kv, where, modeled=modeled, inert={k.format(**a) for k in GGUF_INERT_KEYS},
                            default_only={k.format(**a): d for k, d in GGUF_DEFAULT_ONLY.items()},
                            inert_prefixes=GGUF_INERT_PREFIXES, ignore=ignore)
@@ -519,6 +621,7 @@ class ModelConfig:
                               f"has {vals['vocab_size']} rows")
         vals.setdefault("rope_theta", 10000.0)
         vals.setdefault("rms_norm_eps", 1e-5)
+        vals["rope_scaling"] = _gguf_rope(v, a, rope_freqs, where)
         has_bias = any(n.endswith("self_attn.q_proj.bias") for n in shapes)
         mlp_bias = any(n.endswith("mlp.gate_proj.bias") for n in shapes)
         try:
@@ -543,6 +646,11 @@ class ModelConfig:
         if not fam.gguf_free_head_dim and self.head_dim * self.num_heads != self.hidden_size:
             out.append(f"head_dim x num_heads ({self.head_dim} x {self.num_heads}) != hidden_size "
                        f"{self.hidden_size} (llama.cpp's {fam.gguf_arch} needs them equal)")
+        if self.attention_bias and not fam.gguf_attention_bias:
+            out.append(f"attention_bias (llama.cpp's {fam.gguf_arch} has no attention biases)")
+        if self.rope_scaling is not None and self.rope_scaling.type not in GGUF_ROPE_TYPES:
+            out.append(f"rope_type {self.rope_scaling.type!r} (this tool writes only "
+                       f"{', '.join(GGUF_ROPE_TYPES)} RoPE to GGUF)")
         return out
 
     def to_gguf_kv(self) -> dict[str, Any]:
@@ -560,8 +668,22 @@ class ModelConfig:
         if self.head_dim * self.num_heads != self.hidden_size:
             kv[GGUF_KEY_LENGTH_KEY.format(arch=arch)] = self.head_dim
             kv[GGUF_VALUE_LENGTH_KEY.format(arch=arch)] = self.head_dim
+        if self.rope_scaling is not None and self.rope_scaling.type == "linear":
+            kv[GGUF_ROPE_SCALING_TYPE.format(arch=arch)] = "linear"
+            kv[GGUF_ROPE_SCALING_FACTOR.format(arch=arch)] = self.rope_scaling.factor
         return kv
 
+    def gguf_rope_freqs(self):
+        """The rope_freqs.weight tensor llama.cpp needs for this RoPE (float32 divisors per
+        rotary pair), or None when the keys say it all."""
+        s = self.rope_scaling
+        if s is None or s.type not in ("llama3", rope_mod.FREQ_FACTORS):
+            return None
+        return rope_mod.llama_cpp_freq_factors(self.head_dim, self.rope_theta, s)
+
+
+# RoPE types a GGUF holds the way llama.cpp reads them (keys, or rope_freqs.weight)
+GGUF_ROPE_TYPES = ("linear", "llama3", rope_mod.FREQ_FACTORS)
 
 # --------------------------------------------------------------------------- presets
 
@@ -577,6 +699,19 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen2-7b": ModelConfig("qwen2", 3584, 28, 28, 4, 18944, 152064, rope_theta=1e6,
                             max_position_embeddings=32768, rms_norm_eps=1e-6,
                             tie_word_embeddings=False, attention_bias=True),
+    # the shapes of real checkpoints' config.json files
+    "llama-3.2-1b": ModelConfig("llama", 2048, 16, 32, 8, 8192, 128256, head_dim=64,
+                                max_position_embeddings=131072, rope_theta=500000.0,
+                                rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                rope_scaling=RopeScaling("llama3", factor=32.0,
+                                                         original_max_position_embeddings=8192,
+                                                         low_freq_factor=1.0,
+                                                         high_freq_factor=4.0)),
+    "qwen3-0.6b": ModelConfig("qwen3", 1024, 28, 16, 8, 3072, 151936, head_dim=128,
+                              max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+                              tie_word_embeddings=True),
+    "mistral-7b": ModelConfig("mistral", 4096, 32, 32, 8, 14336, 32768, head_dim=128,
+                              max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5),
     # small presets for tests and the demo
     "llama-tiny": ModelConfig("llama", 64, 2, 4, 2, 160, 512, max_position_embeddings=256,
                               rms_norm_eps=1e-5),

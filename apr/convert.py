@@ -212,7 +212,7 @@ def plan(view: ModelView, fmt: str, requested: str | None, report: ConvertReport
     for name in wanted:
         src = view.tensors.get(name)
         if src is None:        # tied and absent: APR stores a copy of the embedding
-            src = view.tensors["model.embed_tokens.weight"]
+            src = view.tensors[names.EMBED]
         rotary, heads = None, 0
         fld = names.rotary_head_field(name)
         if fmt == "gguf" and family.gguf_rope_permuted and fld:
@@ -384,6 +384,10 @@ def _write_gguf(view, config, planned, dst, report, tick) -> None:
                             "for token ids only)")
     tensors = [GgufTensor(names.hf_to_gguf_name(p.name), p.dtype, p.shape, p.data, p.nbytes)
                for p in planned]
+    freqs = config.gguf_rope_freqs()
+    if freqs is not None:      # llama3 RoPE: llama.cpp's per-pair divisors
+        tensors.append(GgufTensor(names.GGUF_ROPE_FREQS, dtype_by_name("F32"), freqs.shape,
+                                  lambda: freqs, freqs.nbytes))
     with atomic_file(dst) as tmp:
         write_gguf(tmp, fam.gguf_arch, kv, tensors, tick)
 

@@ -303,27 +303,41 @@ def _bind(fn, name):
 
 # --------------------------------------------------------------------------- GGUF
 
+def _gguf_rope_freqs(g: GgufFile, entry, path: Path) -> list[float] | None:
+    """The values of llama.cpp's rope_freqs.weight (per-pair RoPE divisors): part of the
+    config, not a parameter. A vector of at most 2^15 F32/F16 values."""
+    if entry is None:
+        return None
+    if len(entry.shape) != 1 or not 0 < entry.shape[0] <= 1 << 15 or \
+            entry.dtype.name not in ("F32", "F16"):
+        raise FormatError(f"{path}: {names.GGUF_ROPE_FREQS} must be a vector of F32 values, "
+                          f"got {entry.dtype.name} {list(entry.shape)}")
+    return [float(x) for x in np.asarray(g.raw(names.GGUF_ROPE_FREQS), dtype=np.float64)]
+
+
 def _open_gguf(path: Path, verify: bool) -> ModelView:
     g = GgufFile(path)
+    entries = dict(g.entries)
+    rope_freqs = _gguf_rope_freqs(g, entries.pop(names.GGUF_ROPE_FREQS, None), path)
     hf_names = {}
-    for gname in g.entries:
+    for gname in entries:
         hf_names[gname] = names.gguf_to_hf_name(gname) or gname
-    shapes = {hf_names[n]: e.shape for n, e in g.entries.items()}
+    shapes = {hf_names[n]: e.shape for n, e in entries.items()}
     kv = dict(g.kv)
-    emb = shapes.get("model.embed_tokens.weight")
+    emb = shapes.get(names.EMBED)
     config, note = None, None
-    if not g.entries:
+    if not entries:
         note = "no tensors (a vocabulary-only GGUF)"
     else:
         try:
-            config = ModelConfig.from_gguf_kv(kv, shapes, where=str(path))
+            config = ModelConfig.from_gguf_kv(kv, shapes, where=str(path), rope_freqs=rope_freqs)
         except AprError as e:
             if names.family_from_any(str(kv.get("general.architecture", ""))):
                 raise          # a model we support, but broken: say so
             note = str(e)      # some other architecture: still inspectable
     layout = names.LAYOUT_GGUF_LLAMA_ROPE
     tensors = {}
-    for gname, e in g.entries.items():
+    for gname, e in entries.items():
         name = hf_names[gname]
         heads = _rotary_heads(config, name)
         tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Family:
+    """A family is the Llama skeleton plus flags: which optional tensors and attention
+    options its HF class has, and how llama.cpp stores it."""
     name: str                 # our family name, also APR `architecture`
     hf_architecture: str      # HF `architectures[0]`, APR `hf_architecture`
     hf_model_type: str        # HF `model_type`
@@ -21,18 +23,33 @@ class Family:
     gguf_rope_permuted: bool  # llama.cpp stores Q/K rows in adjacent-pair rotary order
     output_bias: bool         # with attention_bias, o_proj has a bias too (HF Llama; not Qwen2)
     gguf_free_head_dim: bool  # llama.cpp honours attention.key_length (head_dim != hidden/heads)
+    attention_bias_option: bool = False  # HF config has attention_bias (else fixed by family)
     mlp_bias_option: bool = False        # HF config has mlp_bias (gate/up/down biases)
     sliding_window_option: bool = False  # HF config has sliding-window attention layers
+    sliding_all_layers: bool = False     # HF's sliding_window applies to every layer (Mistral)
+    qk_norm: bool = False                # RMSNorm over each head of q and k before rotary
     gguf_mlp_bias: bool = False          # llama.cpp loads and applies ffn_{gate,up,down}.bias
+    gguf_attention_bias: bool = True     # llama.cpp loads and applies the q/k/v(/o) biases
+    gguf_family: str = ""                # the family a GGUF of this one reads back as ("": itself)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", "llama", "llama",
                     attention_bias=False, gguf_rope_permuted=True, output_bias=True,
-                    gguf_free_head_dim=True, mlp_bias_option=True, gguf_mlp_bias=True),
+                    gguf_free_head_dim=True, attention_bias_option=True, mlp_bias_option=True,
+                    gguf_mlp_bias=True),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", "qwen2",
                     attention_bias=True, gguf_rope_permuted=False, output_bias=False,
                     gguf_free_head_dim=False, sliding_window_option=True),
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3", "qwen3",
+                    attention_bias=False, gguf_rope_permuted=False, output_bias=True,
+                    gguf_free_head_dim=True, attention_bias_option=True,
+                    sliding_window_option=True, qk_norm=True, gguf_attention_bias=False),
+    # llama.cpp stores a Mistral as a llama (and does not apply its sliding window)
+    "mistral": Family("mistral", "MistralForCausalLM", "mistral", "llama",
+                      attention_bias=False, gguf_rope_permuted=True, output_bias=False,
+                      gguf_free_head_dim=True, sliding_window_option=True,
+                      sliding_all_layers=True, gguf_family="llama"),
 }
 
 
@@ -42,7 +59,15 @@ def family_from_any(value: str | None) -> str | None:
         return None
     low = value.lower()
     for fam in FAMILIES.values():
-        if low in (fam.name, fam.hf_architecture.lower(), fam.hf_model_type, fam.gguf_arch):
+        if low in (fam.name, fam.hf_architecture.lower(), fam.hf_model_type):
+            return fam.name
+    return family_of_gguf_arch(low)
+
+
+def family_of_gguf_arch(arch: str | None) -> str | None:
+    """The family a GGUF `general.architecture` reads as (a Mistral GGUF is a llama)."""
+    for fam in FAMILIES.values():
+        if fam.gguf_arch == arch and not fam.gguf_family:
             return fam.name
     return None
 
@@ -135,6 +160,11 @@ HF_MODELED_KEYS: dict[str, frozenset[str]] = {
     "qwen2": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
                         "use_sliding_window", "sliding_window", "max_window_layers",
                         "layer_types"}),
+    "qwen3": frozenset({"hidden_act", "attention_bias", "rope_theta", "rope_parameters",
+                        "rope_scaling", "use_sliding_window", "sliding_window",
+                        "max_window_layers", "layer_types"}),
+    "mistral": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
+                          "sliding_window"}),
 }
 # config.json keys that do not change the logits of a causal LM.
 HF_INERT_KEYS: frozenset[str] = frozenset({
@@ -174,7 +204,7 @@ HF_DEFAULT_ONLY: dict[str, object] = {
 }
 
 # APR metadata: custom keys the reference models (written only when not the default)
-APR_MODELED_KEYS = ("hidden_act", "mlp_bias", "sliding_window", "layer_types")
+APR_MODELED_KEYS = ("hidden_act", "mlp_bias", "sliding_window", "layer_types", "rope_scaling")
 # APR metadata keys that describe, not compute (besides tokenizer.* and training keys)
 APR_INERT_KEYS: frozenset[str] = frozenset({
     "model_type", "name", "description", "author", "license", "data_source", "data_license",
@@ -188,8 +218,6 @@ APR_INERT_PREFIXES = ("tokenizer.", "training.", TRAINING_PREFIX)
 GGUF_INERT_PREFIXES = ("general.", "tokenizer.", "quantize.")
 # {arch}.* keys refused unless they hold this value
 GGUF_DEFAULT_ONLY: dict[str, object] = {
-    "{arch}.rope.scaling.type": "none",
-    "{arch}.rope.scaling.factor": 1.0,
     "{arch}.expert_count": 0,
     "{arch}.expert_used_count": 0,
 }
@@ -213,80 +241,158 @@ GGUF_ROPE_DIM_KEY = "{arch}.rope.dimension_count"
 GGUF_KEY_LENGTH_KEY = "{arch}.attention.key_length"
 GGUF_VALUE_LENGTH_KEY = "{arch}.attention.value_length"
 GGUF_VOCAB_SIZE_KEY = "{arch}.vocab_size"
+GGUF_ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
+GGUF_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
 
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
+# --------------------------------------------------------------------------- tensor kinds
+#
+# One entry per kind of tensor, in the spirit of gguf-py's MODEL_TENSOR / TENSOR_NAMES: how HF
+# (our canonical and APR name) and GGUF spell it, its HF shape as ModelConfig attributes, the
+# config attribute that must be true for a model to have it, the head count its rows are
+# rotary-permuted with in a llama-order GGUF, whether AdamW decays it, and how a new model
+# initializes it. Shapes, name maps, permutation, optimizer groups, random init, diff's
+# alignment and qa's checks all read this table.
 
-# Tensor names: (HF pattern, GGUF pattern); {i} is the layer index.
-TENSOR_NAMES: tuple[tuple[str, str], ...] = (
-    ("model.embed_tokens.weight", "token_embd.weight"),
-    ("model.norm.weight", "output_norm.weight"),
-    ("lm_head.weight", "output.weight"),
-    ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    ("model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
-    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
-    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
-    ("model.layers.{i}.mlp.gate_proj.bias", "blk.{i}.ffn_gate.bias"),
-    ("model.layers.{i}.mlp.up_proj.bias", "blk.{i}.ffn_up.bias"),
-    ("model.layers.{i}.mlp.down_proj.bias", "blk.{i}.ffn_down.bias"),
+
+@dataclass(frozen=True)
+class TensorKind:
+    kind: str                    # our id: the GGUF name without "blk.{i}."
+    hf: str                      # HF / APR template; {i} is the layer index
+    gguf: str                    # GGUF template
+    shape: tuple[str, ...]       # ModelConfig attributes, one per dimension (HF order)
+    when: str = ""               # ModelConfig attribute that must be true ("": always there)
+    rotary_heads: str = ""       # config field: the head count its rows are permuted with
+    init: str = "normal"         # "normal" (N(0, 0.02^2)), "ones" or "zeros"
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+    @property
+    def decays(self) -> bool:
+        """AdamW decays the matrices (embedding and projections), not norms or biases."""
+        return len(self.shape) >= 2
+
+
+def _kinds(*rows: TensorKind) -> dict[str, TensorKind]:
+    return {k.kind: k for k in rows}
+
+
+_L = "model.layers.{i}."
+TENSOR_KINDS: dict[str, TensorKind] = _kinds(
+    TensorKind("token_embd.weight", "model.embed_tokens.weight", "token_embd.weight",
+               ("vocab_size", "hidden_size")),
+    TensorKind("attn_norm.weight", _L + "input_layernorm.weight", "blk.{i}.attn_norm.weight",
+               ("hidden_size",), init="ones"),
+    TensorKind("attn_q.weight", _L + "self_attn.q_proj.weight", "blk.{i}.attn_q.weight",
+               ("q_size", "hidden_size"), rotary_heads="num_heads"),
+    TensorKind("attn_k.weight", _L + "self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
+               ("kv_size", "hidden_size"), rotary_heads="num_kv_heads"),
+    TensorKind("attn_v.weight", _L + "self_attn.v_proj.weight", "blk.{i}.attn_v.weight",
+               ("kv_size", "hidden_size")),
+    TensorKind("attn_q.bias", _L + "self_attn.q_proj.bias", "blk.{i}.attn_q.bias", ("q_size",),
+               when="attention_bias", rotary_heads="num_heads", init="zeros"),
+    TensorKind("attn_k.bias", _L + "self_attn.k_proj.bias", "blk.{i}.attn_k.bias", ("kv_size",),
+               when="attention_bias", rotary_heads="num_kv_heads", init="zeros"),
+    TensorKind("attn_v.bias", _L + "self_attn.v_proj.bias", "blk.{i}.attn_v.bias", ("kv_size",),
+               when="attention_bias", init="zeros"),
+    TensorKind("attn_q_norm.weight", _L + "self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight",
+               ("head_dim",), when="qk_norm", init="ones"),
+    TensorKind("attn_k_norm.weight", _L + "self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight",
+               ("head_dim",), when="qk_norm", init="ones"),
+    TensorKind("attn_output.weight", _L + "self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
+               ("hidden_size", "q_size")),
+    TensorKind("attn_output.bias", _L + "self_attn.o_proj.bias", "blk.{i}.attn_output.bias",
+               ("hidden_size",), when="output_bias", init="zeros"),
+    TensorKind("ffn_norm.weight", _L + "post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight",
+               ("hidden_size",), init="ones"),
+    TensorKind("ffn_gate.weight", _L + "mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight",
+               ("intermediate_size", "hidden_size")),
+    TensorKind("ffn_up.weight", _L + "mlp.up_proj.weight", "blk.{i}.ffn_up.weight",
+               ("intermediate_size", "hidden_size")),
+    TensorKind("ffn_down.weight", _L + "mlp.down_proj.weight", "blk.{i}.ffn_down.weight",
+               ("hidden_size", "intermediate_size")),
+    TensorKind("ffn_gate.bias", _L + "mlp.gate_proj.bias", "blk.{i}.ffn_gate.bias",
+               ("intermediate_size",), when="mlp_bias", init="zeros"),
+    TensorKind("ffn_up.bias", _L + "mlp.up_proj.bias", "blk.{i}.ffn_up.bias",
+               ("intermediate_size",), when="mlp_bias", init="zeros"),
+    TensorKind("ffn_down.bias", _L + "mlp.down_proj.bias", "blk.{i}.ffn_down.bias",
+               ("hidden_size",), when="mlp_bias", init="zeros"),
+    TensorKind("output_norm.weight", "model.norm.weight", "output_norm.weight", ("hidden_size",),
+               init="ones"),
+    TensorKind("output.weight", "lm_head.weight", "output.weight", ("vocab_size", "hidden_size"),
+               when="untied"),
 )
 
-# Tensors whose rows are in rotary order (permuted for llama GGUF), with the config field
-# holding the head count to permute with.
-ROTARY_TENSORS: dict[str, str] = {
-    "self_attn.q_proj.weight": "num_heads",
-    "self_attn.q_proj.bias": "num_heads",
-    "self_attn.k_proj.weight": "num_kv_heads",
-    "self_attn.k_proj.bias": "num_kv_heads",
-}
+EMBED = TENSOR_KINDS["token_embd.weight"].hf
+LM_HEAD = TENSOR_KINDS["output.weight"].hf
+FINAL_NORM = TENSOR_KINDS["output_norm.weight"].hf
+
+# llama.cpp's per-pair RoPE divisors (llama3 scaling): GGUF only, derived from the config.
+GGUF_ROPE_FREQS = "rope_freqs.weight"
 
 # HF tensors that are not parameters and never go into GGUF.
 HF_NON_PARAMETERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def tensor_name(kind: str, layer: int | None = None) -> str:
+    """The canonical (HF / APR) name of a tensor of ``kind`` (in ``layer``)."""
+    k = TENSOR_KINDS[kind]
+    return k.hf.format(i=layer) if k.per_layer else k.hf
 
 
 def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-_HF_TO_GGUF = [(_pattern(h), g) for h, g in TENSOR_NAMES]
-_GGUF_TO_HF = [(_pattern(g), h) for h, g in TENSOR_NAMES]
+_BY_HF = [(_pattern(k.hf), k) for k in TENSOR_KINDS.values()]
+_BY_GGUF = [(_pattern(k.gguf), k) for k in TENSOR_KINDS.values()]
 
 
-def _translate(name: str, table) -> str | None:
-    for pat, target in table:
+def _match(name: str, table) -> tuple[TensorKind, int | None] | None:
+    for pat, kind in table:
         m = pat.match(name)
         if m:
-            return target.format(i=m.group("i")) if "i" in pat.groupindex else target
+            return kind, int(m.group("i")) if "i" in pat.groupindex else None
     return None
+
+
+def kind_of(name: str) -> tuple[TensorKind, int | None] | None:
+    """(kind, layer) of a canonical tensor name, or None for a name no kind has."""
+    return _match(name, _BY_HF)
 
 
 def hf_to_gguf_name(name: str) -> str | None:
     """GGUF name of an HF tensor, or None if llama.cpp has no such tensor."""
-    return _translate(name, _HF_TO_GGUF)
+    found = _match(name, _BY_HF)
+    return None if found is None else found[0].gguf.format(i=found[1])
 
 
 def gguf_to_hf_name(name: str) -> str | None:
     """HF (canonical) name of a GGUF tensor, or None if it is not one we know."""
-    return _translate(name, _GGUF_TO_HF)
+    found = _match(name, _BY_GGUF)
+    return None if found is None else found[0].hf.format(i=found[1])
 
 
 def rotary_head_field(name: str) -> str | None:
     """For a Q/K projection tensor, the config field whose head count permutes its rows."""
-    for suffix, field in ROTARY_TENSORS.items():
-        if name.endswith("." + suffix):
-            return field
-    return None
+    found = kind_of(name)
+    return (found[0].rotary_heads or None) if found else None
+
+
+def decays(name: str) -> bool:
+    """Whether AdamW applies weight decay to this parameter (by its kind)."""
+    found = kind_of(name)
+    return found[0].decays if found else False
+
+
+def init_of(name: str) -> str:
+    """How a new model initializes this parameter: "normal", "ones" or "zeros"."""
+    found = kind_of(name)
+    return found[0].init if found else "normal"
 
 
 def layer_of(name: str) -> int | None:
-    m = re.match(r"^model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
+    """The layer index of a canonical per-layer tensor name (None: not in a layer)."""
+    found = kind_of(name)
+    return found[1] if found else None

@@ -1,4 +1,5 @@
-"""The decoder-only transformer (Llama / Qwen2 family) from the ops in `ref.ops`.
+"""The decoder-only transformer (Llama, Qwen2, Qwen3 and Mistral families) from the ops in
+`ref.ops`.
 
 One decoder layer, in HF's order (pre-norm, residual around each block):
 
@@ -6,7 +7,9 @@ One decoder layer, in HF's order (pre-norm, residual around each block):
     y = h + down_proj(act(gate_proj(n2)) * up_proj(n2)),                         n2 = rmsnorm(h)
 
 (act is config.hidden_act, SiLU by default; every projection has a bias where the config says
-so; layers the config marks as sliding attend to the last config.sliding_window positions)
+so; with config.qk_norm (Qwen3) each head of q and k is RMS-normalized by its own weight before
+rope; layers the config marks as sliding attend to the last config.sliding_window positions;
+rope's frequencies come from config.rope_theta and config.rope_scaling, see `apr.rope`)
 
 and the model:  logits = lm_head(rmsnorm(layers(embed(ids)))).
 
@@ -23,22 +26,17 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from apr import names
 from apr.config import ModelConfig
 from apr.errors import AprError, ConfigError
+from apr.names import EMBED, FINAL_NORM, LM_HEAD
 
 from . import ops
 from .backend import Backend, array_module, cpu_backend
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
-FINAL_NORM = "model.norm.weight"
 INIT_STD = 0.02
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -94,9 +92,10 @@ class Model:
         rng = np.random.default_rng(seed)
         params: dict[str, np.ndarray] = {}
         for name, shape in config.tensor_shapes().items():
-            if name.endswith("norm.weight"):
+            init = names.init_of(name)
+            if init == "ones":
                 params[name] = np.ones(shape, dtype=dtype)
-            elif name.endswith(".bias"):
+            elif init == "zeros":
                 params[name] = np.zeros(shape, dtype=dtype)
             else:
                 params[name] = (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(dtype)
@@ -133,9 +132,10 @@ class Model:
         """The output projection (V, C): the embedding itself when tied."""
         return self.params[EMBED] if self.config.tie_word_embeddings else self.params[LM_HEAD]
 
-    def _p(self, i: int, name: str) -> Optional[Array]:
-        """Layer i's parameter ``name``; None for a bias the config does not have."""
-        return self.params.get(layer_prefix(i) + name)
+    def _p(self, i: int, kind: str) -> Optional[Array]:
+        """Layer i's parameter of ``kind`` (`apr.names.TENSOR_KINDS`); None for one the
+        config does not have (a bias, a q/k norm)."""
+        return self.params.get(names.tensor_name(kind, i))
 
     def _ids(self, ids: Any) -> Array:
         """Token ids as a (batch, T) integer array on the backend, each in [0, vocab_size)."""
@@ -153,7 +153,8 @@ class Model:
     def _rope(self, start: int, t: int) -> tuple[Array, Array]:
         """cos, sin tables (T, D/2) for positions start .. start + T - 1."""
         positions = self.backend.xp.arange(start, start + t)
-        return ops.rope_tables(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+        return ops.rope_tables(positions, self.config.head_dim, self.config.rope_theta, self.dtype,
+                               self.config.rope_scaling)
 
     @staticmethod
     def _split_heads(x: Array, n: int) -> Array:
@@ -167,73 +168,89 @@ class Model:
         b, n, t, d = x.shape
         return x.transpose(0, 2, 1, 3).reshape(b, t, n * d)
 
-    def _projection_forward(self, i: int, name: str, x: Array) -> tuple[Array, tuple]:
-        """linear_forward with layer i's ``name``.weight and, when the config has it, .bias."""
-        return ops.linear_forward(x, self._p(i, name + ".weight"), self._p(i, name + ".bias"))
+    def _projection_forward(self, i: int, proj: str, x: Array) -> tuple[Array, tuple]:
+        """linear_forward with layer i's ``proj``.weight and, when the config has it, .bias."""
+        return ops.linear_forward(x, self._p(i, proj + ".weight"), self._p(i, proj + ".bias"))
+
+    def _heads_forward(self, i: int, x: Array, n: int, norm: str) -> tuple[Array, tuple]:
+        """(B, T, n*D) -> (B, n, T, D), each head RMS-normalized by layer i's ``norm`` weight
+        when the config has q/k norms (the cache is None otherwise)."""
+        x = self._split_heads(x, n)
+        w = self._p(i, norm)
+        if w is None:
+            return x, None
+        return ops.rmsnorm_forward(x, w, self.config.rms_norm_eps)
+
+    def _heads_backward(self, i: int, dx: Array, cache: Optional[tuple], norm: str,
+                        grads: dict[str, Array]) -> Array:
+        """Backward of `_heads_forward`: (B, n, T, D) -> (B, T, n*D)."""
+        if cache is not None:
+            dx, grads[names.tensor_name(norm, i)] = ops.rmsnorm_backward(dx, cache)
+        return self._merge_heads(dx)
 
     # ------------------------------------------------------------------ attention block
     def _attention_forward(self, i: int, x: Array, cos: Array, sin: Array,
                            kv: Optional[KVCache]) -> tuple[Array, tuple]:
         """x + o_proj(attention(rope(q), rope(k), v)) over rmsnorm(x)."""
         cfg = self.config
-        n1, c_norm = ops.rmsnorm_forward(x, self._p(i, "input_layernorm.weight"), cfg.rms_norm_eps)
-        q, c_q = self._projection_forward(i, "self_attn.q_proj", n1)
-        k, c_k = self._projection_forward(i, "self_attn.k_proj", n1)
-        v, c_v = self._projection_forward(i, "self_attn.v_proj", n1)
-        q, c_rq = ops.rope_forward(self._split_heads(q, cfg.num_heads), cos, sin, cfg.rope_type)
-        k, c_rk = ops.rope_forward(self._split_heads(k, cfg.num_kv_heads), cos, sin, cfg.rope_type)
+        n1, c_norm = ops.rmsnorm_forward(x, self._p(i, "attn_norm.weight"), cfg.rms_norm_eps)
+        q, c_q = self._projection_forward(i, "attn_q", n1)
+        k, c_k = self._projection_forward(i, "attn_k", n1)
+        v, c_v = self._projection_forward(i, "attn_v", n1)
+        q, c_nq = self._heads_forward(i, q, cfg.num_heads, "attn_q_norm.weight")
+        k, c_nk = self._heads_forward(i, k, cfg.num_kv_heads, "attn_k_norm.weight")
+        q, c_rq = ops.rope_forward(q, cos, sin, cfg.rope_type)
+        k, c_rk = ops.rope_forward(k, cos, sin, cfg.rope_type)
         v = self.backend.xp.ascontiguousarray(self._split_heads(v, cfg.num_kv_heads))
         if kv is not None:
             k, v = kv.append(i, k, v)
         a, c_att = ops.attention_forward(q, k, v, cfg.window(i))
-        out, c_o = self._projection_forward(i, "self_attn.o_proj", self._merge_heads(a))
-        return x + out, (c_norm, c_q, c_k, c_v, c_rq, c_rk, c_att, c_o)
+        out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
+        return x + out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o)
 
     def _attention_backward(self, i: int, dy: Array, cache: tuple,
                             grads: dict[str, Array]) -> Array:
         """Gradient w.r.t. the block input x (residual + block path); fills ``grads``."""
         cfg = self.config
-        c_norm, c_q, c_k, c_v, c_rq, c_rk, c_att, c_o = cache
-        p = layer_prefix(i) + "self_attn."
-        da = self._projection_backward(p + "o_proj", dy, c_o, grads)
+        c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o = cache
+        da = self._projection_backward(i, "attn_output", dy, c_o, grads)
         dq, dk, dv = ops.attention_backward(self._split_heads(da, cfg.num_heads), c_att)
-        dq = self._merge_heads(ops.rope_backward(dq, c_rq))
-        dk = self._merge_heads(ops.rope_backward(dk, c_rk))
+        dq = self._heads_backward(i, ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
+        dk = self._heads_backward(i, ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
         dv = self._merge_heads(dv)
-        dn1_q = self._projection_backward(p + "q_proj", dq, c_q, grads)
-        dn1_k = self._projection_backward(p + "k_proj", dk, c_k, grads)
-        dn1_v = self._projection_backward(p + "v_proj", dv, c_v, grads)
-        dx, grads[layer_prefix(i) + "input_layernorm.weight"] = ops.rmsnorm_backward(
+        dn1_q = self._projection_backward(i, "attn_q", dq, c_q, grads)
+        dn1_k = self._projection_backward(i, "attn_k", dk, c_k, grads)
+        dn1_v = self._projection_backward(i, "attn_v", dv, c_v, grads)
+        dx, grads[names.tensor_name("attn_norm.weight", i)] = ops.rmsnorm_backward(
             dn1_q + dn1_k + dn1_v, c_norm)
         return dy + dx
 
     @staticmethod
-    def _projection_backward(name: str, dy: Array, cache: tuple, grads: dict[str, Array]) -> Array:
-        """linear_backward of projection ``name``: stores name.weight (and name.bias) grads."""
-        dx, grads[name + ".weight"], dbias = ops.linear_backward(dy, cache)
+    def _projection_backward(i: int, proj: str, dy: Array, cache: tuple,
+                             grads: dict[str, Array]) -> Array:
+        """linear_backward of layer i's ``proj``: stores its .weight (and .bias) grads."""
+        dx, grads[names.tensor_name(proj + ".weight", i)], dbias = ops.linear_backward(dy, cache)
         if dbias is not None:
-            grads[name + ".bias"] = dbias
+            grads[names.tensor_name(proj + ".bias", i)] = dbias
         return dx
 
     # ------------------------------------------------------------------ MLP block
     def _mlp_forward(self, i: int, x: Array) -> tuple[Array, tuple]:
         """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act."""
-        n2, c_norm = ops.rmsnorm_forward(x, self._p(i, "post_attention_layernorm.weight"),
-                                         self.config.rms_norm_eps)
-        gate, c_gate = self._projection_forward(i, "mlp.gate_proj", n2)
-        up, c_up = self._projection_forward(i, "mlp.up_proj", n2)
+        n2, c_norm = ops.rmsnorm_forward(x, self._p(i, "ffn_norm.weight"), self.config.rms_norm_eps)
+        gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
+        up, c_up = self._projection_forward(i, "ffn_up", n2)
         m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
-        out, c_down = self._projection_forward(i, "mlp.down_proj", m)
+        out, c_down = self._projection_forward(i, "ffn_down", m)
         return x + out, (c_norm, c_gate, c_up, c_act, c_down)
 
     def _mlp_backward(self, i: int, dy: Array, cache: tuple, grads: dict[str, Array]) -> Array:
         c_norm, c_gate, c_up, c_act, c_down = cache
-        p = layer_prefix(i)
-        dm = self._projection_backward(p + "mlp.down_proj", dy, c_down, grads)
+        dm = self._projection_backward(i, "ffn_down", dy, c_down, grads)
         dgate, dup = ops.gated_mlp_backward(dm, c_act)
-        dn_gate = self._projection_backward(p + "mlp.gate_proj", dgate, c_gate, grads)
-        dn_up = self._projection_backward(p + "mlp.up_proj", dup, c_up, grads)
-        dx, grads[p + "post_attention_layernorm.weight"] = ops.rmsnorm_backward(dn_gate + dn_up, c_norm)
+        dn_gate = self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
+        dn_up = self._projection_backward(i, "ffn_up", dup, c_up, grads)
+        dx, grads[names.tensor_name("ffn_norm.weight", i)] = ops.rmsnorm_backward(dn_gate + dn_up, c_norm)
         return dy + dx
 
     # ------------------------------------------------------------------ trunk

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from apr.names import ROPE_ADJACENT, ROPE_HALVES
+from apr.rope import inverse_frequencies
 
 from .backend import array_module, erf, scatter_add_rows
 
@@ -92,17 +93,24 @@ def linear_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Optional[A
 
 # --------------------------------------------------------------------------- rotary embedding
 
-def rope_inv_freq(head_dim: int, theta: float, xp: Any = np) -> Array:
-    """inv_freq[i] = 1 / theta^(2i / D), i = 0 .. D/2-1 (as HF computes it, here in float64)."""
-    return 1.0 / (theta ** (xp.arange(0, head_dim, 2, dtype=xp.float64) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, xp: Any = np, scaling: Any = None) -> Array:
+    """inv_freq[i] = 1 / theta^(2i / D), i = 0 .. D/2-1 (as HF computes it, here in float64),
+    changed as ``scaling`` (an `apr.rope.RopeScaling`) says; see `apr.rope`."""
+    return xp.asarray(inverse_frequencies(head_dim, theta, scaling)[0])
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float, dtype: Any) -> tuple[Array, Array]:
-    """cos and sin of the angles positions[t] * inv_freq[i]: two (T, D/2) arrays in ``dtype``.
-    The angles are computed in float64 whatever ``dtype`` is."""
+def rope_tables(positions: Array, head_dim: int, theta: float, dtype: Any,
+                scaling: Any = None) -> tuple[Array, Array]:
+    """cos and sin of the angles positions[t] * inv_freq[i]: two (T, D/2) arrays in ``dtype``,
+    each multiplied by the scaling's attention factor (YaRN; 1 otherwise). The angles are
+    computed in float64 whatever ``dtype`` is."""
     xp = array_module(positions)
-    angles = positions.astype(xp.float64)[:, None] * rope_inv_freq(head_dim, theta, xp)[None, :]
-    return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
+    inv_freq, factor = inverse_frequencies(head_dim, theta, scaling)
+    angles = positions.astype(xp.float64)[:, None] * xp.asarray(inv_freq)[None, :]
+    cos, sin = xp.cos(angles), xp.sin(angles)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def _rope_pairs(x: Array, rope_type: str) -> tuple[Array, Array]:

@@ -22,6 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from apr import names
+
 from .backend import array_module
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -31,8 +33,9 @@ EXP_AVG_SQ = "exp_avg_sq"
 
 
 def decays(name: str, shape: tuple[int, ...]) -> bool:
-    """Weight decay applies to matrices (projections, embedding), never to norms or biases."""
-    return len(shape) >= 2 and not name.endswith((".bias", "norm.weight"))
+    """Weight decay applies to matrices (projections, embedding), never to norms or biases:
+    the tensor-kind table says which (`apr.names.TENSOR_KINDS`)."""
+    return names.decays(name) and len(shape) >= 2
 
 
 @dataclass(frozen=True)

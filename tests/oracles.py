@@ -126,3 +126,49 @@ def randomize_params(model, seed: int = 0) -> None:
                 p.copy_(0.3 * noise)
             else:
                 p.copy_(noise * (0.5 if name.endswith("embed_tokens.weight") else 1.5 / p.shape[-1] ** 0.5))
+
+
+def hf_inv_freq64(config):
+    """transformers' inverse RoPE frequencies for ``config`` (default, linear, llama3, yarn),
+    the formulas of its modeling_rope_utils written out again here in float64 (transformers
+    forms them in float32). tests/test_families.py checks them against transformers' own
+    functions, so a transformers release that changes them fails there."""
+    import math
+
+    import torch
+    rp = dict(config.rope_parameters)
+    kind = rp.get("rope_type", "default")
+    theta = rp["rope_theta"]
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pos_freqs = theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    inv = 1.0 / pos_freqs
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / rp["factor"]
+    if kind == "llama3":
+        factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+        old = rp["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled)
+    if kind == "yarn":
+        factor = rp["factor"]
+        old = rp["original_max_position_embeddings"]
+        fast, slow = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+
+        def dim_of(rot):
+            return (d * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(theta))
+        low, high = dim_of(fast), dim_of(slow)
+        if rp.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low), 0, 1)
+        extra = 1 - ramp
+        return (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+    raise ValueError(f"no float64 formula for rope_type {kind!r}")

@@ -177,10 +177,10 @@ def test_refuses_overwrite_and_unknown_architecture(tmp_path):
     convert(d, out, force=True)
     assert out.read_bytes()[:4] == b"APR\x00"
     cfg = json.loads((d / "config.json").read_text())
-    cfg["architectures"] = ["MistralForCausalLM"]
-    cfg["model_type"] = "mistral"
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    cfg["model_type"] = "gpt_neox"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedError, match="MistralForCausalLM"):
+    with pytest.raises(UnsupportedError, match="GPTNeoXForCausalLM"):
         convert(d, tmp_path / "x.apr")
     assert not (tmp_path / "x.apr").exists()
 

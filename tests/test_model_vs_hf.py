@@ -22,14 +22,16 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen3 import modeling_qwen3
 
 from apr.config import ModelConfig
 from apr.errors import AprError, ConfigError
 from apr.names import ROPE_ADJACENT
 from ref.generate import generate, sample_token
 from ref.model import EMBED, LM_HEAD, Model
-from tests.oracles import randomize_params
+from tests.oracles import hf_inv_freq64, randomize_params
 
 B, T = 2, 12
 
@@ -48,13 +50,13 @@ def _rmsnorm_in_input_dtype(self, hidden_states):
 
 
 def _rotary_in_float64(self, x, position_ids):
-    cfg = self.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    theta = cfg.rope_parameters["rope_theta"]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    """transformers' rotary forward with the inverse frequencies of `hf_inv_freq64` (the same
+    formulas in float64) and transformers' own attention scaling."""
+    inv_freq = hf_inv_freq64(self.config)
     freqs = position_ids[..., None].to(torch.float64) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    scale = self.attention_scaling
+    return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
 def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, scaling,
@@ -69,9 +71,13 @@ def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, s
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+HF_MODULES = ((modeling_llama, "Llama"), (modeling_qwen2, "Qwen2"), (modeling_qwen3, "Qwen3"),
+              (modeling_mistral, "Mistral"))
+
+
 @pytest.fixture
 def hf_exact64(monkeypatch):
-    for mod, prefix in ((modeling_llama, "Llama"), (modeling_qwen2, "Qwen2")):
+    for mod, prefix in HF_MODULES:
         monkeypatch.setattr(getattr(mod, prefix + "RMSNorm"), "forward", _rmsnorm_in_input_dtype)
         monkeypatch.setattr(getattr(mod, prefix + "RotaryEmbedding"), "forward", _rotary_in_float64)
         monkeypatch.setattr(mod, "eager_attention_forward", _eager_attention_in_input_dtype)

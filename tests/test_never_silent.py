@@ -269,7 +269,8 @@ def test_apr_and_gguf_keys_are_closed_world(tmp_path):
     assert run("logits", tmp_path / "b.apr", "--tokens", "1,2", "--ignore-key", "rope_scaling_factor")[0] == 0
     # GGUF: an {arch}.* key nobody models, and a rope scaling type that is not "none"
     assert run("export", src, "-o", tmp_path / "a.gguf", "-q")[0] == 0
-    for key, value in (("llama.attention.sliding_window", 4), ("llama.rope.scaling.type", "linear")):
+    for key, value in (("llama.attention.sliding_window", 4), ("llama.rope.scaling.type", "yarn"),
+                       ("llama.rope.scaling.factor", 2.0)):
         out = tmp_path / f"{key}.gguf"
         _rewrite_gguf(tmp_path / "a.gguf", out, {key: value})
         code, _, err = run("logits", out, "--tokens", "1,2")

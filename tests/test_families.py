@@ -1,0 +1,215 @@
+"""The families beyond Llama/Qwen2 and the RoPE variants, against transformers' own classes.
+
+Configs are drawn by Hypothesis: family (Llama, Qwen2, Qwen3, Mistral), GQA ratio 1, 2, 3 or 7,
+tied or untied, RoPE default / linear / llama3 / yarn with positions past
+``original_max_position_embeddings``, Qwen3 with head_dim != hidden / heads, Mistral with a
+sliding window shorter than the sequence. For each: our config is read from transformers'
+config (the real reader), the weights copied, and float64 logits and every hidden state
+(<= 1e-10 relative), the loss and every gradient (<= 1e-8) and KV-cache decoding compared.
+
+The float64 oracle patches transformers' rotary forward to form the same inverse frequencies
+in float64 (`tests.oracles.hf_inv_freq64`); `test_float64_rope_formulas_are_transformers`
+checks those formulas against transformers' own float32 functions.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import cli
+from apr import rope
+from apr.config import ModelConfig, PRESETS
+from apr.errors import AprError
+from ref.model import Model
+from tests.oracles import hf_inv_freq64, randomize_params
+from tests.test_model_vs_hf import hf_exact64, rel_err  # noqa: F401  (fixture)
+
+CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+}
+VOCAB, T, B = 83, 21, 2
+ROPES = {
+    "default": {"rope_type": "default"},
+    "linear": {"rope_type": "linear", "factor": 2.5},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 12},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 12},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 10,
+                    "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16.0},
+}
+
+
+def hf_model(family: str, ratio: int, kv_heads: int, tied: bool, rope_name: str,
+             head_dim: int | None, window: int | None, theta: float, seed: int):
+    cfg_cls, model_cls = CLASSES[family]
+    heads = ratio * kv_heads
+    kw = dict(vocab_size=VOCAB, hidden_size=8 * heads, intermediate_size=40,
+              num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+              max_position_embeddings=64, tie_word_embeddings=tied, rms_norm_eps=1e-5,
+              rope_parameters={"rope_theta": theta, **ROPES[rope_name]},
+              attn_implementation="eager", bos_token_id=1, eos_token_id=2)
+    if head_dim:
+        kw["head_dim"] = head_dim
+    if family == "mistral":
+        kw["sliding_window"] = window
+    if family == "qwen3" and window:
+        kw.update(use_sliding_window=True, sliding_window=window, max_window_layers=1)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw))
+    randomize_params(model, seed)
+    return model.double().eval()
+
+
+def ours_for(hf) -> Model:
+    config = ModelConfig.from_hf_config(json.loads(hf.config.to_json_string()), "transformers")
+    sd = hf.state_dict()
+    names = config.tensor_shapes()
+    dropped = set(dict(hf.named_parameters())) - set(names)
+    assert not dropped, f"torch parameters without a place in the config: {sorted(dropped)}"
+    return Model(config, {n: sd[n].detach().numpy().copy() for n in names}, dtype=np.float64)
+
+
+@st.composite
+def family_cases(draw):
+    family = draw(st.sampled_from(sorted(CLASSES)))
+    rope_name = draw(st.sampled_from(sorted(ROPES)))
+    ratio = draw(st.sampled_from([1, 2, 3, 7]))
+    kv_heads = draw(st.sampled_from([1, 2])) if ratio < 7 else 1
+    tied = draw(st.booleans())
+    head_dim = draw(st.sampled_from([6, 12, 16])) if family == "qwen3" else None
+    window = draw(st.sampled_from([None, 4, 7])) if family in ("mistral", "qwen3") else None
+    theta = draw(st.sampled_from([100.0, 1e4, 5e5]))
+    return family, ratio, kv_heads, tied, rope_name, head_dim, window, theta
+
+
+@settings(max_examples=16, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=family_cases())
+def test_family_against_transformers(case, hf_exact64):  # noqa: F811
+    family, ratio, kv_heads, tied, rope_name, head_dim, window, theta = case
+    hf = hf_model(*case[:4], rope_name, head_dim, window, theta, seed=len(repr(case)))
+    model = ours_for(hf)
+    cfg = model.config
+    assert cfg.family == family and (cfg.rope_scaling is None) == (rope_name == "default")
+    if head_dim:
+        assert cfg.head_dim == head_dim
+    if window:
+        assert any(cfg.window(i) == window for i in range(cfg.num_layers))
+    ids = np.random.default_rng(ratio).integers(0, VOCAB, (B, T))
+
+    # logits and every hidden state
+    captured = []
+    modules = [hf.model.embed_tokens, *hf.model.layers, hf.model.norm]
+    handles = [m.register_forward_hook(
+        lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+        for m in modules]
+    try:
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    logits, hidden = model.forward(ids, capture_hidden=True)
+    assert rel_err(logits, ref) <= 1e-10, case
+    for i, (a, b) in enumerate(zip(hidden, captured)):
+        assert rel_err(a, b.numpy()) <= 1e-10, (case, i)
+
+    # loss and every gradient
+    targets = np.concatenate([ids[:, 1:], np.full((B, 1), -100)], axis=1)
+    loss, grads = model.loss_and_grads(ids, targets)
+    out = hf(input_ids=torch.tensor(ids)).logits
+    ref_loss = F.cross_entropy(out.reshape(-1, VOCAB), torch.tensor(targets).reshape(-1),
+                               ignore_index=-100)
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) <= 1e-12 * abs(ref_loss.item())
+    params = dict(hf.named_parameters())
+    assert sorted(grads) == sorted(cfg.tensor_shapes())
+    for name, g in grads.items():
+        assert rel_err(g, params[name].grad.numpy()) <= 1e-8, (case, name)
+
+    # KV-cache decoding (past the window and past the original context) = full forward
+    cache = model.new_kv_cache(B, T)
+    steps = [model.forward_step(ids[:, :5], cache)]
+    steps += [model.forward_step(ids[:, t:t + 1], cache) for t in range(5, T)]
+    assert rel_err(np.concatenate(steps, axis=1), logits) <= 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(ROPES))
+def test_float64_rope_formulas_are_transformers(name):
+    """The float64 transcription of the oracle = transformers' own function (float32), and
+    ours = the transcription; the attention factor is transformers' value."""
+    for theta, head_dim in ((1e4, 16), (5e5, 64), (1e6, 128)):
+        cfg = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4,
+                                       head_dim=head_dim, max_position_embeddings=64,
+                                       rope_parameters={"rope_theta": theta, **ROPES[name]})
+        kind = cfg.rope_parameters["rope_type"]
+        fn = ROPE_INIT_FUNCTIONS.get(kind)
+        hf_inv, hf_factor = (fn(cfg, None) if fn else
+                             (1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim), 1.0))
+        ref = hf_inv_freq64(cfg).numpy()
+        np.testing.assert_allclose(ref, hf_inv.double().numpy(), rtol=2e-6)
+        scaling = rope.from_dict(ROPES[name], "test", 64)
+        inv, factor = rope.inverse_frequencies(head_dim, theta, scaling)
+        np.testing.assert_allclose(inv, ref, rtol=1e-13)
+        assert factor == pytest.approx(hf_factor, rel=1e-12)
+
+
+def test_llama_cpp_freq_factors_are_the_llama3_divisors():
+    s = PRESETS["llama-3.2-1b"].rope_scaling
+    base, _ = rope.inverse_frequencies(64, 500000.0, None)
+    inv, _ = rope.inverse_frequencies(64, 500000.0, s)
+    factors = rope.llama_cpp_freq_factors(64, 500000.0, s)
+    np.testing.assert_allclose(base / factors, inv, rtol=1e-6)
+    assert factors.min() == 1.0 and factors.max() == 32.0
+
+
+@pytest.mark.parametrize("rp,word", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "dynamic"),
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "longrope"),
+    ({"rope_type": "linear"}, "factor"),
+    ({"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
+    ({"rope_type": "yarn", "factor": 2.0, "beta_fast": "x"}, "beta_fast"),
+    ({"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "low_freq_factor"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 8192}, "low_freq_factor"),
+    ({"rope_type": "yarn", "factor": 2.0}, "original_max_position_embeddings"),
+])
+def test_unsupported_rope_is_one_error_naming_it(tmp_path, rp, word):
+    d = tmp_path / "m"
+    d.mkdir()
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 24,
+           "vocab_size": 32, "rope_parameters": {"rope_theta": 1e4, **rp}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli.main, ["inspect", str(d)])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert word in lines[0], lines[0]
+
+
+def test_refusals_of_the_families():
+    with pytest.raises(AprError, match="attention_bias"):
+        ModelConfig("mistral", 32, 1, 4, 2, 40, 64, attention_bias=True)
+    with pytest.raises(AprError, match="every layer"):
+        ModelConfig("mistral", 32, 2, 4, 2, 40, 64, sliding_window=4,
+                    layer_types=("full_attention", "sliding_attention"))
+    with pytest.raises(AprError, match="rotary pairs"):
+        ModelConfig("llama", 32, 1, 4, 2, 40, 64,
+                    rope_scaling=rope.RopeScaling(rope.FREQ_FACTORS, freq_factors=(1.0, 2.0)))
+    yarn = ModelConfig("qwen3", 32, 1, 4, 2, 40, 64,
+                       rope_scaling=rope.from_dict(ROPES["yarn"], "t", 64))
+    assert any("yarn" in r for r in yarn.gguf_refusals())
+    assert any("attention_bias" in r for r in yarn.replace(attention_bias=True).gguf_refusals())
