@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from apr.config import ModelConfig
 from apr.model import ModelView
 from apr.tokenizer import UNUSED, TokenizerData, is_row_pad
@@ -23,7 +25,7 @@ from apr.tokenizer import UNUSED, TokenizerData, is_row_pad
 from .report import CONFIG, ConfigFinding, TokenizerFinding
 
 CONFIG_KEYS: tuple[str, ...] = (
-    "family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "computes_as", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
     "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta",
     "rms_norm_eps", "attention_bias", "mlp_bias", "hidden_act", "sliding_window", "layer_types",
 )
@@ -46,11 +48,24 @@ def _same(x: Any, y: Any) -> bool:
 
 
 def compare_configs(ca: ModelConfig | None, cb: ModelConfig | None) -> list[ConfigFinding]:
+    """Field by field (the family as it computes: a Mistral without a window is a Llama);
+    RoPE by the inverse frequencies and attention factor each config implies, so llama3
+    parameters and a GGUF's rope_freqs.weight that give the same frequencies are the same."""
     if ca is None or cb is None:
         return []
-    return [ConfigFinding(k, getattr(ca, k), getattr(cb, k), CONFIG,
-                          f"{k}: A {getattr(ca, k)!r}, B {getattr(cb, k)!r}")
-            for k in CONFIG_KEYS if not _same(getattr(ca, k), getattr(cb, k))]
+    out = [ConfigFinding(k, getattr(ca, k), getattr(cb, k), CONFIG,
+                         f"{k}: A {getattr(ca, k)!r}, B {getattr(cb, k)!r}")
+           for k in CONFIG_KEYS if not _same(getattr(ca, k), getattr(cb, k))]
+    if ca.head_dim == cb.head_dim and _same(ca.rope_theta, cb.rope_theta):
+        (ia, fa), (ib, fb) = ca.inverse_frequencies(), cb.inverse_frequencies()
+        worst = float(np.max(np.abs(ia - ib) / np.abs(ib)))
+        if worst > FLOAT_REL or not math.isclose(fa, fb, rel_tol=FLOAT_REL):
+            def what(c: ModelConfig) -> str:
+                return c.rope_scaling.describe() if c.rope_scaling else "plain"
+            out.append(ConfigFinding("rope_scaling", what(ca), what(cb), CONFIG,
+                                     f"rope_scaling: A {what(ca)}, B {what(cb)} (inverse "
+                                     f"frequencies differ by up to {worst:.3g} relative)"))
+    return out
 
 
 def layout_notes(va: ModelView, vb: ModelView) -> list[str]:

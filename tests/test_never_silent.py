@@ -293,6 +293,7 @@ def _rewrite_gguf(src: Path, dst: Path, extra: dict) -> None:
             w.add_key_value(name, f.contents(), vt)
     for key, value in extra.items():
         w.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str)
+                        else gguf.GGUFValueType.FLOAT32 if isinstance(value, float)
                         else gguf.GGUFValueType.UINT32)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)   # F32 export: plain arrays

@@ -1,0 +1,97 @@
+"""The new families and RoPE variants against llama.cpp, both ways:
+
+* ours -> llama.cpp: an HF model built by transformers (Qwen3 with head_dim != hidden/heads,
+  Mistral, Llama with llama3 and linear RoPE scaling), converted HF -> APR -> GGUF by us, run by
+  llama.cpp (subprocess, F32 KV cache): logits = transformers' within 1e-4 (relative to the
+  largest logit), at positions past original_max_position_embeddings.
+* llama.cpp -> ours: the same HF directories through llama.cpp's own convert_hf_to_gguf.py;
+  our GGUF -> APR gives tensors equal to the HF originals, and `diff HF GGUF` says equivalent
+  (a llama3 model's rope_freqs.weight against its config's llama3 parameters included).
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+import cli
+from apr import open_model
+from apr.convert import convert
+from apr.tokenizer import from_gguf_fields
+from tests.oracles import llama_cpp_convert, llama_cpp_logits, write_tokenizer
+from tests.test_families import CLASSES, hf_model
+
+CASES = {
+    # id: (family, ratio, kv_heads, tied, rope, head_dim, window, theta)
+    "llama3-rope": ("llama", 2, 2, False, "llama3", None, None, 5e5),
+    "llama-linear-rope": ("llama", 1, 2, True, "linear", None, None, 1e4),
+    "qwen3-head-dim": ("qwen3", 2, 2, True, "default", 16, None, 1e6),
+    "mistral": ("mistral", 2, 2, False, "default", None, None, 1e6),
+}
+IDS = [5, 17, 3, 60, 2, 9, 33, 41, 8, 12, 70, 1, 44, 19, 27, 6, 50, 11, 38, 4]   # 20 > 12
+
+
+def save_hf(tmp_path, case_id: str, vocab_rows: int | None = None):
+    family, *rest = CASES[case_id]
+    hf = hf_model(family, *rest[:3], rest[3], rest[4], rest[5], rest[6], seed=3)
+    if vocab_rows is not None:
+        hf.resize_token_embeddings(vocab_rows)
+    d = tmp_path / "hf"
+    hf.float().save_pretrained(d)
+    return d, hf.float()
+
+
+def transformers_logits(hf, ids) -> np.ndarray:
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_our_gguf_runs_in_llama_cpp_like_transformers(case_id, tmp_path):
+    d, hf = save_hf(tmp_path, case_id, vocab_rows=320)
+    write_tokenizer(d, vocab_size=300)
+    runner = CliRunner()
+    for src, dst in ((d, tmp_path / "m.apr"), (tmp_path / "m.apr", tmp_path / "m.gguf")):
+        r = runner.invoke(cli.main, ["convert", str(src), "-o", str(dst), "--quiet"])
+        assert r.exit_code == 0, r.output
+    with open_model(tmp_path / "m.gguf") as g:
+        names = set(g.tensors)
+        assert g.config.computes_as == CASES[case_id][0] or CASES[case_id][0] == "mistral"
+    if CASES[case_id][4] == "llama3":
+        with open_model(tmp_path / "m.gguf") as g:
+            assert g.config.rope_scaling.type == "freq_factors"
+    if CASES[case_id][0] == "qwen3":
+        assert "model.layers.0.self_attn.q_norm.weight" in names
+    ours = llama_cpp_logits(tmp_path / "m.gguf", IDS)
+    ref = transformers_logits(hf, IDS)
+    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    assert rel <= 1e-4, f"{case_id}: llama.cpp vs transformers rel {rel:.3g}"
+
+
+def test_mistral_window_is_refused_for_gguf(tmp_path):
+    hf = hf_model("mistral", 2, 2, False, "default", None, 4, 1e4, seed=1)
+    hf.float().save_pretrained(tmp_path / "hf")
+    r = CliRunner().invoke(cli.main, ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "m.gguf"),
+                                      "--allow-no-tokenizer", "--quiet"])
+    assert r.exit_code == 2 and "sliding-window" in r.stderr, r.output
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("case_id", ["llama3-rope", "qwen3-head-dim", "mistral"])
+def test_llama_cpp_converter_output_reads_back(case_id, llama_cpp_src, tmp_path):
+    tok = from_gguf_fields(gguf.GGUFReader(llama_cpp_src / "models" / "ggml-vocab-llama-bpe.gguf"))
+    rows = tok.vocab_size + (-tok.vocab_size % 64)
+    d, hf = save_hf(tmp_path, case_id, vocab_rows=rows)
+    out = llama_cpp_convert(llama_cpp_src, d, tmp_path / "llama-cpp.gguf", tok)
+    convert(out, tmp_path / "m.apr")
+    state = load_file(str(d / "model.safetensors"))
+    with open_model(tmp_path / "m.apr") as v:
+        for name, want in state.items():
+            got = v.tensors[name].raw()
+            assert got.shape == want.shape and np.array_equal(got, want), name
+    r = CliRunner().invoke(cli.main, ["diff", str(d), str(out)])
+    assert r.exit_code == 0, r.output
+    assert "DIAGNOSIS: equivalent" in r.output, r.output[-2000:]
