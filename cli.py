@@ -90,7 +90,11 @@ def _print_inspect(r: dict[str, Any], show_tensors: bool) -> None:
         out(f"  shape: hidden {c['hidden_size']}, layers {c['num_layers']}, heads {c['num_heads']}/"
             f"{c['num_kv_heads']} kv, head_dim {c['head_dim']}, ffn {c['intermediate_size']}, "
             f"vocab {c['vocab_size']}")
-        out(f"  rope: theta {c['rope_theta']:g}, order {c['rope_type']}; rms eps {c['rms_norm_eps']:g}; "
+        scaling = c.get("rope_scaling")
+        scaling = (", scaling " + ", ".join(f"{k} {v}" for k, v in scaling.items()
+                                            if k != "freq_factors")) if scaling else ""
+        out(f"  rope: theta {c['rope_theta']:g}{scaling}, order {c['rope_type']}; "
+            f"rms eps {c['rms_norm_eps']:g}; q/k norm {c.get('qk_norm', False)}; "
             f"tied embeddings {c['tie_word_embeddings']}; attention bias {c['attention_bias']}; "
             f"max positions {c['max_position_embeddings']}")
         sliding = [i for i, t in enumerate(c["layer_types"]) if t == "sliding_attention"]

@@ -259,6 +259,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hf_architecture"] = self.hf_architecture
+        d["rope_scaling"] = self.rope_scaling.to_dict() if self.rope_scaling else None
+        d["qk_norm"] = self.qk_norm
         return d
 
     def validate(self) -> None:
@@ -458,7 +460,7 @@ class ModelConfig:
         elif self.mlp_bias:
             raise UnsupportedError(f"{fam.hf_architecture} has no MLP biases; this config cannot "
                                    "be written for it")
-        if self.family == "llama":
+        if fam.pretraining_tp:
             d["pretraining_tp"] = 1
         if self.layer_types and not fam.sliding_window_option:
             raise UnsupportedError(f"{fam.hf_architecture} has no sliding-window attention")

@@ -31,20 +31,24 @@ class Family:
     gguf_mlp_bias: bool = False          # llama.cpp loads and applies ffn_{gate,up,down}.bias
     gguf_attention_bias: bool = True     # llama.cpp loads and applies the q/k/v(/o) biases
     gguf_family: str = ""                # the family a GGUF of this one reads back as ("": itself)
+    pretraining_tp: bool = False         # HF config has pretraining_tp (written as 1)
+    rope_theta_range: tuple[float, float] = (1e3, 1e8)   # what qa calls plausible
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", "llama", "llama",
                     attention_bias=False, gguf_rope_permuted=True, output_bias=True,
                     gguf_free_head_dim=True, attention_bias_option=True, mlp_bias_option=True,
-                    gguf_mlp_bias=True),
+                    gguf_mlp_bias=True, pretraining_tp=True),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", "qwen2",
                     attention_bias=True, gguf_rope_permuted=False, output_bias=False,
-                    gguf_free_head_dim=False, sliding_window_option=True),
+                    gguf_free_head_dim=False, sliding_window_option=True,
+                    rope_theta_range=(1e5, 1e8)),
     "qwen3": Family("qwen3", "Qwen3ForCausalLM", "qwen3", "qwen3",
                     attention_bias=False, gguf_rope_permuted=False, output_bias=True,
                     gguf_free_head_dim=True, attention_bias_option=True,
-                    sliding_window_option=True, qk_norm=True, gguf_attention_bias=False),
+                    sliding_window_option=True, qk_norm=True, gguf_attention_bias=False,
+                    rope_theta_range=(1e5, 1e8)),
     # llama.cpp stores a Mistral as a llama (and does not apply its sliding window)
     "mistral": Family("mistral", "MistralForCausalLM", "mistral", "llama",
                       attention_bias=False, gguf_rope_permuted=True, output_bias=False,

@@ -76,7 +76,6 @@ def gate_format(ctx: QaContext):
 
 
 # plausible ranges per family; a value outside is a config defect, not a style choice
-PLAUSIBLE_ROPE_THETA = {"qwen2": (1e5, 1e8), "llama": (1e3, 1e8)}
 
 
 def gate_metadata(ctx: QaContext):
@@ -95,7 +94,7 @@ def gate_metadata(ctx: QaContext):
         aliases = [a for als in names.APR_KEY_ALIASES.values() for a in als if a in view.metadata]
         if aliases:
             problems.append(f"alias keys {', '.join(aliases)} beside canonical ones make aprender drop all metadata")
-    lo, hi = PLAUSIBLE_ROPE_THETA[cfg.family]
+    lo, hi = names.FAMILIES[cfg.family].rope_theta_range
     if not lo <= cfg.rope_theta <= hi:
         problems.append(f"rope_theta {cfg.rope_theta:g} is implausible for {cfg.family} "
                         f"(expected {lo:g}..{hi:g}; Qwen2 uses 1e6)")

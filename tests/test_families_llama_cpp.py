@@ -95,3 +95,24 @@ def test_llama_cpp_converter_output_reads_back(case_id, llama_cpp_src, tmp_path)
     r = CliRunner().invoke(cli.main, ["diff", str(d), str(out)])
     assert r.exit_code == 0, r.output
     assert "DIAGNOSIS: equivalent" in r.output, r.output[-2000:]
+
+
+def test_diff_names_rope_freqs_that_disagree_with_the_config(tmp_path):
+    """The same weights exported with llama3 factor 16 instead of 8: every tensor equal, the
+    GGUF's rope_freqs.weight differs from what the HF config implies -> CONFIG rope_scaling."""
+    import json
+    d, _ = save_hf(tmp_path, "llama3-rope")
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in d.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rope_parameters"]["factor"] = 16.0
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli.main, ["convert", str(other), "-o", str(tmp_path / "x.gguf"),
+                                      "--allow-no-tokenizer", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli.main, ["diff", str(d), str(tmp_path / "x.gguf")])
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("DIAGNOSIS: CONFIG") and "rope_scaling" in last, r.output[-1500:]
