@@ -7,7 +7,9 @@
 Tensors are aligned by canonical (HF) name and compared in HF layout (a format's known
 layout, such as GGUF llama's rotary row order, is undone first), one tensor at a time, with
 a tolerance derived from the two storage dtypes (diff/values.py). Every relation below is
-recognized from the values (diff/detectors.py); names only label the findings.
+recognized from the values (diff/detectors.py); names only label the findings. A tensor
+that its own name's counterpart does not explain is then looked for among the other side's
+tensors of its shape (diff/relations.py: SWAPPED, LAYERS REORDERED, MOVED).
 
 Diagnosis classes — the first word(s) of the final `DIAGNOSIS:` line and `diagnosis.class`
 in `--json`:
@@ -29,10 +31,21 @@ in `--json`:
     TIED                one side ties lm_head to the embedding and the other's lm_head is
                         not equal to it (or a side declares tied embeddings but stores an
                         lm_head that is not a copy of its embedding)
+    LAYERS REORDERED    every tensor of B's layer i is A's layer p(i): the permutation p is
+                        printed once ("in the order [0, 2, 1, 3]")
+    SWAPPED             B's X is A's Y and B's Y is A's X (gate <-> up, q <-> k, two layers'
+                        norms, ...), both named
+    MOVED               B's X is A's Y, which is still in place (a copy under the wrong name)
     SHUFFLED            B's rows are A's rows in another order
     SCALED              B = s × A for a scalar s != 1
-    UNRELATED           values unrelated (no relation above holds)
-    QUANTIZATION noise  values close (rel L2 <= 0.3) but beyond what the dtypes' rounding allows
+    VALUES CHANGED      B's values follow A's but differ beyond rounding: between two lossless
+                        files any such difference (rel L2 <= 0.3), or beyond a lossy side's
+                        noise bound; for a vector the pattern is named (all ones, zeroed,
+                        A + 1 / A - 1: a norm's (1 + w) folded twice or not at all, a constant)
+    UNRELATED           values unrelated (no relation above holds, to this or another tensor)
+    QUANTIZATION noise  values differ beyond the rounding of the dtype a side was stored in (or
+                        held before an up-cast), by at most 2x that dtype's tolerance: claimed
+                        from the storage, never from the size of the difference alone
     CONFIG              a model config key differs (rope_theta, rms_norm_eps, heads, ...);
                         with identical tensors it shows only in the logits, which confirm it
                         by re-running B with A's value

@@ -11,6 +11,7 @@ from apr.console import progress_bar
 from apr.errors import AprError
 from apr.model import ModelView, open_model
 
+from . import relations
 from . import report as R
 from .logits import (AUTO_MAX_PARAMS, DEFAULT_TOKENS, SHORT_TOKENS, compare_logits, default_tokens,
                      param_count, run_dtype)
@@ -133,6 +134,15 @@ def _defect_message(cls: str, tensors: list[R.TensorFinding], config: list[R.Con
         return R.Diagnosis(cls, [], f"{cls} — {lg.message}")
     items = [f for f in tensors if f.defect == cls]
     names = list(dict.fromkeys(f.name for f in items))
+    if cls == R.LAYERS_REORDERED:            # one permutation explains them all
+        return R.Diagnosis(cls, names, f"{cls} — {items[0].message}")
+    if cls == R.SWAPPED:                     # name each pair once
+        pairs, seen = [], set()
+        for f in items:                      # in model order: the first of each pair leads
+            if frozenset((f.name, f.detail["with"])) not in seen:
+                seen.add(frozenset((f.name, f.detail["with"])))
+                pairs.append(f"{f.name} <-> {f.detail['with']}")
+        return R.Diagnosis(cls, names, f"{cls} — {_names_text(pairs)}")
     msg = f"{cls} — {_names_text(names)}"
     if len(items) == 1:
         msg += f": {items[0].message}"
@@ -181,6 +191,7 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
         with progress_bar(progress, total=tensor_bytes(va, vb), unit="B", unit_scale=True,
                           desc="comparing") as bar:
             tensors = list(compare_tensors(va, vb, bar.update))
+        relations.apply(va, vb, tensors)
         config = compare_configs(va.config, vb.config)
         tokenizer = compare_tokenizers(va, vb)
         t2 = time.perf_counter()

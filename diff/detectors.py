@@ -20,7 +20,7 @@ from apr.model import TensorRef
 
 from . import report as R
 from .reader import whole
-from .values import NOISE_LIMIT, lossiest, pair_stats, rel_l2, within_rounding
+from .values import NOISE_FACTOR, lossiest, lossy, pair_stats, rel_l2, within_rounding
 
 SHUFFLE_FULL_ROWS = 4096      # match every row up to this many rows, else a sample
 SHUFFLE_SAMPLE = 1024
@@ -28,6 +28,7 @@ SHUFFLE_MATCHED = 0.95        # fraction of (sampled) rows of B found among A's 
 PROBE_COLUMNS = 8             # columns compared first, before a full comparison
 PROBE_LIMIT = 0.3             # rel L2 of the probe above which rows cannot match
 SCALED_MIN_COSINE = 0.99      # candidates for B = s × A
+CHANGED_LIMIT = 0.3           # rel L2 up to which B's values are A's, changed (else unrelated)
 
 
 @dataclass
@@ -246,7 +247,7 @@ def detect_scaled(p: Pair) -> Relation | None:
     if aa == 0:
         return None
     s = float(np.dot(a, b)) / aa
-    if abs(s - 1) <= p.tol or not p.equal((s * a).astype(np.float32), b.astype(np.float32)):
+    if abs(s - 1) <= NOISE_FACTOR * p.tol or not p.equal((s * a).astype(np.float32), b.astype(np.float32)):
         return None
     return Relation("scaled", R.SCALED, f"B = {s:.4g} × A", {"scale": s})
 
@@ -298,12 +299,54 @@ def detect_shuffled(p: Pair) -> Relation | None:
 
 
 def detect_noise(p: Pair) -> Relation | None:
+    """Quantization noise, claimed only where a side was stored in a lossy dtype (or held one
+    before an up-cast) and the difference stays within NOISE_FACTOR x that storage's
+    tolerance: never from the size of the difference alone."""
     s = p.stats
-    if s is None or s.rel_l2 > NOISE_LIMIT:
+    lossy_sides = [d for d in (p.ref_a.precision, p.ref_b.precision) if lossy(d)]
+    if s is None or not lossy_sides or s.rel_l2 > NOISE_FACTOR * p.tol:
         return None
     return Relation("noise", R.NOISE,
                     f"values differ beyond {p.dtype_label} rounding: rel L2 {_fmt(s.rel_l2)} > "
-                    f"{_fmt(p.tol)}, cosine {s.cosine:.4f}", {"rel_l2": s.rel_l2})
+                    f"{_fmt(p.tol)} (but within {NOISE_FACTOR:g}x), cosine {s.cosine:.4f}",
+                    {"rel_l2": s.rel_l2})
+
+
+def vector_pattern(a: np.ndarray, b: np.ndarray) -> str | None:
+    """How vector B was made from vector A, when it is one of the changes conversion scripts
+    make: all ones, zeroed, a constant, A + 1 or A - 1 (a norm's (1 + w) folded once too
+    often or not at all)."""
+    if a.ndim != 1 or a.size == 0:
+        return None
+    if not np.any(b):
+        return "zeroed"
+    d = (b.astype(np.float64) - a.astype(np.float64))
+    tol = 1e-6 * max(1.0, float(np.abs(a).max()))
+    for off in (1.0, -1.0):
+        if np.all(np.abs(d - off) <= tol + 1e-3 * abs(off)):
+            return f"A {'+' if off > 0 else '-'} 1 (offset by exactly {off:+g})"
+    if np.all(b == b[0]):
+        return "all ones" if b[0] == 1 else f"a constant {float(b[0]):.4g}"
+    return None
+
+
+def detect_changed(p: Pair) -> Relation | None:
+    """B's values are A's, changed: between lossless copies any difference beyond rounding
+    (with the pattern, for a vector), or beyond a lossy side's noise bound while B still
+    follows A (rel L2 <= CHANGED_LIMIT)."""
+    s = p.stats
+    if s is None:
+        return None
+    pattern = vector_pattern(p.a(), p.b()) if len(p.ref_a.shape) == 1 else None
+    if pattern is None and s.rel_l2 > CHANGED_LIMIT:
+        return None
+    stored = "both stored lossless" if not any(lossy(d) for d in (p.ref_a.precision, p.ref_b.precision)) \
+        else f"beyond {p.dtype_label} rounding"
+    what = f"B is {pattern}; " if pattern else ""
+    return Relation("changed", R.VALUES_CHANGED,
+                    f"{what}rel L2 {_fmt(s.rel_l2)}, cosine {s.cosine:.4f} ({stored}, "
+                    f"tolerance {_fmt(p.tol)})",
+                    {"rel_l2": s.rel_l2, "cosine": s.cosine, "pattern": pattern})
 
 
 def detect_unrelated(p: Pair) -> Relation:
@@ -326,6 +369,7 @@ DETECTORS: tuple[Callable[[Pair], Relation | None], ...] = (
     detect_scaled,
     detect_shuffled,
     detect_noise,
+    detect_changed,
     detect_unrelated,
 )
 

@@ -19,7 +19,11 @@ ROTARY = "LAYOUT rotary-permuted"
 PADDING = "PADDING"
 TIED = "TIED"
 SHUFFLED = "SHUFFLED"
+LAYERS_REORDERED = "LAYERS REORDERED"
+SWAPPED = "SWAPPED"
+MOVED = "MOVED"
 SCALED = "SCALED"
+VALUES_CHANGED = "VALUES CHANGED"
 UNRELATED = "UNRELATED"
 NOISE = "QUANTIZATION noise"
 CONFIG = "CONFIG"
@@ -28,8 +32,9 @@ LOGITS = "LOGITS"
 
 # When several defects are found, the diagnosis names the first class in this order (the
 # most structural first); a culprit the logits localized goes in front of all of them.
-CLASS_PRIORITY: tuple[str, ...] = (MISSING, EXTRA, SHAPE, NONFINITE, TRANSPOSED, ROTARY, PADDING, TIED,
-                                   SHUFFLED, SCALED, UNRELATED, NOISE, CONFIG, TOKENIZER, LOGITS)
+CLASS_PRIORITY: tuple[str, ...] = (MISSING, EXTRA, NONFINITE, LAYERS_REORDERED, SWAPPED, MOVED,
+                                   SHAPE, TRANSPOSED, ROTARY, PADDING, TIED, SHUFFLED, SCALED,
+                                   VALUES_CHANGED, UNRELATED, NOISE, CONFIG, TOKENIZER, LOGITS)
 
 # Per-tensor relations that are not defects.
 IDENTICAL = "identical"

@@ -41,9 +41,11 @@ MAX_ERROR_FRACTION: dict[str, float] = {
     "F16": 2 ** -11, "BF16": 2 ** -8, "F32": 2 ** -24, "F64": 0.0,
 }
 BLOCK_QUANTIZERS = ("APR_Q8", "Q8_0", "APR_Q4", "Q4_0")
-# Beyond the dtype tolerance but with this relative error or less (cosine above ~0.95),
-# B still points where A does: noise (a lossier dtype than declared), not a layout defect.
-NOISE_LIMIT = 0.3
+# Quantization noise is claimed only where a side was stored (or, before an up-cast, held) in a
+# lossy dtype, and only up to this multiple of the pair's tolerance; any other difference is a
+# change of values.
+NOISE_FACTOR = 2.0
+LOSSLESS_TOLERANCE = 1e-6     # F32 and F64: storage that rounds nothing a model holds
 
 
 def dtype_tolerance(dtype_name: str) -> float:
@@ -65,6 +67,11 @@ def within_rounding(stats: PairStats, dtype_a: str, dtype_b: str) -> bool:
     if None in fractions:
         return False
     return stats.max_abs <= sum(fractions) * stats.max_value * (1 + 1e-6)
+
+
+def lossy(dtype_name: str | None) -> bool:
+    """Whether storing in this dtype rounds an F32 weight (F16, BF16, every quantizer)."""
+    return dtype_name is not None and dtype_tolerance(dtype_name) > LOSSLESS_TOLERANCE
 
 
 def lossiest(*dtype_names: str) -> str:

@@ -149,11 +149,38 @@ def test_unrelated(a, seed):
 
 @given(matrices(), st.floats(0.01, 0.2))
 @SETTINGS
-def test_noise(a, level):
+def test_a_change_between_lossless_copies_is_never_noise(a, level):
+    """Noise-sized differences between two F32 tensors are a change of values: noise can only
+    be claimed where a side was stored lossy."""
     noise = np.random.default_rng([1, 7]).standard_normal(a.shape).astype(np.float32)
     b = a + noise * np.float32(level * np.linalg.norm(a) / np.linalg.norm(noise))
     rel = relate(a, b)
-    assert rel.defect == R.NOISE, rel.message
+    assert rel.defect == R.VALUES_CHANGED and "both stored lossless" in rel.message, rel.message
+
+
+@given(matrices(), st.floats(1.2, 1.8), st.floats(2.5, 6))
+@SETTINGS
+def test_noise_is_bounded_by_the_stored_dtype(a, inside, outside):
+    """B stored F16: a difference of up to twice the F16 tolerance is noise, beyond is a change."""
+    tol = pair_tolerance("F32", "F16")
+    noise = np.random.default_rng([2, 9]).standard_normal(a.shape).astype(np.float32)
+    for factor, want in ((inside, R.NOISE), (outside, R.VALUES_CHANGED)):
+        b = a + noise * np.float32(factor * tol * np.linalg.norm(a) / np.linalg.norm(noise))
+        rel = relate(a, b, dtype_b="F16")
+        assert rel.defect == want, (factor, rel.message)
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda a: np.ones_like(a), "all ones"),
+    (lambda a: np.zeros_like(a), "zeroed"),
+    (lambda a: a + 1, "A + 1"),
+    (lambda a: a - 1, "A - 1"),
+    (lambda a: np.full_like(a, 0.5), "a constant 0.5"),
+])
+def test_vector_change_patterns(make, pattern):
+    a = (1 + 0.1 * np.random.default_rng(3).standard_normal(64)).astype(np.float32)
+    rel = relate(a, make(a).astype(np.float32))
+    assert rel.defect == R.VALUES_CHANGED and rel.message.startswith(f"B is {pattern}"), rel.message
 
 
 def test_shapes_no_layout_explains():

@@ -230,12 +230,14 @@ def test_unrelated(family, a_kind, which, suffix, seed, b_fmt):
        st.sampled_from(["Q4_0", "APR_Q4"]), st.sampled_from(["apr", "hf", "gguf"]))
 @SETTINGS
 def test_quantization_noise(family, a_kind, which, suffix, lossy, b_fmt):
-    """B declares F32 but one tensor went through a 4-bit quantizer on the way."""
+    """B declares F32 but one tensor went through a 4-bit quantizer on the way: B's storage
+    says lossless, so that is a change of values, not noise (noise is never claimed from the
+    size of a difference alone; an F16 A allows 2x its own tolerance, far below 4-bit noise)."""
     name = layer_name(layer_index(family, which), suffix)
     t = hf_tensors(family)
     dt = dtype_by_name(lossy)
     t[name] = decode(encode(t[name], dt), dt, t[name].shape)
-    check(a_kind, Case(family, b_fmt, t, R.NOISE, name))
+    check(a_kind, Case(family, b_fmt, t, R.VALUES_CHANGED, name))
 
 
 # --------------------------------------------------------------------------- MISSING / EXTRA
@@ -329,3 +331,78 @@ def test_gguf_token_count_must_match_embedding_rows():
     assert "400 tokens but 448 embedding rows" in r.diagnosis.message
     # the padded GGUF tokenizer (pads up to the embedding rows) is equivalent to HF's 400 tokens
     assert compare(clean("llama", "hf"), g).equivalent
+
+
+# --------------------------------------------------------------------------- relations between tensors
+
+def _same_shape_pairs(family: str) -> list[tuple[str, str]]:
+    t = hf_tensors(family)
+    order = list(t)
+    pairs = []
+    for i, x in enumerate(order):
+        for y in order[i + 1:]:
+            if t[x].shape == t[y].shape and x != EMBED and LM_HEAD not in (x, y):
+                pairs.append((x, y))
+    return pairs
+
+
+@given(FAMILIES, st.sampled_from(F32_KINDS), st.integers(0, 10 ** 6), st.sampled_from(["apr", "hf", "gguf"]))
+@SETTINGS
+def test_swapped(family, a_kind, pick, b_fmt):
+    """Any two tensors of the same shape exchanged (gate <-> up, q <-> o, two layers' norms,
+    k <-> v, ...): SWAPPED, naming both."""
+    pairs = _same_shape_pairs(family)
+    x, y = pairs[pick % len(pairs)]
+    t = hf_tensors(family)
+    t[x], t[y] = t[y], t[x]
+    report = check(a_kind, Case(family, b_fmt, t, R.SWAPPED, x))
+    assert f"{x} <-> {y}" in report.diagnosis.line
+
+
+@given(FAMILIES, st.sampled_from(F32_KINDS), st.sampled_from(["apr", "hf", "gguf"]))
+@SETTINGS
+def test_layers_reordered(family, a_kind, b_fmt):
+    """Every tensor of layer 0 is layer 1's and back: one permutation, printed as one."""
+    t = hf_tensors(family)
+    for name in [n for n in t if n.startswith("model.layers.0.")]:
+        other = name.replace("model.layers.0.", "model.layers.1.")
+        t[name], t[other] = t[other], t[name]
+    report = check(a_kind, Case(family, b_fmt, t, R.LAYERS_REORDERED, None))
+    assert "in the order [1, 0]" in report.diagnosis.line, report.diagnosis.line
+
+
+@given(FAMILIES, st.sampled_from(F32_KINDS), st.integers(0, 10 ** 6), st.sampled_from(["apr", "hf", "gguf"]))
+@SETTINGS
+def test_moved(family, a_kind, pick, b_fmt):
+    """B's X is a copy of A's Y (Y still in place): MOVED, naming both."""
+    pairs = _same_shape_pairs(family)
+    x, y = pairs[pick % len(pairs)]
+    t = hf_tensors(family)
+    t[x] = t[y].copy()
+    report = check(a_kind, Case(family, b_fmt, t, R.MOVED, x))
+    assert f"B's {x} is A's {y}" in report.diagnosis.line, report.diagnosis.line
+
+
+@given(FAMILIES, A_KINDS, LAYERS, st.sampled_from(NORMS + ("norm",)),
+       st.sampled_from(["all ones", "zeroed", "A + 1", "A - 1"]), st.sampled_from(["apr", "hf", "gguf"]))
+@SETTINGS
+def test_norm_vector_changed(family, a_kind, which, suffix, pattern, b_fmt):
+    """A norm weight set to ones, zeroed, or off by exactly one (Gemma's (1 + w) folded twice
+    or not at all): VALUES CHANGED with the pattern, never noise, between lossless files."""
+    name = "model.norm.weight" if suffix == "norm" else layer_name(layer_index(family, which), suffix)
+    t = hf_tensors(family)
+    w = t[name]
+    t[name] = {"all ones": np.ones_like(w), "zeroed": np.zeros_like(w),
+               "A + 1": w + 1, "A - 1": w - 1}[pattern].astype(np.float32)
+    report = check(a_kind, Case(family, b_fmt, t, R.VALUES_CHANGED, name))
+    assert f"B is {pattern}" in report.diagnosis.line, report.diagnosis.line
+
+
+@given(st.sampled_from(F32_KINDS), LAYERS, st.sampled_from(["q_proj", "k_proj", "v_proj"]),
+       st.sampled_from(["apr", "hf"]))
+@SETTINGS
+def test_bias_dropped(a_kind, which, proj, b_fmt):
+    name = layer_name(layer_index("qwen2", which), f"self_attn.{proj}.bias")
+    t = hf_tensors("qwen2")
+    del t[name]
+    check(a_kind, Case("qwen2", b_fmt, t, R.MISSING, name, runs=False))
