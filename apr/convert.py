@@ -24,7 +24,7 @@ from .atomic import atomic_dir, atomic_file, check_output
 from .console import progress_bar, utc_timestamp
 from .config import ModelConfig
 from .container import TensorSource, write_apr
-from .dtypes import DType, dtype_by_name, encode, nbytes
+from .dtypes import DTYPES, DType, dtype_by_name, encode, nbytes
 from .errors import AprError, ConfigError, UnsupportedError
 from .gguf_io import GgufTensor, write_gguf
 from .layout import adjacent_to_halves, halves_to_adjacent
@@ -36,7 +36,8 @@ CONVERT_DTYPES = ("f32", "f16", "bf16", "q8_0")
 # what each target format can store; anything else is dequantized to F32
 STORABLE = {
     "apr": {"F32", "F16", "BF16", "F64", "Q4_K", "Q6_K", "APR_Q4", "APR_Q8"},
-    "gguf": {"F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_K", "Q6_K"},
+    "gguf": {"F32", "F16", "BF16", "F64"} | {d.name for d in DTYPES.values() if d.ggml is not None
+                                              and d.quantized},
     "hf": {"F32", "F16", "BF16", "F64"},
 }
 # a container of bare tensors (no model architecture) also keeps integer tensors
@@ -52,7 +53,9 @@ REQUESTED = {
     "bf16": {"apr": "BF16", "gguf": "BF16", "hf": "BF16"},
     "q8_0": {"apr": "APR_Q8", "gguf": "Q8_0"},
 }
-GGUF_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
+GGUF_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+                  "Q2_K": 10, "Q3_K": 11, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25,
+                  "BF16": 32}
 HF_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import ml_dtypes
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GGML
 from gguf import quants as gguf_quants
 
@@ -81,6 +82,24 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     _block("Q8_0", None, GGML.Q8_0, 32, 34),
     _block("Q4_0", None, GGML.Q4_0, 32, 18),
 )}
+
+
+
+def _dequantizable(t: GGML) -> bool:
+    """Whether the gguf library decodes GGML block type ``t`` (probed on one zero block)."""
+    block, size = GGML_QUANT_SIZES[t]
+    try:
+        gguf_quants.dequantize(np.zeros((1, size), np.uint8), t)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# every other GGML block type the gguf library can decode: read by every command, kept as
+# stored in GGUF, dequantized (exactly, to F32) for APR and HF
+for _t in GGML:
+    if GGML_QUANT_SIZES[_t][0] > 1 and _t.name not in DTYPES and _dequantizable(_t):
+        DTYPES[_t.name] = _block(_t.name, None, _t, *GGML_QUANT_SIZES[_t])
 
 F32 = DTYPES["F32"]
 APR_Q4 = DTYPES["APR_Q4"]

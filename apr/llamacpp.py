@@ -60,3 +60,26 @@ def llama_cpp_logits(gguf_path: str | os.PathLike, ids: list[int], threads: int 
         if proc.returncode != 0 or not out.exists():
             raise LlamaCppError(f"{gguf_path}: llama.cpp failed (exit {proc.returncode}): {_reason(proc.stderr)}")
         return np.load(out)
+
+
+_QUANTIZE = textwrap.dedent("""
+    import sys, llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+    params.nthread = int(sys.argv[4])
+    sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+""")
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, threads: int = 2,
+             timeout: float = 600) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize) on an F32/F16 GGUF, in a child
+    process: ``ftype`` is llama.cpp's file type name without the prefix (Q8_0, Q4_K_M, ...)."""
+    if not available():
+        raise LlamaCppError("llama-cpp-python is not installed (pip install 'apr-ref[test]')")
+    proc = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), ftype, str(threads)],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not Path(dst).exists():
+        raise LlamaCppError(f"{src}: llama.cpp could not quantize to {ftype} "
+                            f"(exit {proc.returncode}): {_reason(proc.stderr)}")
+    return Path(dst)

@@ -20,7 +20,8 @@ from apr.model import TensorRef
 
 from . import report as R
 from .reader import whole
-from .values import NOISE_FACTOR, lossiest, lossy, pair_stats, rel_l2, within_rounding
+from .values import (NOISE_FACTOR, lossiest, lossy, pair_stats, rel_l2, unmeasured,
+                     within_rounding)
 
 SHUFFLE_FULL_ROWS = 4096      # match every row up to this many rows, else a sample
 SHUFFLE_SAMPLE = 1024
@@ -304,6 +305,12 @@ def detect_noise(p: Pair) -> Relation | None:
     tolerance: never from the size of the difference alone."""
     s = p.stats
     lossy_sides = [d for d in (p.ref_a.precision, p.ref_b.precision) if lossy(d)]
+    blind = [d for d in lossy_sides if unmeasured(d)]
+    if s is not None and blind and s.rel_l2 <= CHANGED_LIMIT * 3:
+        return Relation("noise", R.NOISE,
+                        f"stored in {blind[0]}, whose rounding no measurement here bounds: "
+                        f"rel L2 {_fmt(s.rel_l2)}, cosine {s.cosine:.4f} (equivalence cannot be "
+                        "claimed)", {"rel_l2": s.rel_l2, "unmeasured": blind[0]})
     if s is None or not lossy_sides or s.rel_l2 > NOISE_FACTOR * p.tol:
         return None
     return Relation("noise", R.NOISE,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from apr.dtypes import DTYPES
+
 from .report import PairStats
 
 REL_L2_TOLERANCE: dict[str, float] = {
@@ -32,6 +34,10 @@ REL_L2_TOLERANCE: dict[str, float] = {
     "Q4_K": 0.15,
     "Q4_0": 0.15,
     "APR_Q4": 0.2,
+    # measured on files written by llama.cpp's own quantizer (bench/quant_tolerance.py, see
+    # docs/quantization.md): about 1.6x the largest rel L2 on heavy-tailed weights
+    "Q4_1": 0.15, "Q5_0": 0.1, "Q5_1": 0.075, "Q5_K": 0.075, "Q3_K": 0.3, "Q2_K": 0.55,
+    "IQ4_NL": 0.15, "IQ4_XS": 0.15, "IQ3_S": 0.33, "MXFP4": 0.21, "TQ1_0": 1.0, "TQ2_0": 1.0,
 }
 INTEGER_TOLERANCE = 0.0
 # Largest |b - a| per unit of max |value|: half a quantization step (8-bit: max/127 per step,
@@ -59,6 +65,8 @@ def pair_tolerance(dtype_a: str, dtype_b: str) -> float:
 def within_rounding(stats: PairStats, dtype_a: str, dtype_b: str) -> bool:
     """Equal within the two dtypes' rounding: by relative L2, or, where a block quantizer is
     involved, by the bound on the largest error."""
+    if unmeasured(dtype_a) or unmeasured(dtype_b):
+        return stats.identical
     if stats.rel_l2 <= pair_tolerance(dtype_a, dtype_b):
         return True
     if not {dtype_a, dtype_b} & set(BLOCK_QUANTIZERS):
@@ -71,7 +79,17 @@ def within_rounding(stats: PairStats, dtype_a: str, dtype_b: str) -> bool:
 
 def lossy(dtype_name: str | None) -> bool:
     """Whether storing in this dtype rounds an F32 weight (F16, BF16, every quantizer)."""
-    return dtype_name is not None and dtype_tolerance(dtype_name) > LOSSLESS_TOLERANCE
+    if dtype_name is None:
+        return False
+    return dtype_tolerance(dtype_name) > LOSSLESS_TOLERANCE or unmeasured(dtype_name)
+
+
+def unmeasured(dtype_name: str | None) -> bool:
+    """A quantized dtype every command reads but whose rounding no measurement here bounds
+    (llama.cpp writes the 1- and 2-bit IQ types only with an importance matrix): a pair
+    holding it is never called rounding, only noise."""
+    dt = DTYPES.get(dtype_name or "")
+    return dt is not None and dt.quantized and dtype_name not in REL_L2_TOLERANCE
 
 
 def lossiest(*dtype_names: str) -> str:
