@@ -49,7 +49,12 @@ in `--json`:
     CONFIG              a model config key differs (rope_theta, rms_norm_eps, heads, ...);
                         with identical tensors it shows only in the logits, which confirm it
                         by re-running B with A's value
-    TOKENIZER           vocabulary, merges, bos/eos, or a GGUF token count != embedding rows
+    TOKENIZER           vocabulary, merges, bos/eos ids and add-BOS flag, the pre-tokenizer (a
+                        GGUF without tokenizer.ggml.pre), a GGUF token count != embedding
+                        rows; behaviour: a fixed probe set (code, Unicode, emoji, whitespace
+                        runs, digits, special tokens) encoded by both, the first differing
+                        string named; the chat template (its first changed lines, and a short
+                        conversation rendered by both in Jinja2's sandbox in a child process)
     LOGITS              logits diverge and nothing above explains it
 
 Per-tensor relations that are not defects: `identical`, `rounding` (within dtype rounding),

@@ -13,14 +13,18 @@ equivalent to an HF tokenizer without them.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any
 
 import numpy as np
 
 from apr.config import ModelConfig
+from apr.errors import AprError
 from apr.model import ModelView
-from apr.tokenizer import UNUSED, TokenizerData, is_row_pad
+from apr.tokenizer import UNUSED, TokenizerData, build_tokenizer, is_row_pad
+
+from .chat import render_chat
 
 from .report import CONFIG, ConfigFinding, TokenizerFinding
 
@@ -32,6 +36,15 @@ CONFIG_KEYS: tuple[str, ...] = (
 FLOAT_REL = 1e-6
 TOKENIZER_FORMATS = ("apr", "gguf", "hf")      # formats that carry a tokenizer
 SHOW = 3                                       # examples named in a message
+# what both tokenizers encode: code, Unicode, emoji, whitespace runs, digits, case
+PROBES = (
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "Grüße aus Köln — naïve café, 東京タワー, Ελληνικά, 한국어",
+    "emoji 🚀🎉👩‍💻 and symbols ∑∫√ ©®",
+    "  \t\tleading, trailing   \n\n\n  runs\t \r\n",
+    "3.14159 1234567890 0x1F 1e-9 $42.00",
+    "Hello HELLO hello hElLo I'm we'll they've",
+)
 VOLATILE_KEYS = ("created_at", "name", "source", "original_format", "general.name", "total_size")
 
 
@@ -164,6 +177,69 @@ def _rows_finding(side: str, view: ModelView) -> TokenizerFinding | None:
     return None
 
 
+def _pre_findings(va: ModelView, vb: ModelView) -> list[TokenizerFinding]:
+    """A GGUF without tokenizer.ggml.pre where the other side names one: llama.cpp then
+    splits text with its default pre-tokenizer, silently."""
+    ta, tb = va.tokenizer, vb.tokenizer
+    out = []
+    for side, t, other, view in (("A", ta, tb, va), ("B", tb, ta, vb)):
+        if t.pre_type is None and other.pre_type is not None and view.format == "gguf":
+            out.append(TokenizerFinding("pre_type", f"{side} (GGUF) has no tokenizer.ggml.pre; the "
+                                                    f"other side's is {other.pre_type!r} (llama.cpp "
+                                                    "would split text with its default)"))
+    return out
+
+
+def probe_texts(ta: TokenizerData, tb: TokenizerData) -> list[str]:
+    """The fixed probe set, plus the special tokens both sides name, in text."""
+    specials = [t.vocab[i] for t in (ta, tb) for i in (t.bos_token_id, t.eos_token_id)
+                if i is not None]
+    return [*PROBES, "".join(dict.fromkeys(specials)) + "hi" + "".join(dict.fromkeys(specials))]
+
+
+def _behaviour_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFinding]:
+    """Both tokenizers encode the probe set; the first string whose ids differ is named."""
+    try:
+        ea, eb = (build_tokenizer(t, add_bos=t.add_bos_token) for t in (ta, tb))
+    except AprError:
+        return []          # a pre-tokenizer we cannot build: the fields above say what we know
+    differ = []
+    for text in probe_texts(ta, tb):
+        ia, ib = ea.encode(text).ids, eb.encode(text).ids
+        if ia != ib:
+            k = next((j for j, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+            differ.append(f"{_short(text)} -> A {ia[k:k + SHOW * 2]}, B {ib[k:k + SHOW * 2]} "
+                          f"(from token {k})")
+    if not differ:
+        return []
+    return [TokenizerFinding("encoding", f"{len(differ)} of {len(probe_texts(ta, tb))} probe "
+                                         f"strings encode differently; first: {differ[0]}")]
+
+
+def _template_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFinding]:
+    """The chat template: missing on one side, or a different text (the first changed lines)
+    that renders a short conversation differently (Jinja2, sandboxed, in a child process)."""
+    xa, xb = ta.chat_template, tb.chat_template
+    if xa == xb:
+        return []
+    if xa is None or xb is None:
+        return [TokenizerFinding("chat_template", f"{'A' if xa is None else 'B'} has no chat template")]
+    changed = [ln for ln in difflib.unified_diff(xa.splitlines(), xb.splitlines(), "A", "B",
+                                                 lineterm="", n=0)
+               if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+    text = " | ".join(_short(ln) for ln in changed[:2]) or "whitespace only"
+    ra, rb = render_chat(xa, ta), render_chat(xb, tb)
+    if ra == rb:
+        return [TokenizerFinding("chat_template", f"chat templates differ in text ({text}) but "
+                                                  "render the probe conversation alike", defect=None)]
+    la, lb = ra.splitlines() or [""], rb.splitlines() or [""]
+    k = next((j for j, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)))
+    return [TokenizerFinding("chat_template",
+                             f"chat templates differ ({text}); the probe conversation renders "
+                             f"differently from line {k + 1}: A {_short(la[k] if k < len(la) else '')}, "
+                             f"B {_short(lb[k] if k < len(lb) else '')}")]
+
+
 def compare_tokenizers(va: ModelView, vb: ModelView) -> list[TokenizerFinding]:
     ta, tb = va.tokenizer, vb.tokenizer
     out = [f for f in (_rows_finding("A", va), _rows_finding("B", vb)) if f is not None]
@@ -174,7 +250,8 @@ def compare_tokenizers(va: ModelView, vb: ModelView) -> list[TokenizerFinding]:
         if view.format in TOKENIZER_FORMATS:
             out.append(TokenizerFinding("missing", f"{side} has no embedded tokenizer"))
         return out
-    return out + _vocab_findings(ta, tb) + _field_findings(ta, tb)
+    return (out + _vocab_findings(ta, tb) + _field_findings(ta, tb) + _pre_findings(va, vb)
+            + _behaviour_findings(ta, tb) + _template_findings(ta, tb))
 
 
 def tokenizer_summary(va: ModelView, vb: ModelView) -> str:

@@ -157,9 +157,10 @@ def write_variant(fmt: str, family: str, tensors: Mapping[str, np.ndarray],
 
 
 def rewrite_gguf(src: Path, dst: Path, kv_changes: Mapping[str, Any]) -> Path:
-    """A copy of a GGUF with some key/values replaced (tensors byte for byte)."""
+    """A copy of a GGUF with some key/values replaced (None: dropped), tensors byte for byte."""
     with open_model(src) as v:
-        kv = [(k, kv_changes.get(k, val), None) for k, val in v.metadata.items()]
+        kv = [(k, kv_changes.get(k, val), None) for k, val in v.metadata.items()
+              if not (k in kv_changes and kv_changes[k] is None)]
         arch = v.metadata["general.architecture"]
         tensors = [GgufTensor(t.source_name, t.dtype, t.shape, (lambda t=t: np.array(t.raw())), t.nbytes)
                    for t in v.tensors.values()]

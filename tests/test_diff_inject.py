@@ -314,9 +314,57 @@ def test_tokenizer_defects(family, edit, what):
     b = _apr_with_tokenizer_edit(family, edit)
     for a in ("hf", "gguf"):
         r = compare(clean(family, a), b)
-        assert r.diagnosis.cls == R.TOKENIZER and r.diagnosis.keys == [what], r.diagnosis.line
+        assert r.diagnosis.cls == R.TOKENIZER and r.diagnosis.keys[0] == what, r.diagnosis.line
+        assert set(r.diagnosis.keys) <= {what, "encoding"}, r.diagnosis.keys
         assert r.diagnosis.line.startswith("DIAGNOSIS: TOKENIZER — ")
         assert r.logits.agree
+
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _template(text):
+    def edit(meta):
+        meta["tokenizer.chat_template"] = text
+    return edit
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_tokenizer_behaviour_and_chat_template(family):
+    """The pre-tokenizer changed (same vocabulary, other splits): the probe strings encode
+    differently; the chat template's end-of-turn token changed: named with the first
+    differing rendered line; a text-only template change that renders alike is no defect."""
+    a = _apr_with_tokenizer_edit(family, _template(TEMPLATE))
+    def other_pre(meta):
+        _template(TEMPLATE)(meta)
+        meta["tokenizer.pre_type"] = "gpt-2" if meta.get("tokenizer.pre_type") == "qwen2" else "qwen2"
+    b = _apr_with_tokenizer_edit(family, other_pre)
+    r = compare(a, b)
+    assert r.diagnosis.cls == R.TOKENIZER and "encoding" in r.diagnosis.keys, r.diagnosis.line
+    enc = next(t for t in r.tokenizer if t.what == "encoding")
+    assert "probe strings encode differently" in enc.message
+    c = _apr_with_tokenizer_edit(family, _template(TEMPLATE.replace("<|im_end|>", "<|eot|>")))
+    r = compare(a, c)
+    assert r.diagnosis.keys == ["chat_template"], r.diagnosis.line
+    assert "renders differently from line 2" in r.diagnosis.message, r.diagnosis.message
+    d = _apr_with_tokenizer_edit(family, _template("{# ChatML #}" + TEMPLATE))
+    r = compare(a, d)
+    assert r.equivalent, r.diagnosis.line
+    assert any(t.what == "chat_template" and t.defect is None for t in r.tokenizer)
+    e = _apr_with_tokenizer_edit(family, _template(None))
+    assert compare(a, e).diagnosis.keys == ["chat_template"]
+
+
+def test_gguf_without_pre_tokenizer_is_named():
+    g = clean("qwen2", "gguf")
+    with open_model(g) as v:
+        kv = dict(v.metadata)
+    assert kv.get("tokenizer.ggml.pre")
+    bare = rewrite_gguf(g, fresh(".gguf"), {"tokenizer.ggml.pre": None})
+    r = compare(clean("qwen2", "hf"), bare)
+    assert r.diagnosis.cls == R.TOKENIZER and "pre_type" in r.diagnosis.keys, r.diagnosis.line
+    assert "no tokenizer.ggml.pre" in r.diagnosis.message
 
 
 def test_gguf_token_count_must_match_embedding_rows():
