@@ -8,18 +8,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from .errors import AprError, ConfigError, UnsupportedError
 from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALIASES,
                     APR_KNOWN_KEYS, APR_MODELED_KEYS, APR_ROPE_TYPE, APR_ROPE_TYPE_INV,
                     ATTENTION_BIAS_KEY, EMBED, FAMILIES, FULL_ATTENTION, GGUF_CONFIG_KEYS,
                     GGUF_DEFAULT_ONLY, GGUF_INERT_KEYS, GGUF_INERT_PREFIXES, GGUF_KEY_LENGTH_KEY,
-                    GGUF_ROPE_DIM_KEY, GGUF_ROPE_SCALING_FACTOR, GGUF_ROPE_SCALING_TYPE,
+                    GGUF_ATTN_SOFTCAP_KEY, GGUF_FINAL_SOFTCAP_KEY, GGUF_ROPE_DIM_KEY,
+                    GGUF_ROPE_SCALING_FACTOR, GGUF_ROPE_SCALING_TYPE, GGUF_SLIDING_WINDOW_KEY,
                     GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
                     HF_DEFAULT_ONLY, HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_ADJACENT, ROPE_HALVES,
-                    LM_HEAD, SLIDING_ATTENTION, TENSOR_KINDS, TIED_KEY, family_from_any,
+                    LM_HEAD, SLIDING_ATTENTION, TIED_KEY, family_from_any, kinds_for,
                     family_of_gguf_arch)
 from . import rope as rope_mod
 from .rope import RopeScaling
@@ -55,7 +59,7 @@ def check_closed_world(data: Mapping[str, Any], where: str, modeled: Iterable[st
         hint = f"; pass --ignore-key {key} if you know it does not change the logits"
         if key in default_only:
             default = default_only[key]
-            if value == default or (default is None and value in (None, {}, [])):
+            if value == default or (default is None and (value in (None, {}, []) or value is False)):
                 continue
             raise UnsupportedError(f"{where}: {key} = {describe(value)} is not supported "
                                    f"(only {default!r}){hint}")
@@ -134,6 +138,32 @@ def _gguf_rope(v: Values, a: dict[str, str], rope_freqs: Sequence[float] | None,
     return None
 
 
+def _gemma_windows(v: Values, vals: dict[str, Any], where: str) -> None:
+    """Gemma 2: layer_types, by default sliding in the even layers, with sliding_window."""
+    n = vals["num_layers"]
+    size = v.get("sliding_window", int, default=4096)
+    types = v.get("layer_types", list, default=None)
+    if types is None:
+        types = [SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(n)]
+    types = [check_value(t, str, "layer_types[]", where) for t in types]
+    if SLIDING_ATTENTION in types and not size:
+        raise UnsupportedError(f"{where}: layer_types has sliding-attention layers but "
+                               f"sliding_window is {size!r}")
+    vals["layer_types"] = tuple(types)
+    vals["sliding_window"] = size or 0
+
+
+def _gemma_pattern(num_layers: int) -> tuple[str, ...]:
+    """Gemma 2's layer types: sliding in the even layers (transformers' default and llama.cpp's)."""
+    return tuple(SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(num_layers))
+
+
+def _llama_cpp_query_scalar(num_layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """The query scale llama.cpp's gemma2 uses, 1/sqrt(this): hidden/heads for the 46-layer
+    (27B) model, head_dim otherwise (llama.cpp reads no query_pre_attn_scalar key)."""
+    return hidden // heads if num_layers == 46 else head_dim
+
+
 def _mistral_window(v: Values, vals: dict[str, Any]) -> None:
     """Mistral's sliding_window (null: none) applies to every layer."""
     size = v.get("sliding_window", int, default=4096)
@@ -188,6 +218,9 @@ class ModelConfig:
     sliding_window: int = 0               # window of the sliding-attention layers (0: none)
     layer_types: tuple[str, ...] = ()     # per layer full/sliding attention; (): all full
     rope_scaling: RopeScaling | None = None   # RoPE beyond rope_theta (apr.rope); None: plain
+    attn_logit_softcapping: float | None = None   # scores -> c tanh(scores / c) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> c tanh(logits / c) (Gemma 2)
+    query_pre_attn_scalar: float | None = None    # attention scale 1/sqrt(this); None: head_dim
 
     def __post_init__(self):
         if isinstance(self.layer_types, list):
@@ -214,6 +247,27 @@ class ModelConfig:
     def qk_norm(self) -> bool:
         """q and k are RMS-normalized per head before rotary (Qwen3)."""
         return FAMILIES[self.family].qk_norm
+
+    @property
+    def norm_offset(self) -> float:
+        """RMSNorm multiplies by (norm_offset + w): 1 in Gemma, 0 elsewhere."""
+        return FAMILIES[self.family].norm_offset
+
+    @property
+    def post_norms(self) -> bool:
+        return FAMILIES[self.family].post_norms
+
+    @property
+    def embed_scale(self) -> float:
+        """What the embedding rows are multiplied by: sqrt(hidden_size) in Gemma, rounded to
+        float32 as transformers and llama.cpp hold it; 1 elsewhere."""
+        if not FAMILIES[self.family].embed_scale:
+            return 1.0
+        return float(np.float32(math.sqrt(self.hidden_size)))
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def output_bias(self) -> bool:
@@ -298,6 +352,15 @@ class ModelConfig:
             raise UnsupportedError(f"{fam.hf_architecture} has no MLP biases (mlp_bias)")
         if self.layer_types and not fam.sliding_window_option:
             raise UnsupportedError(f"{fam.hf_architecture} has no sliding-window attention")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+            x = getattr(self, name)
+            if x is None:
+                continue
+            if name == "query_pre_attn_scalar" and not fam.query_scalar_option or \
+                    name != "query_pre_attn_scalar" and not fam.softcap_option:
+                raise UnsupportedError(f"{fam.hf_architecture} has no {name}")
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1e9:
+                raise ConfigError(f"{name}={x!r} must be a positive number")
         if self.attention_bias != fam.attention_bias and not fam.attention_bias_option:
             raise UnsupportedError(f"{fam.hf_architecture} has attention_bias={fam.attention_bias} "
                                    "fixed")
@@ -351,7 +414,7 @@ class ModelConfig:
         def shape(kind) -> tuple[int, ...]:
             return tuple(getattr(self, d) for d in kind.shape)
 
-        kinds = [k for k in TENSOR_KINDS.values() if has(k)]
+        kinds = [k for k in kinds_for(self.family).values() if has(k)]
         shapes: dict[str, tuple[int, ...]] = {}
         for k in kinds:
             if k.hf == EMBED:
@@ -414,17 +477,33 @@ class ModelConfig:
                 raise ConfigError(f"{where}: rope_theta {vals['rope_theta']} and rope_parameters "
                                   f"rope_theta {theta} disagree")
             vals["rope_theta"] = theta
-        vals["hidden_act"] = v.get("hidden_act", str, default="silu")
         family = FAMILIES[fam]
+        vals["hidden_act"] = v.get(family.hf_act_key, str, default=family.default_act)
+        if family.hf_act_key != "hidden_act":
+            other = v.get("hidden_act", str, default=None)
+            if other is not None and other != vals["hidden_act"]:
+                raise UnsupportedError(f"{where}: hidden_act {other!r} and {family.hf_act_key} "
+                                       f"{vals['hidden_act']!r} disagree ({family.hf_architecture} "
+                                       f"runs {family.hf_act_key})")
+        if "head_dim" not in vals and family.default_head_dim:
+            vals["head_dim"] = family.default_head_dim
+        if family.softcap_option:
+            for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+                vals[key] = v.get(key, float, default=None)
+        if family.query_scalar_option:
+            vals["query_pre_attn_scalar"] = v.get("query_pre_attn_scalar", float,
+                                                  default=vals.get("head_dim"))
         vals["attention_bias"] = (v.get("attention_bias", bool, default=False)
                                   if family.attention_bias_option else family.attention_bias)
         if family.mlp_bias_option:
             vals["mlp_bias"] = v.get("mlp_bias", bool, default=False)
         if family.sliding_all_layers:
             _mistral_window(v, vals)
+        elif family.post_norms:
+            _gemma_windows(v, vals, where)
         elif family.sliding_window_option:
             _qwen2_windows(v, vals, where)
-        vals.setdefault("tie_word_embeddings", False)
+        vals.setdefault("tie_word_embeddings", family.default_tied)
         vals.setdefault("rope_theta", 10000.0)
         vals.setdefault("rms_norm_eps", 1e-6)
         try:
@@ -440,8 +519,13 @@ class ModelConfig:
         for fld, key in HF_CONFIG_KEYS.items():
             d[key] = getattr(self, fld)
         del d["rope_theta"]
-        d["hidden_act"] = self.hidden_act
+        d[fam.hf_act_key] = self.hidden_act
         d["attention_dropout"] = 0.0
+        if fam.softcap_option:
+            d["attn_logit_softcapping"] = self.attn_logit_softcapping
+            d["final_logit_softcapping"] = self.final_logit_softcapping
+        if fam.query_scalar_option:
+            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
         d["initializer_range"] = 0.02
         d["use_cache"] = True
         d["torch_dtype"] = d["dtype"] = torch_dtype
@@ -466,6 +550,9 @@ class ModelConfig:
             raise UnsupportedError(f"{fam.hf_architecture} has no sliding-window attention")
         if fam.sliding_all_layers:
             d["sliding_window"] = self.sliding_window or None
+        elif fam.post_norms:
+            d["sliding_window"] = self.sliding_window or 4096
+            d["layer_types"] = list(self.layer_types) or [FULL_ATTENTION] * self.num_layers
         elif fam.sliding_window_option:
             d["use_sliding_window"] = bool(self.layer_types)
             d["sliding_window"] = self.sliding_window or None
@@ -523,12 +610,15 @@ class ModelConfig:
             rms_norm_eps=1e-6 if eps is None else eps,
             tie_word_embeddings=bool(v.get(TIED_KEY, bool, default=False)),
             attention_bias=FAMILIES[fam].attention_bias if bias is None else bias,
-            hidden_act=v.get("hidden_act", str, default="silu") or "silu",
+            hidden_act=v.get("hidden_act", str) or FAMILIES[fam].default_act,
             mlp_bias=bool(v.get("mlp_bias", bool, default=False)),
             sliding_window=v.get("sliding_window", int, default=0) or 0,
             layer_types=tuple(check_value(t, str, "layer_types[]", where)
                               for t in v.get("layer_types", list, default=()) or ()),
             rope_scaling=_apr_rope(v, where, get("max_position_embeddings", int)),
+            attn_logit_softcapping=v.get("attn_logit_softcapping", float),
+            final_logit_softcapping=v.get("final_logit_softcapping", float),
+            query_pre_attn_scalar=v.get("query_pre_attn_scalar", float),
         )
         try:
             return cls(**vals)
@@ -558,7 +648,7 @@ class ModelConfig:
             TIED_KEY: self.tie_word_embeddings,
             ATTENTION_BIAS_KEY: self.attention_bias,
         }
-        if self.hidden_act != "silu":
+        if self.hidden_act != FAMILIES[self.family].default_act:
             meta["hidden_act"] = self.hidden_act
         if self.mlp_bias:
             meta["mlp_bias"] = True
@@ -567,6 +657,9 @@ class ModelConfig:
             meta["layer_types"] = list(self.layer_types)
         if self.rope_scaling is not None:
             meta["rope_scaling"] = self.rope_scaling.to_dict()
+        for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+            if getattr(self, key) is not None:
+                meta[key] = getattr(self, key)
         return meta
 
     # ------------------------------------------------------------------ GGUF
@@ -589,6 +682,9 @@ class ModelConfig:
         modeled = {k.format(**a) for k in (*GGUF_CONFIG_KEYS.values(), GGUF_ROPE_DIM_KEY, GGUF_KEY_LENGTH_KEY,
                                            GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY,
                                            GGUF_ROPE_SCALING_TYPE, GGUF_ROPE_SCALING_FACTOR)}
+        if FAMILIES[fam].post_norms:
+            modeled |= {k.format(**a) for k in (GGUF_SLIDING_WINDOW_KEY, GGUF_ATTN_SOFTCAP_KEY,
+                                                GGUF_FINAL_SOFTCAP_KEY)}
         check_closed_world(kv, where, modeled=modeled, inert={k.format(**a) for k in GGUF_INERT_KEYS},
                            default_only={k.format(**a): d for k, d in GGUF_DEFAULT_ONLY.items()},
                            inert_prefixes=GGUF_INERT_PREFIXES, ignore=ignore)
@@ -624,6 +720,18 @@ class ModelConfig:
         vals.setdefault("rope_theta", 10000.0)
         vals.setdefault("rms_norm_eps", 1e-5)
         vals["rope_scaling"] = _gguf_rope(v, a, rope_freqs, where)
+        family = FAMILIES[fam]
+        vals["hidden_act"] = family.default_act
+        if family.softcap_option:           # llama.cpp's gemma2 always caps (defaults 50, 30)
+            vals["attn_logit_softcapping"] = v.get(GGUF_ATTN_SOFTCAP_KEY.format(**a), float) or 50.0
+            vals["final_logit_softcapping"] = v.get(GGUF_FINAL_SOFTCAP_KEY.format(**a), float) or 30.0
+        if family.query_scalar_option:
+            vals["query_pre_attn_scalar"] = float(_llama_cpp_query_scalar(
+                vals["num_layers"], vals["hidden_size"], vals["num_heads"], head_dim))
+        if family.post_norms:               # llama.cpp slides the window in every other layer
+            window = v.get(GGUF_SLIDING_WINDOW_KEY.format(**a), int) or 4096
+            vals["layer_types"] = _gemma_pattern(vals["num_layers"])
+            vals["sliding_window"] = window
         has_bias = any(n.endswith("self_attn.q_proj.bias") for n in shapes)
         mlp_bias = any(n.endswith("mlp.gate_proj.bias") for n in shapes)
         try:
@@ -638,9 +746,21 @@ class ModelConfig:
         """What of this config llama.cpp cannot express (empty: it can run it exactly)."""
         fam = FAMILIES[self.family]
         out = []
-        if self.hidden_act != "silu":
-            out.append(f"hidden_act={self.hidden_act!r} (llama.cpp's {fam.gguf_arch} runs SiLU only)")
-        if self.layer_types:
+        if self.hidden_act != fam.default_act:
+            out.append(f"hidden_act={self.hidden_act!r} (llama.cpp's {fam.gguf_arch} runs "
+                       f"{fam.default_act} only)")
+        if fam.post_norms:
+            if self.layer_types != _gemma_pattern(self.num_layers):
+                out.append(f"layer types {list(self.layer_types) or 'all full'} (llama.cpp's "
+                           f"{fam.gguf_arch} slides the window in the even layers)")
+            want = _llama_cpp_query_scalar(self.num_layers, self.hidden_size, self.num_heads,
+                                           self.head_dim)
+            if (self.query_pre_attn_scalar or self.head_dim) != want:
+                out.append(f"query_pre_attn_scalar {self.query_pre_attn_scalar} (llama.cpp's "
+                           f"{fam.gguf_arch} scales by 1/sqrt({want}))")
+            if self.attn_logit_softcapping is None or self.final_logit_softcapping is None:
+                out.append(f"no soft-capping (llama.cpp's {fam.gguf_arch} always caps)")
+        elif self.layer_types:
             out.append(f"sliding-window attention (window {self.sliding_window}; llama.cpp's "
                        f"{fam.gguf_arch} attends to every position)")
         if self.mlp_bias and not fam.gguf_mlp_bias:
@@ -673,6 +793,10 @@ class ModelConfig:
         if self.rope_scaling is not None and self.rope_scaling.type == "linear":
             kv[GGUF_ROPE_SCALING_TYPE.format(arch=arch)] = "linear"
             kv[GGUF_ROPE_SCALING_FACTOR.format(arch=arch)] = self.rope_scaling.factor
+        if FAMILIES[self.family].post_norms:
+            kv[GGUF_SLIDING_WINDOW_KEY.format(arch=arch)] = self.sliding_window
+            kv[GGUF_ATTN_SOFTCAP_KEY.format(arch=arch)] = self.attn_logit_softcapping
+            kv[GGUF_FINAL_SOFTCAP_KEY.format(arch=arch)] = self.final_logit_softcapping
         return kv
 
     def gguf_rope_freqs(self):

@@ -82,6 +82,7 @@ class Planned:
     rotary: str | None         # None, or "to_adjacent"/"to_halves" with heads
     heads: int = 0
     requested: bool = False    # the dtype is the one --dtype asked for
+    offset: float = 0.0        # stored = value + offset (Gemma norms in GGUF: 1 + w)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,12 +95,15 @@ class Planned:
     def data(self) -> np.ndarray:
         """Stored bytes of the output tensor, computed from the source on demand."""
         src = self.src
-        if src.dtype == self.dtype and src.rotary_heads is None and self.rotary is None:
+        same_offset = src.offset == self.offset
+        if src.dtype == self.dtype and src.rotary_heads is None and self.rotary is None and same_offset:
             return src.read()                          # byte-for-byte copy
-        if src.dtype == self.dtype and self.dtype.numpy is not None:
+        if src.dtype == self.dtype and self.dtype.numpy is not None and same_offset:
             values = src.read()                        # plain dtype: reorder rows exactly
         else:
-            values = src.numpy(np.float32)
+            values = src.numpy(np.float32)             # the values (a stored fold undone) ...
+            if self.offset:                            # ... folded as the target stores them
+                values = values + np.float32(self.offset)
         if src.rotary_heads:
             values = adjacent_to_halves(values, src.rotary_heads)
         if self.rotary == "to_adjacent":
@@ -222,7 +226,8 @@ def plan(view: ModelView, fmt: str, requested: str | None, report: ConvertReport
             rotary, heads = "to_adjacent", getattr(config, fld)
         dt = _choose_dtype(src, fmt, requested, report.notes)
         asked = requested is not None and dt.name == REQUESTED[requested].get(fmt)
-        planned.append(Planned(name, src, dt, rotary, heads, requested=asked))
+        fold = family.norm_offset if fmt == "gguf" and family.gguf_norm_fold and names.is_norm(name) else 0.0
+        planned.append(Planned(name, src, dt, rotary, heads, requested=asked, offset=fold))
     if fmt == "gguf" and family.gguf_rope_permuted:
         out_config = out_config.replace(rope_type=names.ROPE_ADJACENT)
     return out_config, planned
@@ -385,7 +390,7 @@ def _write_gguf(view, config, planned, dst, report, tick) -> None:
         kv.append(("tokenizer.ggml.model", "none", None))
         report.notes.append("no tokenizer: tokenizer.ggml.model is 'none' (llama.cpp loads it "
                             "for token ids only)")
-    tensors = [GgufTensor(names.hf_to_gguf_name(p.name), p.dtype, p.shape, p.data, p.nbytes)
+    tensors = [GgufTensor(names.hf_to_gguf_name(p.name, config.family), p.dtype, p.shape, p.data, p.nbytes)
                for p in planned]
     freqs = config.gguf_rope_freqs()
     if freqs is not None:      # llama3 RoPE: llama.cpp's per-pair divisors

@@ -49,6 +49,9 @@ class TensorRef:
     # the lossy dtype these values were dequantized from by an earlier conversion (recorded in
     # the file's metadata): their rounding is that dtype's, not the stored one's
     origin_dtype: DType | None = None
+    # the file stores value + offset (a Gemma norm weight that llama.cpp folds into 1 + w);
+    # `numpy` gives the values, raw() and read() the stored data
+    offset: float = 0.0
 
     @property
     def precision(self) -> str:
@@ -83,6 +86,8 @@ class TensorRef:
         values = decode(self.read(), self.dtype, self.shape)
         if dtype is not None and values.dtype != dtype:
             values = values.astype(dtype)
+        if self.offset:
+            values = values - values.dtype.type(self.offset)
         if order == "hf" and self.rotary_heads:
             values = adjacent_to_halves(values, self.rotary_heads)
         return values
@@ -303,6 +308,12 @@ def _bind(fn, name):
 
 # --------------------------------------------------------------------------- GGUF
 
+def _gguf_norm_offset(family: str | None, name: str) -> float:
+    """What llama.cpp added to this tensor's values at conversion (Gemma's norms: 1)."""
+    fam = names.FAMILIES.get(family or "")
+    return fam.norm_offset if fam is not None and fam.gguf_norm_fold and names.is_norm(name) else 0.0
+
+
 def _gguf_rope_freqs(g: GgufFile, entry, path: Path) -> list[float] | None:
     """The values of llama.cpp's rope_freqs.weight (per-pair RoPE divisors): part of the
     config, not a parameter. A vector of at most 2^15 F32/F16 values."""
@@ -319,9 +330,11 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
     g = GgufFile(path)
     entries = dict(g.entries)
     rope_freqs = _gguf_rope_freqs(g, entries.pop(names.GGUF_ROPE_FREQS, None), path)
+    family = names.family_of_gguf_arch(g.kv.get("general.architecture")
+                                       if isinstance(g.kv.get("general.architecture"), str) else None)
     hf_names = {}
     for gname in entries:
-        hf_names[gname] = names.gguf_to_hf_name(gname) or gname
+        hf_names[gname] = names.gguf_to_hf_name(gname, family) or gname
     shapes = {hf_names[n]: e.shape for n, e in entries.items()}
     kv = dict(g.kv)
     emb = shapes.get(names.EMBED)
@@ -340,10 +353,12 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
     for gname, e in entries.items():
         name = hf_names[gname]
         heads = _rotary_heads(config, name)
+        folded = _gguf_norm_offset(family, name)
         tensors[name] = TensorRef(name=name, dtype=e.dtype, shape=e.shape,
-                                  layout=layout if heads else names.LAYOUT_GGUF, source_name=gname,
+                                  layout=(layout if heads else names.LAYOUT_GGUF_NORM_FOLD if folded
+                                          else names.LAYOUT_GGUF), source_name=gname,
                                   nbytes=e.nbytes, _raw=_bind(g.raw, gname),
-                                  rotary_heads=heads, file_span=(path, e.offset))
+                                  rotary_heads=heads, file_span=(path, e.offset), offset=folded)
     _apply_origins(tensors, kv.get(names.GGUF_DEQUANTIZED_KEY), path)
     tok = from_gguf_kv(g.kv)
     info = {"version": g.version, "size_bytes": path.stat().st_size,

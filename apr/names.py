@@ -32,6 +32,17 @@ class Family:
     gguf_attention_bias: bool = True     # llama.cpp loads and applies the q/k/v(/o) biases
     gguf_family: str = ""                # the family a GGUF of this one reads back as ("": itself)
     pretraining_tp: bool = False         # HF config has pretraining_tp (written as 1)
+    norm_offset: float = 0.0             # RMSNorm multiplies by (norm_offset + w) (Gemma: 1)
+    gguf_norm_fold: bool = False         # llama.cpp stores norm weights as norm_offset + w
+    embed_scale: bool = False            # embeddings multiplied by sqrt(hidden_size) (Gemma)
+    post_norms: bool = False             # a norm after attention and after the MLP (Gemma)
+    softcap_option: bool = False         # attention and final logit soft-capping (Gemma 2)
+    query_scalar_option: bool = False    # query_pre_attn_scalar replaces head_dim in the scale
+    hf_act_key: str = "hidden_act"       # the config.json key of the MLP activation
+    default_act: str = "silu"
+    # transformers' defaults for keys a config.json may leave out
+    default_head_dim: int = 0            # 0: hidden_size // num_heads
+    default_tied: bool = False
     rope_theta_range: tuple[float, float] = (1e3, 1e8)   # what qa calls plausible
 
 
@@ -48,7 +59,14 @@ FAMILIES: dict[str, Family] = {
                     attention_bias=False, gguf_rope_permuted=False, output_bias=True,
                     gguf_free_head_dim=True, attention_bias_option=True,
                     sliding_window_option=True, qk_norm=True, gguf_attention_bias=False,
-                    rope_theta_range=(1e5, 1e8)),
+                    rope_theta_range=(1e5, 1e8), default_head_dim=128),
+    "gemma2": Family("gemma2", "Gemma2ForCausalLM", "gemma2", "gemma2",
+                     attention_bias=False, gguf_rope_permuted=False, output_bias=True,
+                     gguf_free_head_dim=True, attention_bias_option=True,
+                     sliding_window_option=True, gguf_attention_bias=False, norm_offset=1.0,
+                     gguf_norm_fold=True, embed_scale=True, post_norms=True, softcap_option=True,
+                     query_scalar_option=True, hf_act_key="hidden_activation",
+                     default_act="gelu_pytorch_tanh", default_head_dim=256, default_tied=True),
     # llama.cpp stores a Mistral as a llama (and does not apply its sliding window)
     "mistral": Family("mistral", "MistralForCausalLM", "mistral", "llama",
                       attention_bias=False, gguf_rope_permuted=True, output_bias=False,
@@ -87,6 +105,7 @@ LAYOUT_ROW_MAJOR = "row-major"
 LAYOUT_ROPE_ADJACENT = "row-major, Q/K rows in adjacent-pair rotary order"
 LAYOUT_GGUF = "GGUF (dims reversed)"
 LAYOUT_GGUF_LLAMA_ROPE = "GGUF llama rotary order (dims reversed, Q/K rows in adjacent pairs)"
+LAYOUT_GGUF_NORM_FOLD = "GGUF, norm weight stored as 1 + w (llama.cpp's Gemma fold)"
 
 # --------------------------------------------------------------------------- APR metadata
 
@@ -169,6 +188,10 @@ HF_MODELED_KEYS: dict[str, frozenset[str]] = {
                         "max_window_layers", "layer_types"}),
     "mistral": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
                           "sliding_window"}),
+    "gemma2": frozenset({"hidden_activation", "hidden_act", "attention_bias", "rope_theta",
+                         "rope_parameters", "rope_scaling", "sliding_window", "layer_types",
+                         "query_pre_attn_scalar", "attn_logit_softcapping",
+                         "final_logit_softcapping"}),
 }
 # config.json keys that do not change the logits of a causal LM.
 HF_INERT_KEYS: frozenset[str] = frozenset({
@@ -204,11 +227,12 @@ HF_DEFAULT_ONLY: dict[str, object] = {
     "is_encoder_decoder": False, "is_decoder": False, "add_cross_attention": False,
     "cross_attention_hidden_size": None, "tie_encoder_decoder": False,
     "chunk_size_feed_forward": 0, "pruned_heads": {}, "quantization_config": None,
-    "auto_map": None, "num_experts": None,
+    "auto_map": None, "num_experts": None, "use_bidirectional_attention": None,
 }
 
 # APR metadata: custom keys the reference models (written only when not the default)
-APR_MODELED_KEYS = ("hidden_act", "mlp_bias", "sliding_window", "layer_types", "rope_scaling")
+APR_MODELED_KEYS = ("hidden_act", "mlp_bias", "sliding_window", "layer_types", "rope_scaling",
+                    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
 # APR metadata keys that describe, not compute (besides tokenizer.* and training keys)
 APR_INERT_KEYS: frozenset[str] = frozenset({
     "model_type", "name", "description", "author", "license", "data_source", "data_license",
@@ -246,6 +270,9 @@ GGUF_KEY_LENGTH_KEY = "{arch}.attention.key_length"
 GGUF_VALUE_LENGTH_KEY = "{arch}.attention.value_length"
 GGUF_VOCAB_SIZE_KEY = "{arch}.vocab_size"
 GGUF_ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
+GGUF_SLIDING_WINDOW_KEY = "{arch}.attention.sliding_window"
+GGUF_ATTN_SOFTCAP_KEY = "{arch}.attn_logit_softcapping"
+GGUF_FINAL_SOFTCAP_KEY = "{arch}.final_logit_softcapping"
 GGUF_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
 
 # --------------------------------------------------------------------------- tensor kinds
@@ -266,7 +293,10 @@ class TensorKind:
     shape: tuple[str, ...]       # ModelConfig attributes, one per dimension (HF order)
     when: str = ""               # ModelConfig attribute that must be true ("": always there)
     rotary_heads: str = ""       # config field: the head count its rows are permuted with
-    init: str = "normal"         # "normal" (N(0, 0.02^2)), "ones" or "zeros"
+    init: str = "normal"         # "normal" (N(0, 0.02^2)), "zeros", or "norm" (the identity
+                                 # norm: 1, or 0 where the family computes x * (1 + w))
+    families: tuple[str, ...] = ()   # only these families ((): every family without a row
+                                     # of its own for this kind)
 
     @property
     def per_layer(self) -> bool:
@@ -277,17 +307,19 @@ class TensorKind:
         """AdamW decays the matrices (embedding and projections), not norms or biases."""
         return len(self.shape) >= 2
 
-
-def _kinds(*rows: TensorKind) -> dict[str, TensorKind]:
-    return {k.kind: k for k in rows}
+    @property
+    def is_norm(self) -> bool:
+        return self.init == "norm"
 
 
 _L = "model.layers.{i}."
-TENSOR_KINDS: dict[str, TensorKind] = _kinds(
+GEMMA = ("gemma2", "gemma3")
+# Rows in table order; a family-specific row comes before the general row of its kind.
+TENSOR_KIND_ROWS: tuple[TensorKind, ...] = (
     TensorKind("token_embd.weight", "model.embed_tokens.weight", "token_embd.weight",
                ("vocab_size", "hidden_size")),
     TensorKind("attn_norm.weight", _L + "input_layernorm.weight", "blk.{i}.attn_norm.weight",
-               ("hidden_size",), init="ones"),
+               ("hidden_size",), init="norm"),
     TensorKind("attn_q.weight", _L + "self_attn.q_proj.weight", "blk.{i}.attn_q.weight",
                ("q_size", "hidden_size"), rotary_heads="num_heads"),
     TensorKind("attn_k.weight", _L + "self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
@@ -301,15 +333,21 @@ TENSOR_KINDS: dict[str, TensorKind] = _kinds(
     TensorKind("attn_v.bias", _L + "self_attn.v_proj.bias", "blk.{i}.attn_v.bias", ("kv_size",),
                when="attention_bias", init="zeros"),
     TensorKind("attn_q_norm.weight", _L + "self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight",
-               ("head_dim",), when="qk_norm", init="ones"),
+               ("head_dim",), when="qk_norm", init="norm"),
     TensorKind("attn_k_norm.weight", _L + "self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight",
-               ("head_dim",), when="qk_norm", init="ones"),
+               ("head_dim",), when="qk_norm", init="norm"),
     TensorKind("attn_output.weight", _L + "self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
                ("hidden_size", "q_size")),
     TensorKind("attn_output.bias", _L + "self_attn.o_proj.bias", "blk.{i}.attn_output.bias",
                ("hidden_size",), when="output_bias", init="zeros"),
+    # Gemma: a norm after attention and after the MLP, and the pre-MLP norm under its own name
+    TensorKind("attn_post_norm.weight", _L + "post_attention_layernorm.weight",
+               "blk.{i}.post_attention_norm.weight", ("hidden_size",), init="norm",
+               families=GEMMA),
+    TensorKind("ffn_norm.weight", _L + "pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight",
+               ("hidden_size",), init="norm", families=GEMMA),
     TensorKind("ffn_norm.weight", _L + "post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight",
-               ("hidden_size",), init="ones"),
+               ("hidden_size",), init="norm"),
     TensorKind("ffn_gate.weight", _L + "mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight",
                ("intermediate_size", "hidden_size")),
     TensorKind("ffn_up.weight", _L + "mlp.up_proj.weight", "blk.{i}.ffn_up.weight",
@@ -322,11 +360,31 @@ TENSOR_KINDS: dict[str, TensorKind] = _kinds(
                ("intermediate_size",), when="mlp_bias", init="zeros"),
     TensorKind("ffn_down.bias", _L + "mlp.down_proj.bias", "blk.{i}.ffn_down.bias",
                ("hidden_size",), when="mlp_bias", init="zeros"),
+    TensorKind("ffn_post_norm.weight", _L + "post_feedforward_layernorm.weight",
+               "blk.{i}.post_ffw_norm.weight", ("hidden_size",), init="norm", families=GEMMA),
     TensorKind("output_norm.weight", "model.norm.weight", "output_norm.weight", ("hidden_size",),
-               init="ones"),
+               init="norm"),
     TensorKind("output.weight", "lm_head.weight", "output.weight", ("vocab_size", "hidden_size"),
                when="untied"),
 )
+_KIND_CACHE: dict[str | None, dict[str, TensorKind]] = {}
+
+
+def kinds_for(family: str | None) -> dict[str, TensorKind]:
+    """The kinds a family's tensors can be, by kind id, in table order: for each kind the
+    first row that names the family, else its general row. ``None``: every general row."""
+    if family not in _KIND_CACHE:
+        out: dict[str, TensorKind] = {}
+        for row in TENSOR_KIND_ROWS:
+            if row.kind in out:
+                continue
+            if (family in row.families) if row.families else True:
+                out[row.kind] = row
+        _KIND_CACHE[family] = out
+    return _KIND_CACHE[family]
+
+
+TENSOR_KINDS = kinds_for(None)
 
 EMBED = TENSOR_KINDS["token_embd.weight"].hf
 LM_HEAD = TENSOR_KINDS["output.weight"].hf
@@ -339,9 +397,9 @@ GGUF_ROPE_FREQS = "rope_freqs.weight"
 HF_NON_PARAMETERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def tensor_name(kind: str, layer: int | None = None) -> str:
-    """The canonical (HF / APR) name of a tensor of ``kind`` (in ``layer``)."""
-    k = TENSOR_KINDS[kind]
+def tensor_name(kind: str, layer: int | None = None, family: str | None = None) -> str:
+    """The canonical (HF / APR) name of a tensor of ``kind`` (in ``layer``) in ``family``."""
+    k = kinds_for(family)[kind]
     return k.hf.format(i=layer) if k.per_layer else k.hf
 
 
@@ -349,8 +407,16 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-_BY_HF = [(_pattern(k.hf), k) for k in TENSOR_KINDS.values()]
-_BY_GGUF = [(_pattern(k.gguf), k) for k in TENSOR_KINDS.values()]
+_PATTERNS: dict[tuple[str | None, str], list[tuple[re.Pattern, TensorKind]]] = {}
+
+
+def _table(family: str | None, side: str) -> list[tuple[re.Pattern, TensorKind]]:
+    """(pattern, kind) per row: the family's rows, or every row (``None``: any family)."""
+    key = (family, side)
+    if key not in _PATTERNS:
+        rows = TENSOR_KIND_ROWS if family is None else list(kinds_for(family).values())
+        _PATTERNS[key] = [(_pattern(getattr(k, side)), k) for k in rows]
+    return _PATTERNS[key]
 
 
 def _match(name: str, table) -> tuple[TensorKind, int | None] | None:
@@ -361,20 +427,21 @@ def _match(name: str, table) -> tuple[TensorKind, int | None] | None:
     return None
 
 
-def kind_of(name: str) -> tuple[TensorKind, int | None] | None:
-    """(kind, layer) of a canonical tensor name, or None for a name no kind has."""
-    return _match(name, _BY_HF)
+def kind_of(name: str, family: str | None = None) -> tuple[TensorKind, int | None] | None:
+    """(kind, layer) of a canonical tensor name (in ``family``; None: the first row of any
+    family that has the name), or None for a name no kind has."""
+    return _match(name, _table(family, "hf"))
 
 
-def hf_to_gguf_name(name: str) -> str | None:
-    """GGUF name of an HF tensor, or None if llama.cpp has no such tensor."""
-    found = _match(name, _BY_HF)
+def hf_to_gguf_name(name: str, family: str | None = None) -> str | None:
+    """GGUF name of an HF tensor of ``family``, or None if llama.cpp has no such tensor."""
+    found = _match(name, _table(family, "hf"))
     return None if found is None else found[0].gguf.format(i=found[1])
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """HF (canonical) name of a GGUF tensor, or None if it is not one we know."""
-    found = _match(name, _BY_GGUF)
+def gguf_to_hf_name(name: str, family: str | None = None) -> str | None:
+    """HF (canonical) name of a GGUF tensor of ``family``, or None if it is not one we know."""
+    found = _match(name, _table(family, "gguf"))
     return None if found is None else found[0].hf.format(i=found[1])
 
 
@@ -391,9 +458,14 @@ def decays(name: str) -> bool:
 
 
 def init_of(name: str) -> str:
-    """How a new model initializes this parameter: "normal", "ones" or "zeros"."""
+    """How a new model initializes this parameter: "normal", "zeros" or "norm"."""
     found = kind_of(name)
     return found[0].init if found else "normal"
+
+
+def is_norm(name: str) -> bool:
+    found = kind_of(name)
+    return bool(found and found[0].is_norm)
 
 
 def layer_of(name: str) -> int | None:

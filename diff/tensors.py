@@ -8,6 +8,7 @@ model without lm_head, as long as the copy really equals the embedding.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -63,7 +64,8 @@ def _u64_equal(x: np.ndarray, y: np.ndarray) -> bool:
 def same_storage(ra: TensorRef, rb: TensorRef) -> bool:
     """Same dtype, shape and stored row order: equal bytes mean identical values."""
     return (ra.dtype.name == rb.dtype.name and tuple(ra.shape) == tuple(rb.shape)
-            and ra.nbytes == rb.nbytes and (ra.rotary_heads or 0) == (rb.rotary_heads or 0))
+            and ra.nbytes == rb.nbytes and (ra.rotary_heads or 0) == (rb.rotary_heads or 0)
+            and ra.offset == rb.offset)
 
 
 def bytes_equal(ra: TensorRef, rb: TensorRef, rd: Readers) -> bool:
@@ -94,6 +96,7 @@ class Context:
     head_counts: tuple[int, ...]
     expected_shapes: dict[str, tuple[int, ...]]
     head_fields: dict[str, int]                 # config field -> head count (A's config)
+    norm_offset: float = 0.0                    # norms multiply by (offset + w) (Gemma: 1)
 
 
 def make_context(va: ModelView, vb: ModelView) -> Context:
@@ -106,7 +109,15 @@ def make_context(va: ModelView, vb: ModelView) -> Context:
             fields.setdefault("num_kv_heads", cfg.num_kv_heads)
     cfg = va.config or vb.config
     shapes = cfg.tensor_shapes(include_lm_head=True) if cfg else {}
-    return Context(tuple(dict.fromkeys(heads)), shapes, fields)
+    return Context(tuple(dict.fromkeys(heads)), shapes, fields, cfg.norm_offset if cfg else 0.0)
+
+
+def effective(ref: TensorRef, name: str, ctx: Context) -> TensorRef:
+    """A Gemma norm weight as the model multiplies by it, offset + w: the domain in which
+    llama.cpp stores it (1 + w), so a fold compares exactly and a missing one shows as +-1."""
+    if not ctx.norm_offset or not names.is_norm(name):
+        return ref
+    return dataclasses.replace(ref, offset=ref.offset - ctx.norm_offset)
 
 
 def _finding(name: str, ra: TensorRef, rb: TensorRef, rel, tol: float, stats) -> R.TensorFinding:
@@ -247,7 +258,7 @@ def compare_tensors(va: ModelView, vb: ModelView,
             if ra is None or rb is None:
                 yield missing_or_extra(name, ra, rb)
             else:
-                yield compare_pair(name, ra, rb, ctx, rd)
+                yield compare_pair(name, effective(ra, name, ctx), effective(rb, name, ctx), ctx, rd)
             tick((ra.nbytes if ra else 0) + (rb.nbytes if rb else 0))
         yield from compare_lm_head(va, vb, ctx, rd)
         tick(sum(v.tensors[LM_HEAD].nbytes for v in (va, vb) if LM_HEAD in v.tensors))

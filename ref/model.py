@@ -93,8 +93,8 @@ class Model:
         params: dict[str, np.ndarray] = {}
         for name, shape in config.tensor_shapes().items():
             init = names.init_of(name)
-            if init == "ones":
-                params[name] = np.ones(shape, dtype=dtype)
+            if init == "norm":      # the identity norm: w = 1, or 0 where it computes x (1 + w)
+                params[name] = np.full(shape, 1.0 - config.norm_offset, dtype=dtype)
             elif init == "zeros":
                 params[name] = np.zeros(shape, dtype=dtype)
             else:
@@ -132,10 +132,15 @@ class Model:
         """The output projection (V, C): the embedding itself when tied."""
         return self.params[EMBED] if self.config.tie_word_embeddings else self.params[LM_HEAD]
 
+    def _name(self, kind: str, i: int) -> str:
+        return names.tensor_name(kind, i, self.config.family)
+
     def _p(self, i: int, kind: str) -> Optional[Array]:
         """Layer i's parameter of ``kind`` (`apr.names.TENSOR_KINDS`); None for one the
         config does not have (a bias, a q/k norm)."""
-        return self.params.get(names.tensor_name(kind, i))
+        if kind not in names.kinds_for(self.config.family):
+            return None
+        return self.params.get(names.tensor_name(kind, i, self.config.family))
 
     def _ids(self, ids: Any) -> Array:
         """Token ids as a (batch, T) integer array on the backend, each in [0, vocab_size)."""
@@ -172,6 +177,12 @@ class Model:
         """linear_forward with layer i's ``proj``.weight and, when the config has it, .bias."""
         return ops.linear_forward(x, self._p(i, proj + ".weight"), self._p(i, proj + ".bias"))
 
+    def _norm_forward(self, x: Array, weight: Array) -> tuple[Array, tuple]:
+        """rmsnorm with the weight as the family computes it: w, or (1 + w) in Gemma (the
+        gradient of w is the same)."""
+        offset = self.config.norm_offset
+        return ops.rmsnorm_forward(x, weight + offset if offset else weight, self.config.rms_norm_eps)
+
     def _heads_forward(self, i: int, x: Array, n: int, norm: str) -> tuple[Array, tuple]:
         """(B, T, n*D) -> (B, n, T, D), each head RMS-normalized by layer i's ``norm`` weight
         when the config has q/k norms (the cache is None otherwise)."""
@@ -179,21 +190,22 @@ class Model:
         w = self._p(i, norm)
         if w is None:
             return x, None
-        return ops.rmsnorm_forward(x, w, self.config.rms_norm_eps)
+        return self._norm_forward(x, w)
 
     def _heads_backward(self, i: int, dx: Array, cache: Optional[tuple], norm: str,
                         grads: dict[str, Array]) -> Array:
         """Backward of `_heads_forward`: (B, n, T, D) -> (B, T, n*D)."""
         if cache is not None:
-            dx, grads[names.tensor_name(norm, i)] = ops.rmsnorm_backward(dx, cache)
+            dx, grads[self._name(norm, i)] = ops.rmsnorm_backward(dx, cache)
         return self._merge_heads(dx)
 
     # ------------------------------------------------------------------ attention block
     def _attention_forward(self, i: int, x: Array, cos: Array, sin: Array,
                            kv: Optional[KVCache]) -> tuple[Array, tuple]:
-        """x + o_proj(attention(rope(q), rope(k), v)) over rmsnorm(x)."""
+        """x + o_proj(attention(rope(q), rope(k), v)) over rmsnorm(x) (the block's output
+        normalized again where the config has post norms)."""
         cfg = self.config
-        n1, c_norm = ops.rmsnorm_forward(x, self._p(i, "attn_norm.weight"), cfg.rms_norm_eps)
+        n1, c_norm = self._norm_forward(x, self._p(i, "attn_norm.weight"))
         q, c_q = self._projection_forward(i, "attn_q", n1)
         k, c_k = self._projection_forward(i, "attn_k", n1)
         v, c_v = self._projection_forward(i, "attn_v", n1)
@@ -204,16 +216,30 @@ class Model:
         v = self.backend.xp.ascontiguousarray(self._split_heads(v, cfg.num_kv_heads))
         if kv is not None:
             k, v = kv.append(i, k, v)
-        a, c_att = ops.attention_forward(q, k, v, cfg.window(i))
+        a, c_att = ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
+                                         cfg.attn_logit_softcapping)
         out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
-        return x + out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o)
+        out, c_post = self._post_norm_forward(i, "attn_post_norm.weight", out)
+        return x + out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post)
+
+    def _post_norm_forward(self, i: int, kind: str, out: Array) -> tuple[Array, tuple | None]:
+        w = self._p(i, kind)
+        return (out, None) if w is None else self._norm_forward(out, w)
+
+    def _post_norm_backward(self, i: int, kind: str, dy: Array, cache: tuple | None,
+                            grads: dict[str, Array]) -> Array:
+        if cache is None:
+            return dy
+        dout, grads[self._name(kind, i)] = ops.rmsnorm_backward(dy, cache)
+        return dout
 
     def _attention_backward(self, i: int, dy: Array, cache: tuple,
                             grads: dict[str, Array]) -> Array:
         """Gradient w.r.t. the block input x (residual + block path); fills ``grads``."""
         cfg = self.config
-        c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o = cache
-        da = self._projection_backward(i, "attn_output", dy, c_o, grads)
+        c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post = cache
+        dout = self._post_norm_backward(i, "attn_post_norm.weight", dy, c_post, grads)
+        da = self._projection_backward(i, "attn_output", dout, c_o, grads)
         dq, dk, dv = ops.attention_backward(self._split_heads(da, cfg.num_heads), c_att)
         dq = self._heads_backward(i, ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
         dk = self._heads_backward(i, ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
@@ -221,36 +247,37 @@ class Model:
         dn1_q = self._projection_backward(i, "attn_q", dq, c_q, grads)
         dn1_k = self._projection_backward(i, "attn_k", dk, c_k, grads)
         dn1_v = self._projection_backward(i, "attn_v", dv, c_v, grads)
-        dx, grads[names.tensor_name("attn_norm.weight", i)] = ops.rmsnorm_backward(
+        dx, grads[self._name("attn_norm.weight", i)] = ops.rmsnorm_backward(
             dn1_q + dn1_k + dn1_v, c_norm)
         return dy + dx
 
-    @staticmethod
-    def _projection_backward(i: int, proj: str, dy: Array, cache: tuple,
+    def _projection_backward(self, i: int, proj: str, dy: Array, cache: tuple,
                              grads: dict[str, Array]) -> Array:
         """linear_backward of layer i's ``proj``: stores its .weight (and .bias) grads."""
-        dx, grads[names.tensor_name(proj + ".weight", i)], dbias = ops.linear_backward(dy, cache)
+        dx, grads[self._name(proj + ".weight", i)], dbias = ops.linear_backward(dy, cache)
         if dbias is not None:
-            grads[names.tensor_name(proj + ".bias", i)] = dbias
+            grads[self._name(proj + ".bias", i)] = dbias
         return dx
 
     # ------------------------------------------------------------------ MLP block
     def _mlp_forward(self, i: int, x: Array) -> tuple[Array, tuple]:
         """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act."""
-        n2, c_norm = ops.rmsnorm_forward(x, self._p(i, "ffn_norm.weight"), self.config.rms_norm_eps)
+        n2, c_norm = self._norm_forward(x, self._p(i, "ffn_norm.weight"))
         gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
         up, c_up = self._projection_forward(i, "ffn_up", n2)
         m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
         out, c_down = self._projection_forward(i, "ffn_down", m)
-        return x + out, (c_norm, c_gate, c_up, c_act, c_down)
+        out, c_post = self._post_norm_forward(i, "ffn_post_norm.weight", out)
+        return x + out, (c_norm, c_gate, c_up, c_act, c_down, c_post)
 
     def _mlp_backward(self, i: int, dy: Array, cache: tuple, grads: dict[str, Array]) -> Array:
-        c_norm, c_gate, c_up, c_act, c_down = cache
-        dm = self._projection_backward(i, "ffn_down", dy, c_down, grads)
+        c_norm, c_gate, c_up, c_act, c_down, c_post = cache
+        dout = self._post_norm_backward(i, "ffn_post_norm.weight", dy, c_post, grads)
+        dm = self._projection_backward(i, "ffn_down", dout, c_down, grads)
         dgate, dup = ops.gated_mlp_backward(dm, c_act)
         dn_gate = self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
         dn_up = self._projection_backward(i, "ffn_up", dup, c_up, grads)
-        dx, grads[names.tensor_name("ffn_norm.weight", i)] = ops.rmsnorm_backward(dn_gate + dn_up, c_norm)
+        dx, grads[self._name("ffn_norm.weight", i)] = ops.rmsnorm_backward(dn_gate + dn_up, c_norm)
         return dy + dx
 
     # ------------------------------------------------------------------ trunk
@@ -261,6 +288,8 @@ class Model:
         ``hidden``: a list to receive the embedding output, every layer's output and the
         final norm's output (L + 2 arrays), or None."""
         x, c_embed = ops.embedding_forward(ids, self.params[EMBED])
+        if self.config.embed_scale != 1.0:           # Gemma: rows times sqrt(hidden_size)
+            x = x * x.dtype.type(self.config.embed_scale)
         cos, sin = self._rope(start, ids.shape[1])
         layer_caches = []
         if hidden is not None:
@@ -272,7 +301,7 @@ class Model:
                 layer_caches.append((c_attn, c_mlp))
             if hidden is not None:
                 hidden.append(x)
-        x, c_norm = ops.rmsnorm_forward(x, self.params[FINAL_NORM], self.config.rms_norm_eps)
+        x, c_norm = self._norm_forward(x, self.params[FINAL_NORM])
         if hidden is not None:
             hidden.append(x)
         if caches is not None:
@@ -288,8 +317,26 @@ class Model:
             c_attn, c_mlp = layer_caches[i]
             dx = self._mlp_backward(i, dx, c_mlp, grads)
             dx = self._attention_backward(i, dx, c_attn, grads)
+        if self.config.embed_scale != 1.0:
+            dx = dx * dx.dtype.type(self.config.embed_scale)
         d_embed = ops.embedding_backward(dx, c_embed)
         grads[EMBED] = grads[EMBED] + d_embed if EMBED in grads else d_embed
+
+    def _head_forward(self, x: Array) -> tuple[Array, tuple]:
+        """The output projection, soft-capped where the config says (Gemma 2)."""
+        logits, c_head = ops.linear_forward(x, self.lm_head)
+        cap = self.config.final_logit_softcapping
+        if not cap:
+            return logits, (c_head, None)
+        logits, c_cap = ops.softcap_forward(logits, cap)
+        return logits, (c_head, c_cap)
+
+    def _head_backward(self, dlogits: Array, cache: tuple) -> tuple[Array, Array]:
+        c_head, c_cap = cache
+        if c_cap is not None:
+            dlogits = ops.softcap_backward(dlogits, c_cap)
+        dx, d_head, _ = ops.linear_backward(dlogits, c_head)
+        return dx, d_head
 
     # ------------------------------------------------------------------ public API
     def forward(self, ids: Any, capture_hidden: bool = False):
@@ -299,7 +346,7 @@ class Model:
         output of the final norm."""
         hidden: Optional[list] = [] if capture_hidden else None
         x = self._trunk_forward(self._ids(ids), 0, None, None, hidden)
-        logits, _ = ops.linear_forward(x, self.lm_head)
+        logits, _ = self._head_forward(x)
         return (logits, hidden) if capture_hidden else logits
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = ops.IGNORE_INDEX) -> float:
@@ -316,13 +363,13 @@ class Model:
         the embedding's and the output projection's gradients)."""
         caches: list = []
         x = self._trunk_forward(self._ids(ids), 0, None, caches, None)
-        logits, c_head = ops.linear_forward(x, self.lm_head)
+        logits, c_head = self._head_forward(x)
         loss, c_loss = ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
         del logits
         grads: dict[str, Array] = {}
         dlogits = ops.cross_entropy_backward(1.0, c_loss)
         del c_loss
-        dx, d_head, _ = ops.linear_backward(dlogits, c_head)
+        dx, d_head = self._head_backward(dlogits, c_head)
         del dlogits
         grads[EMBED if self.config.tie_word_embeddings else LM_HEAD] = d_head
         self._trunk_backward(dx, caches, grads)
@@ -348,5 +395,5 @@ class Model:
         cache.length += t
         if last_only:
             x = x[:, -1:]
-        logits, _ = ops.linear_forward(x, self.lm_head)
+        logits, _ = self._head_forward(x)
         return logits

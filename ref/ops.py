@@ -162,11 +162,14 @@ def causal_mask(t: int, s: int, xp: Any, dtype: Any, window: int = 0) -> Array:
     return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
 
 
-def attention_forward(q: Array, k: Array, v: Array, window: int = 0) -> tuple[Array, tuple]:
+def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: float | None = None,
+                      softcap: float | None = None) -> tuple[Array, tuple]:
     """Causal grouped-query attention (sliding-window when ``window`` > 0, see `causal_mask`).
     q: (B, H, T, D); k, v: (B, K, S, D) with S >= T (the last T keys are the queries' own).
     Query head h uses key/value head h // G, G = H / K (the HF repeat_kv order):
-        P = softmax(q k^T / sqrt(D) + mask),   out = P v         -> (B, H, T, D).
+        S = q k^T * scale  (scale: 1/sqrt(D) unless given),
+        S = c tanh(S / c)  (with a soft-cap c, as Gemma 2),
+        P = softmax(S + mask),   out = P v         -> (B, H, T, D).
     The G query heads of one K/V head are stacked along the rows (B, K, G*T, D), so each
     group is one matmul against its shared K/V, with no copy of K or V. The mask is
     constant, so the backward is the same with or without a window."""
@@ -174,32 +177,53 @@ def attention_forward(q: Array, k: Array, v: Array, window: int = 0) -> tuple[Ar
     b, h, t, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     g = h // kv_heads
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg = q.reshape(b, kv_heads, g * t, d)
     scores = (qg @ k.swapaxes(-1, -2)).reshape(b, kv_heads, g, t, s)
     scores *= scale
+    capped = None
+    if softcap:
+        scores, capped = softcap_forward(scores, softcap)
     scores += causal_mask(t, s, xp, scores.dtype, window)
     probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
     out = (probs @ v).reshape(b, h, t, d)
-    return out, (qg, k, v, probs, scale)
+    return out, (qg, k, v, probs, scale, capped)
 
 
 def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
-    """With P the probabilities and dS the gradient of the (scaled) scores:
+    """With P the probabilities and dS the gradient of the (scaled, capped) scores:
         dV = P^T dout,   dP = dout V^T,   dS = P * (dP - rowsum(dP * P)),
-        dq = dS K / sqrt(D),   dK = dS^T q / sqrt(D)
+        (through the soft-cap: dS = dS * (1 - tanh^2)),
+        dq = dS K * scale,   dK = dS^T q * scale
     dK and dV sum over the G query heads that share each K/V head (the stacked rows)."""
-    qg, k, v, probs, scale = cache
+    qg, k, v, probs, scale, capped = cache
     b, h, t, d = dout.shape
     kv_heads = k.shape[1]
     dout_g = dout.reshape(b, kv_heads, -1, d)
     dv = probs.swapaxes(-1, -2) @ dout_g
     dprobs = dout_g @ v.swapaxes(-1, -2)
     dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+    if capped is not None:
+        dscores = softcap_backward(dscores.reshape(capped[0].shape), capped).reshape(dscores.shape)
     dscores *= scale
     dq = (dscores @ k).reshape(b, h, t, d)
     dk = dscores.swapaxes(-1, -2) @ qg
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- soft-capping
+
+def softcap_forward(x: Array, cap: float) -> tuple[Array, tuple]:
+    """y = cap * tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2's logit caps)."""
+    xp = array_module(x)
+    th = xp.tanh(x / cap)
+    return th * cap, (th,)
+
+
+def softcap_backward(dout: Array, cache: tuple) -> Array:
+    """dy/dx = 1 - tanh^2(x / cap)."""
+    (th,) = cache
+    return dout * (1 - th * th)
 
 
 def _softmax_inplace(x: Array) -> Array:

@@ -38,6 +38,7 @@ CLASSES = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
 }
 VOCAB, T, B = 83, 21, 2
 ROPES = {
@@ -52,20 +53,24 @@ ROPES = {
 
 
 def hf_model(family: str, ratio: int, kv_heads: int, tied: bool, rope_name: str,
-             head_dim: int | None, window: int | None, theta: float, seed: int):
+             head_dim: int | None, window: int | None, theta: float, seed: int,
+             extra: dict | None = None):
     cfg_cls, model_cls = CLASSES[family]
     heads = ratio * kv_heads
     kw = dict(vocab_size=VOCAB, hidden_size=8 * heads, intermediate_size=40,
               num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
               max_position_embeddings=64, tie_word_embeddings=tied, rms_norm_eps=1e-5,
               rope_parameters={"rope_theta": theta, **ROPES[rope_name]},
-              attn_implementation="eager", bos_token_id=1, eos_token_id=2)
+              attn_implementation="eager", bos_token_id=1, eos_token_id=2, pad_token_id=None)
     if head_dim:
         kw["head_dim"] = head_dim
     if family == "mistral":
         kw["sliding_window"] = window
     if family == "qwen3" and window:
         kw.update(use_sliding_window=True, sliding_window=window, max_window_layers=1)
+    if family == "gemma2":
+        kw.update(head_dim=head_dim or 8, sliding_window=window or 4096)
+    kw.update(extra or {})
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kw))
     randomize_params(model, seed)
@@ -88,18 +93,24 @@ def family_cases(draw):
     ratio = draw(st.sampled_from([1, 2, 3, 7]))
     kv_heads = draw(st.sampled_from([1, 2])) if ratio < 7 else 1
     tied = draw(st.booleans())
-    head_dim = draw(st.sampled_from([6, 12, 16])) if family == "qwen3" else None
-    window = draw(st.sampled_from([None, 4, 7])) if family in ("mistral", "qwen3") else None
+    head_dim = draw(st.sampled_from([6, 12, 16])) if family in ("qwen3", "gemma2") else None
+    window = draw(st.sampled_from([None, 4, 7])) if family in ("mistral", "qwen3", "gemma2") else None
     theta = draw(st.sampled_from([100.0, 1e4, 5e5]))
-    return family, ratio, kv_heads, tied, rope_name, head_dim, window, theta
+    extra = {}
+    if family == "gemma2":
+        extra = dict(query_pre_attn_scalar=draw(st.sampled_from([head_dim, 24])),
+                     attn_logit_softcapping=draw(st.sampled_from([None, 0.5, 50.0])),
+                     final_logit_softcapping=draw(st.sampled_from([None, 1.5, 30.0])),
+                     hidden_activation=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu"])))
+    return family, ratio, kv_heads, tied, rope_name, head_dim, window, theta, extra
 
 
-@settings(max_examples=16, deadline=None, derandomize=True,
+@settings(max_examples=24, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=family_cases())
 def test_family_against_transformers(case, hf_exact64):  # noqa: F811
-    family, ratio, kv_heads, tied, rope_name, head_dim, window, theta = case
-    hf = hf_model(*case[:4], rope_name, head_dim, window, theta, seed=len(repr(case)))
+    family, ratio, kv_heads, tied, rope_name, head_dim, window, theta, extra = case
+    hf = hf_model(*case[:4], rope_name, head_dim, window, theta, seed=len(repr(case)), extra=extra)
     model = ours_for(hf)
     cfg = model.config
     assert cfg.family == family and (cfg.rope_scaling is None) == (rope_name == "default")

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
@@ -49,6 +50,11 @@ def _rmsnorm_in_input_dtype(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
+def _gemma_rmsnorm_in_input_dtype(self, x):
+    """Gemma's RMSNorm, x / rms(x) * (1 + w), in the input dtype (transformers: float32)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
 def _rotary_in_float64(self, x, position_ids):
     """transformers' rotary forward with the inverse frequencies of `hf_inv_freq64` (the same
     formulas in float64) and transformers' own attention scaling."""
@@ -59,12 +65,16 @@ def _rotary_in_float64(self, x, position_ids):
     return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
-def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, scaling,
-                                    dropout=0.0, **kwargs):
-    """transformers' eager_attention_forward with the softmax in the query's dtype."""
+def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, scaling=None,
+                                    dropout=0.0, softcap=None, **kwargs):
+    """transformers' eager_attention_forward with the softmax in the query's dtype (Gemma 2's
+    soft-cap included)."""
     key = modeling_llama.repeat_kv(key, module.num_key_value_groups)
     value = modeling_llama.repeat_kv(value, module.num_key_value_groups)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None
+                                                          else module.head_dim ** -0.5)
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = F.softmax(weights, dim=-1)
@@ -72,13 +82,16 @@ def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, s
 
 
 HF_MODULES = ((modeling_llama, "Llama"), (modeling_qwen2, "Qwen2"), (modeling_qwen3, "Qwen3"),
-              (modeling_mistral, "Mistral"))
+              (modeling_mistral, "Mistral"), (modeling_gemma2, "Gemma2"))
+GEMMA_MODULES = {modeling_gemma2}
 
 
 @pytest.fixture
 def hf_exact64(monkeypatch):
     for mod, prefix in HF_MODULES:
-        monkeypatch.setattr(getattr(mod, prefix + "RMSNorm"), "forward", _rmsnorm_in_input_dtype)
+        monkeypatch.setattr(getattr(mod, prefix + "RMSNorm"), "forward",
+                            _gemma_rmsnorm_in_input_dtype if mod in GEMMA_MODULES
+                            else _rmsnorm_in_input_dtype)
         monkeypatch.setattr(getattr(mod, prefix + "RotaryEmbedding"), "forward", _rotary_in_float64)
         monkeypatch.setattr(mod, "eager_attention_forward", _eager_attention_in_input_dtype)
 
