@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
-
 from .errors import AprError, ConfigError, UnsupportedError
 from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALIASES,
                     APR_KNOWN_KEYS, APR_MODELED_KEYS, APR_ROPE_TYPE, APR_ROPE_TYPE_INV,
@@ -164,9 +162,9 @@ def _llama_cpp_query_scalar(num_layers: int, hidden: int, heads: int, head_dim: 
     return hidden // heads if num_layers == 46 else head_dim
 
 
-def _mistral_window(v: Values, vals: dict[str, Any]) -> None:
-    """Mistral's sliding_window (null: none) applies to every layer."""
-    size = v.get("sliding_window", int, default=4096)
+def _mistral_window(v: Values, vals: dict[str, Any], default: int | None) -> None:
+    """Mistral's (and Phi-3's) sliding_window (null: none) applies to every layer."""
+    size = v.get("sliding_window", int, default=default)
     vals["layer_types"] = (SLIDING_ATTENTION,) * vals["num_layers"] if size else ()
     vals["sliding_window"] = size or 0
 
@@ -259,11 +257,12 @@ class ModelConfig:
 
     @property
     def embed_scale(self) -> float:
-        """What the embedding rows are multiplied by: sqrt(hidden_size) in Gemma, rounded to
-        float32 as transformers and llama.cpp hold it; 1 elsewhere."""
+        """What the embedding rows are multiplied by: sqrt(hidden_size) in Gemma (the model
+        rounds it to its compute dtype, as transformers does in the dtype it loads a model
+        in); 1 elsewhere."""
         if not FAMILIES[self.family].embed_scale:
             return 1.0
-        return float(np.float32(math.sqrt(self.hidden_size)))
+        return math.sqrt(self.hidden_size)
 
     @property
     def attention_scale(self) -> float:
@@ -287,6 +286,19 @@ class ModelConfig:
     def inverse_frequencies(self):
         """(inv_freq per rotary pair, attention factor) of this config's RoPE (apr.rope)."""
         return rope_mod.inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    @property
+    def fused(self) -> bool:
+        """q/k/v in one matrix and gate/up in another (Phi-3)."""
+        return FAMILIES[self.family].fused
+
+    @property
+    def qkv_size(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+    @property
+    def gate_up_size(self) -> int:
+        return 2 * self.intermediate_size
 
     @property
     def q_size(self) -> int:
@@ -472,6 +484,11 @@ class ModelConfig:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         vals.setdefault("num_kv_heads", vals["num_heads"])
         theta, vals["rope_scaling"] = _rope(cfg, v, where, vals.get("max_position_embeddings"))
+        orig = v.get("original_max_position_embeddings", int, default=None)
+        scaling = vals["rope_scaling"]
+        if orig and scaling is not None and scaling.original_max_position_embeddings is not None:
+            # Phi-3 keeps the pretraining context beside rope_parameters; transformers uses it
+            vals["rope_scaling"] = dataclasses.replace(scaling, original_max_position_embeddings=orig)
         if theta is not None:
             if "rope_theta" in vals and vals["rope_theta"] != theta:
                 raise ConfigError(f"{where}: rope_theta {vals['rope_theta']} and rope_parameters "
@@ -479,6 +496,9 @@ class ModelConfig:
             vals["rope_theta"] = theta
         family = FAMILIES[fam]
         vals["hidden_act"] = v.get(family.hf_act_key, str, default=family.default_act)
+        if vals["hidden_act"] not in ACTIVATIONS:
+            raise UnsupportedError(f"{where}: {family.hf_act_key}={vals['hidden_act']!r} is not "
+                                   f"supported (supported: {', '.join(ACTIVATIONS)})")
         if family.hf_act_key != "hidden_act":
             other = v.get("hidden_act", str, default=None)
             if other is not None and other != vals["hidden_act"]:
@@ -498,7 +518,7 @@ class ModelConfig:
         if family.mlp_bias_option:
             vals["mlp_bias"] = v.get("mlp_bias", bool, default=False)
         if family.sliding_all_layers:
-            _mistral_window(v, vals)
+            _mistral_window(v, vals, family.default_window)
         elif family.post_norms:
             _gemma_windows(v, vals, where)
         elif family.sliding_window_option:
@@ -524,8 +544,9 @@ class ModelConfig:
         if fam.softcap_option:
             d["attn_logit_softcapping"] = self.attn_logit_softcapping
             d["final_logit_softcapping"] = self.final_logit_softcapping
-        if fam.query_scalar_option:
-            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar or self.head_dim
+        if fam.query_scalar_option:       # an int in transformers' config class
+            x = self.query_pre_attn_scalar or self.head_dim
+            d["query_pre_attn_scalar"] = int(x) if float(x).is_integer() else x
         d["initializer_range"] = 0.02
         d["use_cache"] = True
         d["torch_dtype"] = d["dtype"] = torch_dtype
@@ -550,6 +571,11 @@ class ModelConfig:
             raise UnsupportedError(f"{fam.hf_architecture} has no sliding-window attention")
         if fam.sliding_all_layers:
             d["sliding_window"] = self.sliding_window or None
+            if "original_max_position_embeddings" in HF_MODELED_KEYS[self.family]:
+                s = self.rope_scaling
+                d["original_max_position_embeddings"] = (
+                    s.original_max_position_embeddings if s and s.original_max_position_embeddings
+                    else self.max_position_embeddings)
         elif fam.post_norms:
             d["sliding_window"] = self.sliding_window or 4096
             d["layer_types"] = list(self.layer_types) or [FULL_ATTENTION] * self.num_layers

@@ -41,6 +41,8 @@ class Family:
     hf_act_key: str = "hidden_act"       # the config.json key of the MLP activation
     default_act: str = "silu"
     # transformers' defaults for keys a config.json may leave out
+    fused: bool = False                  # q/k/v and gate/up as one matrix each (Phi-3)
+    default_window: int | None = None    # sliding_window when config.json leaves it out
     default_head_dim: int = 0            # 0: hidden_size // num_heads
     default_tied: bool = False
     rope_theta_range: tuple[float, float] = (1e3, 1e8)   # what qa calls plausible
@@ -67,6 +69,10 @@ FAMILIES: dict[str, Family] = {
                      gguf_norm_fold=True, embed_scale=True, post_norms=True, softcap_option=True,
                      query_scalar_option=True, hf_act_key="hidden_activation",
                      default_act="gelu_pytorch_tanh", default_head_dim=256, default_tied=True),
+    "phi3": Family("phi3", "Phi3ForCausalLM", "phi3", "phi3",
+                   attention_bias=False, gguf_rope_permuted=False, output_bias=False,
+                   gguf_free_head_dim=True, sliding_window_option=True, sliding_all_layers=True,
+                   fused=True),
     # llama.cpp stores a Mistral as a llama (and does not apply its sliding window)
     "mistral": Family("mistral", "MistralForCausalLM", "mistral", "llama",
                       attention_bias=False, gguf_rope_permuted=True, output_bias=False,
@@ -188,6 +194,8 @@ HF_MODELED_KEYS: dict[str, frozenset[str]] = {
                         "max_window_layers", "layer_types"}),
     "mistral": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
                           "sliding_window"}),
+    "phi3": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
+                       "sliding_window", "original_max_position_embeddings"}),
     "gemma2": frozenset({"hidden_activation", "hidden_act", "attention_bias", "rope_theta",
                          "rope_parameters", "rope_scaling", "sliding_window", "layer_types",
                          "query_pre_attn_scalar", "attn_logit_softcapping",
@@ -203,7 +211,7 @@ HF_INERT_KEYS: frozenset[str] = frozenset({
     "initializer_range", "use_cache", "output_hidden_states", "output_attentions",
     "return_dict", "torchscript", "output_router_logits",
     # dropout: off at inference (and the reference trains without dropout)
-    "attention_dropout",
+    "attention_dropout", "resid_pdrop", "embd_pdrop",
     # tensor-parallel slicing of the same products
     "pretraining_tp",
     # which attention kernel: the same function
@@ -246,6 +254,7 @@ APR_INERT_PREFIXES = ("tokenizer.", "training.", TRAINING_PREFIX)
 GGUF_INERT_PREFIXES = ("general.", "tokenizer.", "quantize.")
 # {arch}.* keys refused unless they hold this value
 GGUF_DEFAULT_ONLY: dict[str, object] = {
+    "{arch}.attention.sliding_window": 0,     # modeled for gemma2; llama.cpp's phi3 writes 0
     "{arch}.expert_count": 0,
     "{arch}.expert_used_count": 0,
 }
@@ -297,6 +306,7 @@ class TensorKind:
                                  # norm: 1, or 0 where the family computes x * (1 + w))
     families: tuple[str, ...] = ()   # only these families ((): every family without a row
                                      # of its own for this kind)
+    not_in: tuple[str, ...] = ()     # families that have no such tensor (fused ones instead)
 
     @property
     def per_layer(self) -> bool:
@@ -314,18 +324,22 @@ class TensorKind:
 
 _L = "model.layers.{i}."
 GEMMA = ("gemma2", "gemma3")
+FUSED = ("phi3",)
 # Rows in table order; a family-specific row comes before the general row of its kind.
 TENSOR_KIND_ROWS: tuple[TensorKind, ...] = (
     TensorKind("token_embd.weight", "model.embed_tokens.weight", "token_embd.weight",
                ("vocab_size", "hidden_size")),
     TensorKind("attn_norm.weight", _L + "input_layernorm.weight", "blk.{i}.attn_norm.weight",
                ("hidden_size",), init="norm"),
+    # Phi-3: q, k and v as one matrix (rows q, then k, then v)
+    TensorKind("attn_qkv.weight", _L + "self_attn.qkv_proj.weight", "blk.{i}.attn_qkv.weight",
+               ("qkv_size", "hidden_size"), families=FUSED),
     TensorKind("attn_q.weight", _L + "self_attn.q_proj.weight", "blk.{i}.attn_q.weight",
-               ("q_size", "hidden_size"), rotary_heads="num_heads"),
+               ("q_size", "hidden_size"), rotary_heads="num_heads", not_in=FUSED),
     TensorKind("attn_k.weight", _L + "self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
-               ("kv_size", "hidden_size"), rotary_heads="num_kv_heads"),
+               ("kv_size", "hidden_size"), rotary_heads="num_kv_heads", not_in=FUSED),
     TensorKind("attn_v.weight", _L + "self_attn.v_proj.weight", "blk.{i}.attn_v.weight",
-               ("kv_size", "hidden_size")),
+               ("kv_size", "hidden_size"), not_in=FUSED),
     TensorKind("attn_q.bias", _L + "self_attn.q_proj.bias", "blk.{i}.attn_q.bias", ("q_size",),
                when="attention_bias", rotary_heads="num_heads", init="zeros"),
     TensorKind("attn_k.bias", _L + "self_attn.k_proj.bias", "blk.{i}.attn_k.bias", ("kv_size",),
@@ -349,7 +363,10 @@ TENSOR_KIND_ROWS: tuple[TensorKind, ...] = (
     TensorKind("ffn_norm.weight", _L + "post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight",
                ("hidden_size",), init="norm"),
     TensorKind("ffn_gate.weight", _L + "mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight",
-               ("intermediate_size", "hidden_size")),
+               ("intermediate_size", "hidden_size"), not_in=FUSED),
+    # Phi-3: gate and up as one matrix (rows gate, then up); llama.cpp keeps it as ffn_up
+    TensorKind("ffn_up.weight", _L + "mlp.gate_up_proj.weight", "blk.{i}.ffn_up.weight",
+               ("gate_up_size", "hidden_size"), families=FUSED),
     TensorKind("ffn_up.weight", _L + "mlp.up_proj.weight", "blk.{i}.ffn_up.weight",
                ("intermediate_size", "hidden_size")),
     TensorKind("ffn_down.weight", _L + "mlp.down_proj.weight", "blk.{i}.ffn_down.weight",
@@ -378,7 +395,7 @@ def kinds_for(family: str | None) -> dict[str, TensorKind]:
         for row in TENSOR_KIND_ROWS:
             if row.kind in out:
                 continue
-            if (family in row.families) if row.families else True:
+            if (family in row.families) if row.families else family not in row.not_in:
                 out[row.kind] = row
         _KIND_CACHE[family] = out
     return _KIND_CACHE[family]

@@ -206,9 +206,15 @@ class Model:
         normalized again where the config has post norms)."""
         cfg = self.config
         n1, c_norm = self._norm_forward(x, self._p(i, "attn_norm.weight"))
-        q, c_q = self._projection_forward(i, "attn_q", n1)
-        k, c_k = self._projection_forward(i, "attn_k", n1)
-        v, c_v = self._projection_forward(i, "attn_v", n1)
+        if cfg.fused:       # one q/k/v matrix: its output split into views (Phi-3)
+            qkv, c_q = self._projection_forward(i, "attn_qkv", n1)
+            q, k, v = (qkv[..., :cfg.q_size], qkv[..., cfg.q_size:cfg.q_size + cfg.kv_size],
+                       qkv[..., cfg.q_size + cfg.kv_size:])
+            c_k = c_v = None
+        else:
+            q, c_q = self._projection_forward(i, "attn_q", n1)
+            k, c_k = self._projection_forward(i, "attn_k", n1)
+            v, c_v = self._projection_forward(i, "attn_v", n1)
         q, c_nq = self._heads_forward(i, q, cfg.num_heads, "attn_q_norm.weight")
         k, c_nk = self._heads_forward(i, k, cfg.num_kv_heads, "attn_k_norm.weight")
         q, c_rq = ops.rope_forward(q, cos, sin, cfg.rope_type)
@@ -244,11 +250,14 @@ class Model:
         dq = self._heads_backward(i, ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
         dk = self._heads_backward(i, ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
         dv = self._merge_heads(dv)
-        dn1_q = self._projection_backward(i, "attn_q", dq, c_q, grads)
-        dn1_k = self._projection_backward(i, "attn_k", dk, c_k, grads)
-        dn1_v = self._projection_backward(i, "attn_v", dv, c_v, grads)
-        dx, grads[self._name("attn_norm.weight", i)] = ops.rmsnorm_backward(
-            dn1_q + dn1_k + dn1_v, c_norm)
+        if cfg.fused:
+            dn1 = self._projection_backward(i, "attn_qkv", self.backend.xp.concatenate(
+                [dq, dk, dv], axis=-1), c_q, grads)
+        else:
+            dn1 = (self._projection_backward(i, "attn_q", dq, c_q, grads)
+                   + self._projection_backward(i, "attn_k", dk, c_k, grads)
+                   + self._projection_backward(i, "attn_v", dv, c_v, grads))
+        dx, grads[self._name("attn_norm.weight", i)] = ops.rmsnorm_backward(dn1, c_norm)
         return dy + dx
 
     def _projection_backward(self, i: int, proj: str, dy: Array, cache: tuple,
@@ -263,8 +272,13 @@ class Model:
     def _mlp_forward(self, i: int, x: Array) -> tuple[Array, tuple]:
         """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act."""
         n2, c_norm = self._norm_forward(x, self._p(i, "ffn_norm.weight"))
-        gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
-        up, c_up = self._projection_forward(i, "ffn_up", n2)
+        if self.config.fused:   # one gate/up matrix: gate is the first half of its output
+            gate_up, c_gate = self._projection_forward(i, "ffn_up", n2)
+            f = self.config.intermediate_size
+            gate, up, c_up = gate_up[..., :f], gate_up[..., f:], None
+        else:
+            gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
+            up, c_up = self._projection_forward(i, "ffn_up", n2)
         m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
         out, c_down = self._projection_forward(i, "ffn_down", m)
         out, c_post = self._post_norm_forward(i, "ffn_post_norm.weight", out)
@@ -275,9 +289,13 @@ class Model:
         dout = self._post_norm_backward(i, "ffn_post_norm.weight", dy, c_post, grads)
         dm = self._projection_backward(i, "ffn_down", dout, c_down, grads)
         dgate, dup = ops.gated_mlp_backward(dm, c_act)
-        dn_gate = self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
-        dn_up = self._projection_backward(i, "ffn_up", dup, c_up, grads)
-        dx, grads[self._name("ffn_norm.weight", i)] = ops.rmsnorm_backward(dn_gate + dn_up, c_norm)
+        if self.config.fused:
+            dn = self._projection_backward(i, "ffn_up", self.backend.xp.concatenate(
+                [dgate, dup], axis=-1), c_gate, grads)
+        else:
+            dn = (self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
+                  + self._projection_backward(i, "ffn_up", dup, c_up, grads))
+        dx, grads[self._name("ffn_norm.weight", i)] = ops.rmsnorm_backward(dn, c_norm)
         return dy + dx
 
     # ------------------------------------------------------------------ trunk

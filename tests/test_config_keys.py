@@ -26,12 +26,22 @@ from tests.test_model_vs_hf import hf_exact64  # noqa: F401  (fixture)
 CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
 }
 BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             bos_token_id=1, eos_token_id=2, attn_implementation="eager")
 # Qwen2: a small window and a first sliding layer, inert until use_sliding_window is set
 QWEN2_BASE = dict(sliding_window=5, max_window_layers=1)
+# per family: small windows (inert until switched on, or Gemma's every other layer), a
+# head_dim that is not transformers' large default
+FAMILY_BASE = {"qwen2": QWEN2_BASE, "qwen3": dict(QWEN2_BASE, head_dim=8),
+               "mistral": dict(sliding_window=5), "gemma2": dict(sliding_window=5, head_dim=8,
+                                                                query_pre_attn_scalar=8),
+               "phi3": dict(pad_token_id=None)}       # its default 32000 is past the vocabulary
 SEQ = 26          # more than 5 windows
 TOL = 1e-10
 
@@ -50,6 +60,8 @@ TRANSFORMERS_REJECTS = {
 # values worth trying for keys whose type alone says little
 SPECIAL: dict[str, list] = {
     "hidden_act": sorted(ACT2FN),
+    "hidden_activation": sorted(ACT2FN),
+    "pad_token_id": [3, 60],          # inside the test vocabulary (transformers requires it)
     "rope_parameters": [{"rope_type": "default", "rope_theta": 123456.0},
                         {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
                         {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}],
@@ -108,7 +120,7 @@ def hf_case(tmp: Path, family: str, overrides: dict, seed: int = 0):
     """Save a float64 random model with ``overrides``; the logits transformers computes for
     the saved directory, or None if transformers itself rejects the configuration."""
     cfg_cls, model_cls = CLASSES[family]
-    kw = {**BASE, **(QWEN2_BASE if family == "qwen2" else {}), **overrides}
+    kw = {**BASE, **FAMILY_BASE.get(family, {}), **overrides}
     try:
         torch.manual_seed(seed)
         model = model_cls(cfg_cls(**kw)).double()

@@ -31,6 +31,7 @@ CASES = {
     "qwen3-head-dim": ("qwen3", 2, 2, True, "default", 16, None, 1e6),
     "mistral": ("mistral", 2, 2, False, "default", None, None, 1e6),
     "gemma2": ("gemma2", 2, 2, True, "default", 16, 6, 1e4),
+    "phi3": ("phi3", 2, 2, False, "default", None, None, 1e4),
 }
 EXTRA = {"gemma2": dict(query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
                         final_logit_softcapping=3.0)}   # caps small enough to bite
@@ -90,12 +91,18 @@ def test_mistral_window_is_refused_for_gguf(tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("case_id", ["llama3-rope", "qwen3-head-dim", "mistral"])
+@pytest.mark.parametrize("case_id", ["llama3-rope", "qwen3-head-dim", "mistral", "phi3"])
 def test_llama_cpp_converter_output_reads_back(case_id, llama_cpp_src, tmp_path):
+    import json
+    from apr.tokenizer import to_hf_files
     tok = from_gguf_fields(gguf.GGUFReader(llama_cpp_src / "models" / "ggml-vocab-llama-bpe.gguf"))
     rows = tok.vocab_size + (-tok.vocab_size % 64)
     d, hf = save_hf(tmp_path, case_id, vocab_rows=rows)
-    out = llama_cpp_convert(llama_cpp_src, d, tmp_path / "llama-cpp.gguf", tok)
+    for name, text in to_hf_files(tok).items():
+        if name == "tokenizer_config.json" and case_id == "phi3":   # Phi: GPT-2 BPE or nothing
+            text = json.dumps({**json.loads(text), "tokenizer_class": "GPT2Tokenizer"})
+        (d / name).write_text(text, encoding="utf-8")
+    out = llama_cpp_convert(llama_cpp_src, d, tmp_path / "llama-cpp.gguf")
     convert(out, tmp_path / "m.apr")
     state = load_file(str(d / "model.safetensors"))
     with open_model(tmp_path / "m.apr") as v:

@@ -24,6 +24,7 @@ import transformers
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
+from transformers.models.phi3 import modeling_phi3
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
 
@@ -82,7 +83,7 @@ def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, s
 
 
 HF_MODULES = ((modeling_llama, "Llama"), (modeling_qwen2, "Qwen2"), (modeling_qwen3, "Qwen3"),
-              (modeling_mistral, "Mistral"), (modeling_gemma2, "Gemma2"))
+              (modeling_mistral, "Mistral"), (modeling_gemma2, "Gemma2"), (modeling_phi3, "Phi3"))
 GEMMA_MODULES = {modeling_gemma2}
 
 
