@@ -17,7 +17,7 @@ from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALI
                     APR_KNOWN_KEYS, APR_MODELED_KEYS, APR_ROPE_TYPE, APR_ROPE_TYPE_INV,
                     ATTENTION_BIAS_KEY, EMBED, FAMILIES, FULL_ATTENTION, GGUF_CONFIG_KEYS,
                     GGUF_DEFAULT_ONLY, GGUF_INERT_KEYS, GGUF_INERT_PREFIXES, GGUF_KEY_LENGTH_KEY,
-                    GGUF_ATTN_SOFTCAP_KEY, GGUF_FINAL_SOFTCAP_KEY, GGUF_ROPE_DIM_KEY,
+                    GGUF_ATTN_SOFTCAP_KEY, GGUF_FINAL_SOFTCAP_KEY, GGUF_ROPE_BASE_SWA_KEY, GGUF_ROPE_DIM_KEY,
                     GGUF_ROPE_SCALING_FACTOR, GGUF_ROPE_SCALING_TYPE, GGUF_SLIDING_WINDOW_KEY,
                     GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
                     HF_DEFAULT_ONLY, HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_ADJACENT, ROPE_HALVES,
@@ -104,10 +104,12 @@ def _qwen2_windows(v: Values, vals: dict[str, Any], where: str) -> None:
     vals["sliding_window"] = window or 0
 
 
-def _apr_rope(v: Values, where: str, max_pos: int | None) -> RopeScaling | None:
-    """The custom key rope_scaling: transformers' rope_parameters spelling, without theta."""
-    rp = v.get("rope_scaling", dict, default=None)
-    return rope_mod.from_dict(rp, f"{where}: rope_scaling", max_pos) if rp else None
+def _apr_rope(v: Values, where: str, max_pos: int | None, key: str = "rope_scaling"
+              ) -> RopeScaling | None:
+    """The custom key rope_scaling (or rope_local_scaling): transformers' rope_parameters
+    spelling, without theta."""
+    rp = v.get(key, dict, default=None)
+    return rope_mod.from_dict(rp, f"{where}: {key}", max_pos) if rp else None
 
 
 def _gguf_rope(v: Values, a: dict[str, str], rope_freqs: Sequence[float] | None,
@@ -136,13 +138,38 @@ def _gguf_rope(v: Values, a: dict[str, str], rope_freqs: Sequence[float] | None,
     return None
 
 
-def _gemma_windows(v: Values, vals: dict[str, Any], where: str) -> None:
-    """Gemma 2: layer_types, by default sliding in the even layers, with sliding_window."""
+def _gemma3_rope(cfg: Mapping[str, Any], v: Values, where: str, max_pos: int | None):
+    """Gemma 3's two RoPEs: (theta, scaling) of the full-attention layers and of the sliding
+    ones, from rope_parameters nested by layer type, or the older rope_theta /
+    rope_local_base_freq / rope_scaling keys (transformers' defaults 1e6 and 1e4)."""
+    rp = v.get("rope_parameters", dict, default=None) or {}
+    nested = {k: rp[k] for k in (FULL_ATTENTION, SLIDING_ATTENTION) if k in rp}
+    if rp and set(rp) - {FULL_ATTENTION, SLIDING_ATTENTION}:
+        raise UnsupportedError(f"{where}: rope_parameters must be nested by layer type "
+                               f"({FULL_ATTENTION}, {SLIDING_ATTENTION}) for Gemma 3")
+    out = []
+    for kind, theta_key, default in ((FULL_ATTENTION, "rope_theta", 1e6),
+                                     (SLIDING_ATTENTION, "rope_local_base_freq", 1e4)):
+        part = nested.get(kind)
+        if part is None:
+            part = dict(v.get("rope_scaling", dict, default=None) or {}) if kind == FULL_ATTENTION else {}
+        elif not isinstance(part, Mapping):
+            raise ConfigError(f"{where}: rope_parameters[{kind!r}] is not an object")
+        pv = Values(part, f"{where}: rope_parameters[{kind!r}]")
+        theta = pv.get("rope_theta", float) or v.get(theta_key, float, default=None) or default
+        out += [theta, rope_mod.from_dict(part, f"{where}: rope_parameters[{kind!r}]", max_pos)]
+    return out[0], out[1], out[2], out[3]
+
+
+def _gemma_windows(v: Values, vals: dict[str, Any], where: str, pattern: int) -> None:
+    """Gemma: layer_types, by default every ``pattern``-th layer full and the others sliding
+    (Gemma 2: 2, Gemma 3: 6, or its sliding_window_pattern), with sliding_window."""
     n = vals["num_layers"]
     size = v.get("sliding_window", int, default=4096)
     types = v.get("layer_types", list, default=None)
     if types is None:
-        types = [SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(n)]
+        pattern = v.get("sliding_window_pattern", int, default=None) or pattern
+        types = list(_gemma_pattern(n, pattern))
     types = [check_value(t, str, "layer_types[]", where) for t in types]
     if SLIDING_ATTENTION in types and not size:
         raise UnsupportedError(f"{where}: layer_types has sliding-attention layers but "
@@ -151,15 +178,22 @@ def _gemma_windows(v: Values, vals: dict[str, Any], where: str) -> None:
     vals["sliding_window"] = size or 0
 
 
-def _gemma_pattern(num_layers: int) -> tuple[str, ...]:
-    """Gemma 2's layer types: sliding in the even layers (transformers' default and llama.cpp's)."""
-    return tuple(SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(num_layers))
+def _gemma_pattern(num_layers: int, pattern: int) -> tuple[str, ...]:
+    """Gemma's layer types: every ``pattern``-th layer full, the others sliding (Gemma 2: 2,
+    Gemma 3: 6; transformers' default and llama.cpp's)."""
+    return tuple(SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION
+                 for i in range(num_layers))
 
 
-def _llama_cpp_query_scalar(num_layers: int, hidden: int, heads: int, head_dim: int) -> int:
-    """The query scale llama.cpp's gemma2 uses, 1/sqrt(this): hidden/heads for the 46-layer
-    (27B) model, head_dim otherwise (llama.cpp reads no query_pre_attn_scalar key)."""
-    return hidden // heads if num_layers == 46 else head_dim
+_LLAMA_CPP_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _llama_cpp_query_scalar(family: str, num_layers: int, hidden: int, heads: int,
+                            head_dim: int) -> int:
+    """The query scale llama.cpp's gemma2/gemma3 use, 1/sqrt(this): hidden/heads for the 27B
+    model (known by its layer count), head_dim otherwise (llama.cpp reads no
+    query_pre_attn_scalar key)."""
+    return hidden // heads if num_layers == _LLAMA_CPP_27B_LAYERS.get(family) else head_dim
 
 
 def _mistral_window(v: Values, vals: dict[str, Any], default: int | None) -> None:
@@ -219,12 +253,15 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None   # scores -> c tanh(scores / c) (Gemma 2)
     final_logit_softcapping: float | None = None  # logits -> c tanh(logits / c) (Gemma 2)
     query_pre_attn_scalar: float | None = None    # attention scale 1/sqrt(this); None: head_dim
+    rope_local_theta: float | None = None         # RoPE of the sliding layers, where they have
+    rope_local_scaling: RopeScaling | None = None  # their own (Gemma 3); None: rope_theta's
 
     def __post_init__(self):
         if isinstance(self.layer_types, list):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if isinstance(self.rope_scaling, Mapping):      # as to_dict() wrote it
-            object.__setattr__(self, "rope_scaling", rope_mod.from_dict(self.rope_scaling, "rope_scaling"))
+        for key in ("rope_scaling", "rope_local_scaling"):
+            if isinstance(getattr(self, key), Mapping):      # as to_dict() wrote it
+                object.__setattr__(self, key, rope_mod.from_dict(getattr(self, key), key))
         if self.layer_types and SLIDING_ATTENTION not in self.layer_types:
             object.__setattr__(self, "layer_types", ())      # all full: one spelling
         if not self.layer_types:
@@ -283,9 +320,19 @@ class ModelConfig:
         fam = FAMILIES[self.family]
         return fam.gguf_family if fam.gguf_family and not self.layer_types else self.family
 
-    def inverse_frequencies(self):
-        """(inv_freq per rotary pair, attention factor) of this config's RoPE (apr.rope)."""
+    def inverse_frequencies(self, sliding: bool = False):
+        """(inv_freq per rotary pair, attention factor) of this config's RoPE (apr.rope); with
+        ``sliding``, of the sliding layers' (Gemma 3 gives them their own)."""
+        if sliding and self.rope_local_theta is not None:
+            return rope_mod.inverse_frequencies(self.head_dim, self.rope_local_theta,
+                                                self.rope_local_scaling)
         return rope_mod.inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    def rope_of(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """(theta, scaling) of layer ``layer``'s rotary embedding."""
+        if self.rope_local_theta is not None and self.window(layer):
+            return self.rope_local_theta, self.rope_local_scaling
+        return self.rope_theta, self.rope_scaling
 
     @property
     def fused(self) -> bool:
@@ -326,6 +373,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["hf_architecture"] = self.hf_architecture
         d["rope_scaling"] = self.rope_scaling.to_dict() if self.rope_scaling else None
+        d["rope_local_scaling"] = self.rope_local_scaling.to_dict() if self.rope_local_scaling else None
         d["qk_norm"] = self.qk_norm
         return d
 
@@ -369,7 +417,8 @@ class ModelConfig:
             if x is None:
                 continue
             if name == "query_pre_attn_scalar" and not fam.query_scalar_option or \
-                    name != "query_pre_attn_scalar" and not fam.softcap_option:
+                    name == "final_logit_softcapping" and not fam.softcap_option or \
+                    name == "attn_logit_softcapping" and not fam.attn_softcap:
                 raise UnsupportedError(f"{fam.hf_architecture} has no {name}")
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1e9:
                 raise ConfigError(f"{name}={x!r} must be a positive number")
@@ -380,6 +429,11 @@ class ModelConfig:
                 set(self.layer_types) != {SLIDING_ATTENTION}:
             raise UnsupportedError(f"{fam.hf_architecture} slides the window in every layer or in "
                                    f"none, not per layer ({list(self.layer_types)})")
+        if (self.rope_local_theta is not None or self.rope_local_scaling is not None) \
+                and not fam.local_rope:
+            raise UnsupportedError(f"{fam.hf_architecture} has no separate RoPE for sliding layers")
+        if self.rope_local_theta is not None and not (self.rope_local_theta > 0):
+            raise ConfigError(f"rope_local_theta={self.rope_local_theta!r} must be positive")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, RopeScaling):
                 raise ConfigError(f"rope_scaling={self.rope_scaling!r} is not a RoPE scaling")
@@ -483,7 +537,11 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         vals.setdefault("num_kv_heads", vals["num_heads"])
-        theta, vals["rope_scaling"] = _rope(cfg, v, where, vals.get("max_position_embeddings"))
+        if FAMILIES[fam].local_rope:
+            theta, vals["rope_scaling"], vals["rope_local_theta"], vals["rope_local_scaling"] = \
+                _gemma3_rope(cfg, v, where, vals.get("max_position_embeddings"))
+        else:
+            theta, vals["rope_scaling"] = _rope(cfg, v, where, vals.get("max_position_embeddings"))
         orig = v.get("original_max_position_embeddings", int, default=None)
         scaling = vals["rope_scaling"]
         if orig and scaling is not None and scaling.original_max_position_embeddings is not None:
@@ -508,8 +566,9 @@ class ModelConfig:
         if "head_dim" not in vals and family.default_head_dim:
             vals["head_dim"] = family.default_head_dim
         if family.softcap_option:
-            for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-                vals[key] = v.get(key, float, default=None)
+            vals["final_logit_softcapping"] = v.get("final_logit_softcapping", float, default=None)
+            if family.attn_softcap:
+                vals["attn_logit_softcapping"] = v.get("attn_logit_softcapping", float, default=None)
         if family.query_scalar_option:
             vals["query_pre_attn_scalar"] = v.get("query_pre_attn_scalar", float,
                                                   default=vals.get("head_dim"))
@@ -520,7 +579,7 @@ class ModelConfig:
         if family.sliding_all_layers:
             _mistral_window(v, vals, family.default_window)
         elif family.post_norms:
-            _gemma_windows(v, vals, where)
+            _gemma_windows(v, vals, where, family.window_pattern)
         elif family.sliding_window_option:
             _qwen2_windows(v, vals, where)
         vals.setdefault("tie_word_embeddings", family.default_tied)
@@ -555,6 +614,13 @@ class ModelConfig:
                                    "rope_freqs.weight without its llama3 parameters)")
         d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default",
                                 **(self.rope_scaling.to_dict() if self.rope_scaling else {})}
+        if fam.local_rope:
+            d["rope_parameters"] = {
+                FULL_ATTENTION: d["rope_parameters"],
+                SLIDING_ATTENTION: {"rope_theta": self.rope_local_theta or self.rope_theta,
+                                    "rope_type": "default",
+                                    **(self.rope_local_scaling.to_dict() if self.rope_local_scaling
+                                       else {})}}
         if fam.attention_bias_option:
             d["attention_bias"] = self.attention_bias
         elif self.attention_bias != fam.attention_bias:
@@ -645,6 +711,9 @@ class ModelConfig:
             attn_logit_softcapping=v.get("attn_logit_softcapping", float),
             final_logit_softcapping=v.get("final_logit_softcapping", float),
             query_pre_attn_scalar=v.get("query_pre_attn_scalar", float),
+            rope_local_theta=v.get("rope_local_theta", float),
+            rope_local_scaling=_apr_rope(v, where, get("max_position_embeddings", int),
+                                         key="rope_local_scaling"),
         )
         try:
             return cls(**vals)
@@ -683,9 +752,12 @@ class ModelConfig:
             meta["layer_types"] = list(self.layer_types)
         if self.rope_scaling is not None:
             meta["rope_scaling"] = self.rope_scaling.to_dict()
-        for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+        for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                    "rope_local_theta"):
             if getattr(self, key) is not None:
                 meta[key] = getattr(self, key)
+        if self.rope_local_scaling is not None:
+            meta["rope_local_scaling"] = self.rope_local_scaling.to_dict()
         return meta
 
     # ------------------------------------------------------------------ GGUF
@@ -710,7 +782,7 @@ class ModelConfig:
                                            GGUF_ROPE_SCALING_TYPE, GGUF_ROPE_SCALING_FACTOR)}
         if FAMILIES[fam].post_norms:
             modeled |= {k.format(**a) for k in (GGUF_SLIDING_WINDOW_KEY, GGUF_ATTN_SOFTCAP_KEY,
-                                                GGUF_FINAL_SOFTCAP_KEY)}
+                                                GGUF_FINAL_SOFTCAP_KEY, GGUF_ROPE_BASE_SWA_KEY)}
         check_closed_world(kv, where, modeled=modeled, inert={k.format(**a) for k in GGUF_INERT_KEYS},
                            default_only={k.format(**a): d for k, d in GGUF_DEFAULT_ONLY.items()},
                            inert_prefixes=GGUF_INERT_PREFIXES, ignore=ignore)
@@ -748,15 +820,17 @@ class ModelConfig:
         vals["rope_scaling"] = _gguf_rope(v, a, rope_freqs, where)
         family = FAMILIES[fam]
         vals["hidden_act"] = family.default_act
-        if family.softcap_option:           # llama.cpp's gemma2 always caps (defaults 50, 30)
+        if family.local_rope:               # llama.cpp's gemma3: no caps, a local rope base
+            vals["rope_local_theta"] = v.get(GGUF_ROPE_BASE_SWA_KEY.format(**a), float) or 10000.0
+        elif family.softcap_option:         # llama.cpp's gemma2 always caps (defaults 50, 30)
             vals["attn_logit_softcapping"] = v.get(GGUF_ATTN_SOFTCAP_KEY.format(**a), float) or 50.0
             vals["final_logit_softcapping"] = v.get(GGUF_FINAL_SOFTCAP_KEY.format(**a), float) or 30.0
         if family.query_scalar_option:
             vals["query_pre_attn_scalar"] = float(_llama_cpp_query_scalar(
-                vals["num_layers"], vals["hidden_size"], vals["num_heads"], head_dim))
+                fam, vals["num_layers"], vals["hidden_size"], vals["num_heads"], head_dim))
         if family.post_norms:               # llama.cpp slides the window in every other layer
             window = v.get(GGUF_SLIDING_WINDOW_KEY.format(**a), int) or 4096
-            vals["layer_types"] = _gemma_pattern(vals["num_layers"])
+            vals["layer_types"] = _gemma_pattern(vals["num_layers"], family.window_pattern)
             vals["sliding_window"] = window
         has_bias = any(n.endswith("self_attn.q_proj.bias") for n in shapes)
         mlp_bias = any(n.endswith("mlp.gate_proj.bias") for n in shapes)
@@ -776,16 +850,23 @@ class ModelConfig:
             out.append(f"hidden_act={self.hidden_act!r} (llama.cpp's {fam.gguf_arch} runs "
                        f"{fam.default_act} only)")
         if fam.post_norms:
-            if self.layer_types != _gemma_pattern(self.num_layers):
+            if self.layer_types != _gemma_pattern(self.num_layers, fam.window_pattern):
                 out.append(f"layer types {list(self.layer_types) or 'all full'} (llama.cpp's "
-                           f"{fam.gguf_arch} slides the window in the even layers)")
-            want = _llama_cpp_query_scalar(self.num_layers, self.hidden_size, self.num_heads,
-                                           self.head_dim)
+                           f"{fam.gguf_arch} makes every {fam.window_pattern}th layer full and "
+                           "slides the window in the others)")
+            want = _llama_cpp_query_scalar(self.family, self.num_layers, self.hidden_size,
+                                           self.num_heads, self.head_dim)
             if (self.query_pre_attn_scalar or self.head_dim) != want:
                 out.append(f"query_pre_attn_scalar {self.query_pre_attn_scalar} (llama.cpp's "
                            f"{fam.gguf_arch} scales by 1/sqrt({want}))")
-            if self.attn_logit_softcapping is None or self.final_logit_softcapping is None:
+            if not fam.local_rope and (self.attn_logit_softcapping is None
+                                       or self.final_logit_softcapping is None):
                 out.append(f"no soft-capping (llama.cpp's {fam.gguf_arch} always caps)")
+            if fam.local_rope and (self.attn_logit_softcapping or self.final_logit_softcapping):
+                out.append(f"soft-capping (llama.cpp's {fam.gguf_arch} does not cap)")
+            if fam.local_rope and self.rope_local_scaling is not None:
+                out.append(f"a scaled RoPE in the sliding layers (llama.cpp's {fam.gguf_arch} "
+                           "scales the global layers' only)")
         elif self.layer_types:
             out.append(f"sliding-window attention (window {self.sliding_window}; llama.cpp's "
                        f"{fam.gguf_arch} attends to every position)")
@@ -819,10 +900,14 @@ class ModelConfig:
         if self.rope_scaling is not None and self.rope_scaling.type == "linear":
             kv[GGUF_ROPE_SCALING_TYPE.format(arch=arch)] = "linear"
             kv[GGUF_ROPE_SCALING_FACTOR.format(arch=arch)] = self.rope_scaling.factor
-        if FAMILIES[self.family].post_norms:
+        fam = FAMILIES[self.family]
+        if fam.post_norms:
             kv[GGUF_SLIDING_WINDOW_KEY.format(arch=arch)] = self.sliding_window
+        if fam.softcap_option and not fam.local_rope:
             kv[GGUF_ATTN_SOFTCAP_KEY.format(arch=arch)] = self.attn_logit_softcapping
             kv[GGUF_FINAL_SOFTCAP_KEY.format(arch=arch)] = self.final_logit_softcapping
+        if fam.local_rope:
+            kv[GGUF_ROPE_BASE_SWA_KEY.format(arch=arch)] = self.rope_local_theta or self.rope_theta
         return kv
 
     def gguf_rope_freqs(self):

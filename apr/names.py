@@ -36,13 +36,17 @@ class Family:
     gguf_norm_fold: bool = False         # llama.cpp stores norm weights as norm_offset + w
     embed_scale: bool = False            # embeddings multiplied by sqrt(hidden_size) (Gemma)
     post_norms: bool = False             # a norm after attention and after the MLP (Gemma)
-    softcap_option: bool = False         # attention and final logit soft-capping (Gemma 2)
+    softcap_option: bool = False         # final logit soft-capping (Gemma 2, 3) ...
+    attn_softcap: bool = False           # ... and attention logit soft-capping (Gemma 2 only:
+                                         # Gemma 3's config has the key, its model ignores it)
     query_scalar_option: bool = False    # query_pre_attn_scalar replaces head_dim in the scale
     hf_act_key: str = "hidden_act"       # the config.json key of the MLP activation
     default_act: str = "silu"
     # transformers' defaults for keys a config.json may leave out
     fused: bool = False                  # q/k/v and gate/up as one matrix each (Phi-3)
     default_window: int | None = None    # sliding_window when config.json leaves it out
+    local_rope: bool = False             # sliding layers have a RoPE of their own (Gemma 3)
+    window_pattern: int = 0              # default layer types: every n-th layer full, others slide
     default_head_dim: int = 0            # 0: hidden_size // num_heads
     default_tied: bool = False
     rope_theta_range: tuple[float, float] = (1e3, 1e8)   # what qa calls plausible
@@ -67,7 +71,16 @@ FAMILIES: dict[str, Family] = {
                      gguf_free_head_dim=True, attention_bias_option=True,
                      sliding_window_option=True, gguf_attention_bias=False, norm_offset=1.0,
                      gguf_norm_fold=True, embed_scale=True, post_norms=True, softcap_option=True,
-                     query_scalar_option=True, hf_act_key="hidden_activation",
+                     attn_softcap=True, query_scalar_option=True, hf_act_key="hidden_activation",
+                     default_act="gelu_pytorch_tanh", default_head_dim=256, default_tied=True,
+                     window_pattern=2),
+    "gemma3": Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma3",
+                     attention_bias=False, gguf_rope_permuted=False, output_bias=True,
+                     gguf_free_head_dim=True, attention_bias_option=True,
+                     sliding_window_option=True, qk_norm=True, gguf_attention_bias=False,
+                     norm_offset=1.0, gguf_norm_fold=True, embed_scale=True, post_norms=True,
+                     softcap_option=True, query_scalar_option=True, local_rope=True,
+                     window_pattern=6, hf_act_key="hidden_activation",
                      default_act="gelu_pytorch_tanh", default_head_dim=256, default_tied=True),
     "phi3": Family("phi3", "Phi3ForCausalLM", "phi3", "phi3",
                    attention_bias=False, gguf_rope_permuted=False, output_bias=False,
@@ -194,6 +207,11 @@ HF_MODELED_KEYS: dict[str, frozenset[str]] = {
                         "max_window_layers", "layer_types"}),
     "mistral": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
                           "sliding_window"}),
+    "gemma3": frozenset({"hidden_activation", "hidden_act", "attention_bias", "rope_theta",
+                         "rope_parameters", "rope_scaling", "rope_local_base_freq",
+                         "sliding_window", "sliding_window_pattern", "_sliding_window_pattern",
+                         "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping",
+                         "final_logit_softcapping"}),
     "phi3": frozenset({"hidden_act", "rope_theta", "rope_parameters", "rope_scaling",
                        "sliding_window", "original_max_position_embeddings"}),
     "gemma2": frozenset({"hidden_activation", "hidden_act", "attention_bias", "rope_theta",
@@ -240,7 +258,8 @@ HF_DEFAULT_ONLY: dict[str, object] = {
 
 # APR metadata: custom keys the reference models (written only when not the default)
 APR_MODELED_KEYS = ("hidden_act", "mlp_bias", "sliding_window", "layer_types", "rope_scaling",
-                    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
+                    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                    "rope_local_theta", "rope_local_scaling")
 # APR metadata keys that describe, not compute (besides tokenizer.* and training keys)
 APR_INERT_KEYS: frozenset[str] = frozenset({
     "model_type", "name", "description", "author", "license", "data_source", "data_license",
@@ -280,6 +299,7 @@ GGUF_VALUE_LENGTH_KEY = "{arch}.attention.value_length"
 GGUF_VOCAB_SIZE_KEY = "{arch}.vocab_size"
 GGUF_ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
 GGUF_SLIDING_WINDOW_KEY = "{arch}.attention.sliding_window"
+GGUF_ROPE_BASE_SWA_KEY = "{arch}.rope.freq_base_swa"
 GGUF_ATTN_SOFTCAP_KEY = "{arch}.attn_logit_softcapping"
 GGUF_FINAL_SOFTCAP_KEY = "{arch}.final_logit_softcapping"
 GGUF_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"

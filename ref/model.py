@@ -155,11 +155,20 @@ class Model:
                            f"for vocab_size={self.config.vocab_size}")
         return ids.astype(np.int64, copy=False)
 
-    def _rope(self, start: int, t: int) -> tuple[Array, Array]:
-        """cos, sin tables (T, D/2) for positions start .. start + T - 1."""
+    def _rope(self, start: int, t: int) -> list[tuple[Array, Array]]:
+        """Per layer, the cos, sin tables (T, D/2) for positions start .. start + T - 1 (the
+        same arrays for every layer with the same RoPE; Gemma 3's sliding layers have their
+        own)."""
         positions = self.backend.xp.arange(start, start + t)
-        return ops.rope_tables(positions, self.config.head_dim, self.config.rope_theta, self.dtype,
-                               self.config.rope_scaling)
+        tables: dict[tuple, tuple[Array, Array]] = {}
+        out = []
+        for i in range(self.config.num_layers):
+            theta, scaling = self.config.rope_of(i)
+            if (theta, scaling) not in tables:
+                tables[theta, scaling] = ops.rope_tables(positions, self.config.head_dim, theta,
+                                                         self.dtype, scaling)
+            out.append(tables[theta, scaling])
+        return out
 
     @staticmethod
     def _split_heads(x: Array, n: int) -> Array:
@@ -308,12 +317,12 @@ class Model:
         x, c_embed = ops.embedding_forward(ids, self.params[EMBED])
         if self.config.embed_scale != 1.0:           # Gemma: rows times sqrt(hidden_size)
             x = x * x.dtype.type(self.config.embed_scale)
-        cos, sin = self._rope(start, ids.shape[1])
+        ropes = self._rope(start, ids.shape[1])
         layer_caches = []
         if hidden is not None:
             hidden.append(x)
         for i in range(self.config.num_layers):
-            x, c_attn = self._attention_forward(i, x, cos, sin, kv)
+            x, c_attn = self._attention_forward(i, x, *ropes[i], kv)
             x, c_mlp = self._mlp_forward(i, x)
             if caches is not None:
                 layer_caches.append((c_attn, c_mlp))

@@ -128,7 +128,7 @@ def randomize_params(model, seed: int = 0) -> None:
                 p.copy_(noise * (0.5 if name.endswith("embed_tokens.weight") else 1.5 / p.shape[-1] ** 0.5))
 
 
-def hf_inv_freq64(config):
+def hf_inv_freq64(config, layer_type=None):
     """transformers' inverse RoPE frequencies for ``config`` (default, linear, llama3, yarn),
     the formulas of its modeling_rope_utils written out again here in float64 (transformers
     forms them in float32). tests/test_families.py checks them against transformers' own
@@ -136,7 +136,7 @@ def hf_inv_freq64(config):
     import math
 
     import torch
-    rp = dict(config.rope_parameters)
+    rp = dict(config.rope_parameters[layer_type] if layer_type else config.rope_parameters)
     kind = rp.get("rope_type", "default")
     theta = rp["rope_theta"]
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -30,6 +30,7 @@ CLASSES = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
 BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -41,7 +42,8 @@ QWEN2_BASE = dict(sliding_window=5, max_window_layers=1)
 FAMILY_BASE = {"qwen2": QWEN2_BASE, "qwen3": dict(QWEN2_BASE, head_dim=8),
                "mistral": dict(sliding_window=5), "gemma2": dict(sliding_window=5, head_dim=8,
                                                                 query_pre_attn_scalar=8),
-               "phi3": dict(pad_token_id=None)}       # its default 32000 is past the vocabulary
+               "phi3": dict(pad_token_id=None),       # its default 32000 is past the vocabulary
+               "gemma3": dict(sliding_window=5, head_dim=8, query_pre_attn_scalar=8)}
 SEQ = 26          # more than 5 windows
 TOL = 1e-10
 
@@ -61,7 +63,9 @@ TRANSFORMERS_REJECTS = {
 SPECIAL: dict[str, list] = {
     "hidden_act": sorted(ACT2FN),
     "hidden_activation": sorted(ACT2FN),
-    "pad_token_id": [3, 60],          # inside the test vocabulary (transformers requires it)
+    "pad_token_id": [3, 60],
+    "attn_logit_softcapping": [3.0, 50.0],
+    "final_logit_softcapping": [3.0, 30.0],          # inside the test vocabulary (transformers requires it)
     "rope_parameters": [{"rope_type": "default", "rope_theta": 123456.0},
                         {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
                         {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}],

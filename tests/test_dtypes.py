@@ -31,6 +31,14 @@ def test_table_matches_the_format_page():
         "APR_Q8": (129, None, 1, 1), "Q8_0": (None, GGML.Q8_0, 32, 34),
         "Q4_0": (None, GGML.Q4_0, 32, 18),
     }
+    # and every other GGML block type the gguf library decodes (apr/dtypes.py probes it),
+    # read-only for APR (no code): the ones gguf 0.19 decodes
+    decoded = ("Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS",
+               "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4",
+               "NVFP4")
+    from gguf import GGML_QUANT_SIZES
+    for name in decoded:
+        expected[name] = (None, GGML[name], *GGML_QUANT_SIZES[GGML[name]])
     assert set(DTYPES) == set(expected)
     for name, (code, ggml, block, size) in expected.items():
         dt = DTYPES[name]

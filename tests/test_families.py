@@ -40,6 +40,7 @@ CLASSES = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
 VOCAB, T, B = 83, 21, 2
 ROPES = {
@@ -69,8 +70,12 @@ def hf_model(family: str, ratio: int, kv_heads: int, tied: bool, rope_name: str,
         kw["sliding_window"] = window
     if family == "qwen3" and window:
         kw.update(use_sliding_window=True, sliding_window=window, max_window_layers=1)
-    if family == "gemma2":
+    if family in ("gemma2", "gemma3"):
         kw.update(head_dim=head_dim or 8, sliding_window=window or 4096)
+    if family == "gemma3":         # a RoPE per layer type; the scaled one on the global layers
+        kw["rope_parameters"] = {"full_attention": kw["rope_parameters"],
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}
+        kw["layer_types"] = ["sliding_attention", "full_attention"]
     kw.update(extra or {})
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kw))
@@ -99,11 +104,11 @@ def family_cases(draw):
     ratio = draw(st.sampled_from([1, 2, 3, 7]))
     kv_heads = draw(st.sampled_from([1, 2])) if ratio < 7 else 1
     tied = draw(st.booleans())
-    head_dim = draw(st.sampled_from([6, 12, 16])) if family in ("qwen3", "gemma2") else None
-    window = draw(st.sampled_from([None, 4, 7])) if family in ("mistral", "qwen3", "gemma2", "phi3") else None
+    head_dim = draw(st.sampled_from([6, 12, 16])) if family in ("qwen3", "gemma2", "gemma3") else None
+    window = draw(st.sampled_from([None, 4, 7])) if family in ("mistral", "qwen3", "gemma2", "gemma3", "phi3") else None
     theta = draw(st.sampled_from([100.0, 1e4, 5e5]))
     extra = {}
-    if family == "gemma2":
+    if family in ("gemma2", "gemma3"):
         extra = dict(query_pre_attn_scalar=draw(st.sampled_from([head_dim, 24])),
                      attn_logit_softcapping=draw(st.sampled_from([None, 0.5, 50.0])),
                      final_logit_softcapping=draw(st.sampled_from([None, 1.5, 30.0])),
@@ -111,7 +116,7 @@ def family_cases(draw):
     return family, ratio, kv_heads, tied, rope_name, head_dim, window, theta, extra
 
 
-@settings(max_examples=36, deadline=None, derandomize=True,
+@settings(max_examples=42, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=family_cases())
 def test_family_against_transformers(case, hf_exact64):  # noqa: F811

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers.models.gemma2 import modeling_gemma2
+from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.phi3 import modeling_phi3
@@ -56,13 +57,13 @@ def _gemma_rmsnorm_in_input_dtype(self, x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
 
 
-def _rotary_in_float64(self, x, position_ids):
+def _rotary_in_float64(self, x, position_ids, layer_type=None):
     """transformers' rotary forward with the inverse frequencies of `hf_inv_freq64` (the same
-    formulas in float64) and transformers' own attention scaling."""
-    inv_freq = hf_inv_freq64(self.config)
+    formulas in float64) and transformers' own attention scaling (per layer type in Gemma 3)."""
+    inv_freq = hf_inv_freq64(self.config, layer_type)
     freqs = position_ids[..., None].to(torch.float64) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    scale = self.attention_scaling
+    scale = getattr(self, f"{layer_type}_attention_scaling") if layer_type else self.attention_scaling
     return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
@@ -83,8 +84,9 @@ def _eager_attention_in_input_dtype(module, query, key, value, attention_mask, s
 
 
 HF_MODULES = ((modeling_llama, "Llama"), (modeling_qwen2, "Qwen2"), (modeling_qwen3, "Qwen3"),
-              (modeling_mistral, "Mistral"), (modeling_gemma2, "Gemma2"), (modeling_phi3, "Phi3"))
-GEMMA_MODULES = {modeling_gemma2}
+              (modeling_mistral, "Mistral"), (modeling_gemma2, "Gemma2"), (modeling_phi3, "Phi3"),
+              (modeling_gemma3, "Gemma3"))
+GEMMA_MODULES = {modeling_gemma2, modeling_gemma3}
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The fuzz campaign: mutants of small APR, GGUF and HF files through every command that
-reads files, in-process, each case under a time and a memory bound. A case fails on a
+reads files, in-process, each case under a time and a memory bound. The seeds are two tiny
+models (a Qwen2, and a Qwen3 with llama3 RoPE scaling) in each format. A case fails on a
 traceback (an exception that escaped, or the last-resort handler's exit 3; a MemoryError
 under the bound ends there too), a hang, an exit code outside {0, 1, 2} (1 only for diff's
 findings and qa's failed gates), a partial output, or a leftover temporary file.
@@ -44,22 +45,69 @@ class Hang(BaseException):       # not an Exception: no handler of the CLI may c
 class Outcome:
     cases: dict[str, int] = field(default_factory=dict)        # "format command" -> count
     exits: dict[str, int] = field(default_factory=dict)
+    mutants: dict[str, int] = field(default_factory=dict)      # "format seed-model" -> count
     failures: list[str] = field(default_factory=list)
 
 
 def make_seeds(directory: Path) -> dict[str, Path]:
-    """Tiny model files: an HF directory saved by transformers, its APR and GGUF conversions."""
+    """Tiny model files of two configs, each as an HF directory and its APR and GGUF
+    conversions: "hf", "apr", "gguf" a Qwen2 saved by transformers; "hf qwen3", "apr qwen3",
+    "gguf qwen3" a Qwen3 (per-head q/k norms, head_dim != hidden / heads) with llama3 RoPE
+    scaling (rope_parameters in config.json, rope_scaling in APR, rope_freqs.weight in GGUF),
+    written by our own writers. A campaign draws one of the two per mutant."""
     sys.path.insert(0, str(ROOT))
     import cli
     from tests.oracles import make_hf_model
     hf = make_hf_model(directory / "hf", "qwen2", hidden=32, layers=1, heads=2, kv_heads=1, ffn=48,
                         rope_theta=1e6)           # a plausible Qwen2 value: the seed passes qa
+    seeds = {"hf": hf, "hf qwen3": write_qwen3_seed(directory / "hf-qwen3")}
     runner = CliRunner()
-    for out in ("seed.apr", "seed.gguf"):
-        r = runner.invoke(cli.main, ["convert", str(hf), "-o", str(directory / out), "-q"])
-        assert r.exit_code == 0, r.output
-    return {"hf": hf, "apr": directory / "seed.apr", "gguf": directory / "seed.gguf",
-            "corpus": write_corpus(directory / "corpus")}
+    for model in SEED_MODELS:
+        for fmt in ("apr", "gguf"):
+            out = directory / f"seed-{model}.{fmt}"
+            r = runner.invoke(cli.main, ["convert", str(seeds[seed_key("hf", model)]), "-o", str(out), "-q"])
+            assert r.exit_code == 0, r.output
+            seeds[seed_key(fmt, model)] = out
+    seeds["corpus"] = write_corpus(directory / "corpus")
+    return seeds
+
+
+SEED_MODELS = ("qwen2", "qwen3")
+
+
+def seed_key(fmt: str, model: str) -> str:
+    return fmt if model == "qwen2" else f"{fmt} {model}"
+
+
+def write_qwen3_seed(directory: Path) -> Path:
+    """An HF directory from apr.config.ModelConfig: config.to_hf_config(), random weights
+    through write_safetensors, the test tokenizer."""
+    import numpy as np
+
+    from apr import rope
+    from apr.config import ModelConfig
+    from apr.dtypes import DTYPES
+    from apr.safetensors_io import StTensor, write_safetensors
+    from tests.oracles import write_tokenizer
+    from tests.fuzz.mutators import LLAMA3_ROPE
+    config = ModelConfig("qwen3", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=48, vocab_size=448, head_dim=24,
+                         max_position_embeddings=256, rope_theta=1e6,
+                         rope_scaling=rope.from_dict(LLAMA3_ROPE, "seed", 256))
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    tensors = []
+    for name, shape in config.tensor_shapes().items():
+        a = rng.standard_normal(shape).astype(np.float32) * np.float32(0.1)
+        if name.endswith("norm.weight"):
+            a += np.float32(1.0)
+        tensors.append(StTensor(name, DTYPES["F32"], shape, lambda a=a: a))
+    write_safetensors(directory / "model.safetensors", tensors)
+    cfg = config.to_hf_config()
+    cfg.update(bos_token_id=0, eos_token_id=0)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    write_tokenizer(directory)
+    return directory
 
 
 def write_corpus(directory: Path) -> Path:
@@ -224,25 +272,30 @@ def campaign(cases: int, seed: int = 0, budget: float | None = None, save: bool 
                     return outcome
                 work = base / f"case-{i}-{fmt}"
                 work.mkdir()
-                mutate = rng.choice(_mutators(fmt, seeds[fmt]))
+                model = rng.choice(SEED_MODELS)
+                seed_file = seeds[seed_key(fmt, model)]
+                mutate = rng.choice(_mutators(fmt, seed_file))
                 mutant = work / ("mutant" if fmt == "hf" else f"mutant.{fmt}")
                 try:
-                    mutate(seeds[fmt], mutant, rng)
+                    mutate(seed_file, mutant, rng)
                 except Exception:       # the mutator could not build this mutant: not a case
                     shutil.rmtree(work, ignore_errors=True)
                     continue
+                mk = f"{fmt} {model}"
+                outcome.mutants[mk] = outcome.mutants.get(mk, 0) + 1
                 for command in COMMANDS:
                     if command in SLOW_COMMANDS and i % slow_every:
                         continue
                     key = f"{fmt} {command}"
                     outcome.cases[key] = outcome.cases.get(key, 0) + 1
-                    problem = run_case(command, seeds[fmt], mutant, work)
+                    problem = run_case(command, seed_file, mutant, work)
                     ek = f"{key} exit {LAST_EXIT[0]}"
                     outcome.exits[ek] = outcome.exits.get(ek, 0) + 1
                     if problem:
-                        outcome.failures.append(f"{key} [{getattr(mutate, '__name__', 'mutate')}]: {problem}")
+                        outcome.failures.append(f"{key} [{model} {getattr(mutate, '__name__', 'mutate')}]: "
+                                                f"{problem}")
                         if save:
-                            save_regression(fmt, command, mutant, problem, seeds[fmt])
+                            save_regression(fmt, command, mutant, problem, seed_file)
                 shutil.rmtree(work, ignore_errors=True)
     return outcome
 
@@ -259,7 +312,8 @@ def main(argv=None) -> int:
     if a.budget is None and a.cases == 1_000_000:
         a.budget = 300
     o = campaign(a.cases, a.seed, a.budget, save=not a.no_save, slow_every=a.slow_every)
-    print(json.dumps({"cases": o.cases, "exits": o.exits, "failures": len(o.failures)}, indent=1))
+    print(json.dumps({"mutants": o.mutants, "cases": o.cases, "exits": o.exits,
+                      "failures": len(o.failures)}, indent=1))
     for f in sorted(set(o.failures)):
         print(f)
     return 1 if o.failures else 0

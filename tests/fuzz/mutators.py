@@ -3,7 +3,8 @@ random generator and writes one mutant. Field-level mutations go through the for
 structure (APR metadata rewritten with valid CRCs, GGUF key/values rewritten by the gguf
 library, JSON values of config.json / tokenizer.json / a safetensors header replaced), so the
 mutant reaches the code past the checksums; byte-level ones (truncation at region boundaries,
-bit flips) cover the rest."""
+bit flips) cover the rest. RoPE scaling has mutators of its own (config.json rope_parameters,
+APR rope_scaling, GGUF rope_freqs.weight): a random pick among ~25 keys would seldom reach it."""
 from __future__ import annotations
 
 import json
@@ -51,6 +52,40 @@ def mutate_json_value(doc: Any, rng: random.Random, depth: int = 0) -> Any:
     return hostile(rng)
 
 
+# RoPE scaling (config.json rope_parameters / rope_scaling, APR's rope_scaling): the keys the
+# rope types read, set to edge values of the right type (zero, negative, equal low and high
+# frequency factors, an original context beyond the model's) or to hostile ones
+ROPE_KEYS = ("rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+             "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "attention_factor", "partial_rotary_factor", "truncate", "freq_factors")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope", "LLAMA3", "")
+ROPE_VALUES = (0, 0.0, -1.0, -8.0, 1e-300, 0.5, 1.0, 4.0, 8.0, 64, 256, 257, 65536, 2 ** 31,
+               2 ** 63, 1e308, float("inf"), float("nan"), [1.0] * 8, [0.0] * 8)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def mutate_rope(params: Any, rng: random.Random) -> Any:
+    """A RoPE-scaling object with one entry changed: a key set to an edge or hostile value,
+    the type switched, a key dropped; rarely the whole object replaced. A seed without
+    scaling starts from a valid llama3 object."""
+    if rng.random() < 0.05:
+        return hostile(rng)
+    out = dict(params) if isinstance(params, dict) and params.get("rope_type", "default") != "default" \
+        else {**(params if isinstance(params, dict) else {}), **LLAMA3_ROPE}
+    roll = rng.random()
+    if roll < 0.15:
+        del out[rng.choice(list(out))]
+    elif roll < 0.3:
+        out["rope_type"] = rng.choice(ROPE_TYPES)
+    else:
+        key = rng.choice(ROPE_KEYS)
+        out[key] = rng.choice(ROPE_VALUES) if rng.random() < 0.7 else hostile(rng)
+        if rng.random() < 0.3:          # two at once: e.g. low_freq_factor = high_freq_factor
+            out[rng.choice(ROPE_KEYS)] = rng.choice(ROPE_VALUES)
+    return out
+
+
 # --------------------------------------------------------------------------- byte level
 
 def truncate(src: Path, dst: Path, rng: random.Random, boundaries: list[int]) -> None:
@@ -67,6 +102,12 @@ def bit_flip(src: Path, dst: Path, rng: random.Random, region: tuple[int, int] |
         i = rng.randrange(lo, max(lo + 1, min(hi, len(data))))
         data[i] ^= 1 << rng.randrange(8)
     dst.write_bytes(bytes(data))
+
+
+def named(name: str, fn: Callable) -> Callable:
+    """``fn`` under a name a failure report can print."""
+    fn.__name__ = name
+    return fn
 
 
 # --------------------------------------------------------------------------- APR
@@ -109,11 +150,16 @@ def write_apr_as_stranger(dst: Path, meta: dict, sources: list) -> None:
         write_apr(dst, meta, sources)
 
 
-def apr_metadata(src: Path, dst: Path, rng: random.Random) -> None:
-    """A metadata value replaced; the file rewritten by our writer (valid CRCs)."""
+def apr_metadata(src: Path, dst: Path, rng: random.Random, rope: bool = False) -> None:
+    """A metadata value replaced (with ``rope``: the rope_scaling object mutated, or added);
+    the file rewritten by our writer (valid CRCs)."""
     from apr.container import AprFile, write_apr
     with AprFile.open(src) as f:
-        meta = mutate_json_value(dict(f.metadata), rng)
+        meta = dict(f.metadata)
+    if rope:
+        meta["rope_scaling"] = mutate_rope(meta.get("rope_scaling"), rng)
+    else:
+        meta = mutate_json_value(meta, rng)
     sources = apr_tensors(src)
     if not isinstance(meta, dict):
         meta = {"value": meta}
@@ -148,20 +194,45 @@ def apr_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]
     data = seed.read_bytes()
     meta_end, index_off, data_off = _apr_layout(data)
     bounds = [4, 40, 64, meta_end, index_off, data_off, len(data) - 4]
-    return [apr_metadata, apr_metadata, patch_apr_field, patch_apr_field,
-            lambda s, d, r: truncate(s, d, r, bounds), lambda s, d, r: bit_flip(s, d, r)]
+    return [apr_metadata, apr_metadata, apr_rope, patch_apr_field, patch_apr_field,
+            named("truncate", lambda s, d, r: truncate(s, d, r, bounds)), bit_flip]
+
+
+def apr_rope(src: Path, dst: Path, rng: random.Random) -> None:
+    apr_metadata(src, dst, rng, rope=True)
 
 
 # --------------------------------------------------------------------------- GGUF
 
-def gguf_kv(src: Path, dst: Path, rng: random.Random) -> None:
-    """A key/value replaced by a hostile value of some GGUF type, or dropped, or added."""
+def _hostile_kv(w, name: str, rng: random.Random) -> None:
+    """A hostile value of some GGUF type under ``name``."""
+    import gguf
+    VT = gguf.GGUFValueType
+    value = hostile(rng)
+    if isinstance(value, bool):
+        w.add_key_value(name, value, VT.BOOL)
+    elif isinstance(value, int):
+        w.add_key_value(name, value % 2 ** 64 if value >= 0 else value % 2 ** 63 - 2 ** 63,
+                        VT.UINT64 if value >= 0 else VT.INT64)
+    elif isinstance(value, float):
+        w.add_key_value(name, value, VT.FLOAT64)
+    elif isinstance(value, str):
+        w.add_key_value(name, value.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), VT.STRING)
+    elif isinstance(value, list) and value and all(isinstance(x, int) for x in value):
+        w.add_key_value(name, value, VT.ARRAY, sub_type=VT.INT32)
+    else:
+        w.add_key_value(name, "not-a-" + type(value).__name__, VT.STRING)
+
+
+def _rewrite_gguf(src: Path, dst: Path, rng: random.Random, victim: str | None = None,
+                  tensors: Callable[[list], list] | None = None) -> None:
+    """The GGUF rewritten by the gguf library's writer: key ``victim`` replaced by a hostile
+    value or dropped; the tensor list (name, array, raw dtype) passed through ``tensors``."""
     import gguf
     import numpy as np
     r = gguf.GGUFReader(src)
     arch = r.fields["general.architecture"].contents()
     keys = [k for k in r.fields if not k.startswith("GGUF.")]
-    victim = rng.choice(keys)
     w = gguf.GGUFWriter(dst, arch if victim != "general.architecture" else str(hostile(rng))[:20] or "x")
     VT = gguf.GGUFValueType
     for name in keys:
@@ -169,42 +240,67 @@ def gguf_kv(src: Path, dst: Path, rng: random.Random) -> None:
         if name == "general.architecture":
             continue
         if name == victim:
-            roll = rng.random()
-            if roll < 0.2:
-                continue
-            value = hostile(rng)
-            if isinstance(value, bool):
-                w.add_key_value(name, value, VT.BOOL)
-            elif isinstance(value, int):
-                w.add_key_value(name, value % 2 ** 64 if value >= 0 else value % 2 ** 63 - 2 ** 63,
-                                VT.UINT64 if value >= 0 else VT.INT64)
-            elif isinstance(value, float):
-                w.add_key_value(name, value, VT.FLOAT64)
-            elif isinstance(value, str):
-                w.add_key_value(name, value.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), VT.STRING)
-            elif isinstance(value, list) and value and all(isinstance(x, int) for x in value):
-                w.add_key_value(name, value, VT.ARRAY, sub_type=VT.INT32)
-            else:
-                w.add_key_value(name, "not-a-" + type(value).__name__, VT.STRING)
+            if rng.random() >= 0.2:
+                _hostile_kv(w, name, rng)
             continue
         vt = f.types[0]
         if vt == VT.ARRAY:
             w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
         else:
             w.add_key_value(name, f.contents(), vt)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    entries = [(t.name, np.asarray(t.data), t.tensor_type) for t in r.tensors]
+    for name, data, raw in (tensors(entries) if tensors else entries):
+        w.add_tensor(name, data, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
+def gguf_kv(src: Path, dst: Path, rng: random.Random) -> None:
+    """A key/value replaced by a hostile value of some GGUF type, or dropped."""
+    import gguf
+    keys = [k for k in gguf.GGUFReader(src).fields if not k.startswith("GGUF.")]
+    _rewrite_gguf(src, dst, rng, victim=rng.choice(keys))
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def gguf_rope_freqs(src: Path, dst: Path, rng: random.Random) -> None:
+    """llama.cpp's rope_freqs.weight (per-pair RoPE divisors) with hostile values (zero,
+    negative, NaN, infinity, huge), the wrong length or rank or type, dropped, or added to a
+    model without RoPE scaling."""
+    import gguf
+    import numpy as np
+
+    def change(entries: list) -> list:
+        old = next((e for e in entries if e[0] == ROPE_FREQS), None)
+        rest = [e for e in entries if e[0] != ROPE_FREQS]
+        if old is not None and rng.random() < 0.15:
+            return rest
+        n = len(old[1]) if old is not None else 8
+        values = np.asarray(old[1] if old is not None else np.ones(n), np.float32).copy()
+        roll = rng.random()
+        if roll < 0.5:
+            values[rng.randrange(n) if rng.random() < 0.7 else slice(None)] = rng.choice(
+                (0.0, -1.0, 1e-30, 1e30, np.inf, -np.inf, np.nan, 3.4e38))
+        elif roll < 0.75:
+            values = np.ones(rng.choice((0, 1, n - 1, n + 1, 2 * n)), np.float32)
+        elif roll < 0.9:
+            values = np.ones((2, n), np.float32)
+        else:
+            return rest + [(ROPE_FREQS, values.astype(np.float16), gguf.GGMLQuantizationType.F16)]
+        return rest + [(ROPE_FREQS, values, gguf.GGMLQuantizationType.F32)]
+    _rewrite_gguf(src, dst, rng, tensors=change)
+
+
 def gguf_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
     size = seed.stat().st_size
     bounds = [4, 8, 16, 24, size // 4, size // 2, size - 32]
-    return [gguf_kv, gguf_kv, gguf_kv, lambda s, d, r: truncate(s, d, r, bounds),
-            lambda s, d, r: bit_flip(s, d, r, (0, min(size, 4096))), lambda s, d, r: bit_flip(s, d, r)]
+    return [gguf_kv, gguf_kv, gguf_kv, gguf_rope_freqs,
+            named("truncate", lambda s, d, r: truncate(s, d, r, bounds)),
+            named("bit_flip:header", lambda s, d, r: bit_flip(s, d, r, (0, min(size, 4096)))), bit_flip]
 
 
 # --------------------------------------------------------------------------- HF directory
@@ -216,6 +312,16 @@ def _hf_json(name: str) -> Callable[[Path, Path, random.Random], None]:
         (dst / name).write_text(_json_text(mutate_json_value(doc, rng)), encoding="utf-8")
     mutate.__name__ = f"json:{name}"
     return mutate
+
+
+def hf_rope(src: Path, dst: Path, rng: random.Random) -> None:
+    """config.json's rope_parameters (sometimes the legacy rope_scaling spelling beside or
+    instead of it) with one entry changed, see `mutate_rope`."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    key = "rope_scaling" if rng.random() < 0.2 else "rope_parameters"
+    cfg[key] = mutate_rope(cfg.get("rope_parameters"), rng)
+    (dst / "config.json").write_text(_json_text(cfg), encoding="utf-8")
 
 
 def hf_safetensors_header(src: Path, dst: Path, rng: random.Random) -> None:
@@ -251,5 +357,5 @@ def hf_bytes(src: Path, dst: Path, rng: random.Random) -> None:
 
 
 def hf_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
-    return [_hf_json("config.json"), _hf_json("config.json"), _hf_json("tokenizer.json"),
+    return [_hf_json("config.json"), _hf_json("config.json"), hf_rope, _hf_json("tokenizer.json"),
             hf_safetensors_header, hf_index, hf_bytes]
