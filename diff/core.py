@@ -139,7 +139,9 @@ def _defect_message(cls: str, tensors: list[R.TensorFinding], config: list[R.Con
     if cls == R.SWAPPED:                     # name each pair once
         pairs, seen = [], set()
         for f in items:                      # in model order: the first of each pair leads
-            if frozenset((f.name, f.detail["with"])) not in seen:
+            if f.relation == "fused-parts-swapped":
+                pairs.append(f"{f.name} parts {'/'.join(f.detail['order'])}")
+            elif frozenset((f.name, f.detail["with"])) not in seen:
                 seen.add(frozenset((f.name, f.detail["with"])))
                 pairs.append(f"{f.name} <-> {f.detail['with']}")
         return R.Diagnosis(cls, names, f"{cls} — {_names_text(pairs)}")

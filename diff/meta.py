@@ -32,6 +32,7 @@ CONFIG_KEYS: tuple[str, ...] = (
     "computes_as", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
     "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta",
     "rms_norm_eps", "attention_bias", "mlp_bias", "hidden_act", "sliding_window", "layer_types",
+    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "rope_local_theta",
 )
 FLOAT_REL = 1e-6
 TOKENIZER_FORMATS = ("apr", "gguf", "hf")      # formats that carry a tokenizer

@@ -13,6 +13,7 @@ most `MAX_UNEXPLAINED` of them, so a diff of two unrelated models stays cheap.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,8 +124,49 @@ def _layer_permutation(sources: list[Source], findings: list[R.TensorFinding]
     return perm
 
 
+def fused_parts(name: str, config) -> list[tuple[str, int]] | None:
+    """(part, rows) of a fused tensor in row order (Phi-3's qkv_proj: q, k, v; gate_up_proj:
+    gate, up), or None for a tensor that is not fused."""
+    found = names.kind_of(name, config.family) if config is not None else None
+    if found is None:
+        return None
+    if found[0].kind == "attn_qkv.weight":
+        return [("q", config.q_size), ("k", config.kv_size), ("v", config.kv_size)]
+    if found[0].kind == "ffn_up.weight" and config.fused:
+        return [("gate", config.intermediate_size), ("up", config.intermediate_size)]
+    return None
+
+
+def _fused_swap(f: R.TensorFinding, ra: TensorRef, rb: TensorRef, config) -> bool:
+    """B's fused tensor holds A's parts in another order (q/k/v, or gate/up exchanged)."""
+    parts = fused_parts(f.name, config)
+    if parts is None or tuple(ra.shape) != tuple(rb.shape):
+        return False
+    a, b = ra.numpy(np.float32, order="hf"), rb.numpy(np.float32, order="hf")
+    starts, row = {}, 0
+    for part, rows in parts:
+        starts[part], row = (row, rows), row + rows
+    for order in itertools.permutations([p for p, _ in parts]):
+        if list(order) == [p for p, _ in parts]:
+            continue
+        if [starts[p][1] for p in order] != [r for _, r in parts]:
+            continue                               # the parts would not fit in these rows
+        moved = np.concatenate([a[starts[p][0]:starts[p][0] + starts[p][1]] for p in order])
+        if within_rounding(pair_stats(moved, b), ra.precision, rb.precision):
+            f.relation, f.defect = "fused-parts-swapped", R.SWAPPED
+            f.message = (f"B's fused {f.name} holds A's parts in the order "
+                         f"{', '.join(order)} (expected {', '.join(p for p, _ in parts)})")
+            f.detail = {**f.detail, "order": list(order), "with": f.name}
+            return True
+    return False
+
+
 def apply(va: ModelView, vb: ModelView, findings: list[R.TensorFinding]) -> None:
     """Re-explain the findings that a relation to another tensor explains, in place."""
+    config = va.config or vb.config
+    for f in findings:
+        if f.defect in UNEXPLAINED and f.name in va.tensors and f.name in vb.tensors:
+            _fused_swap(f, va.tensors[f.name], vb.tensors[f.name], config)
     sources = find_sources(va, vb, findings)
     if not sources:
         return

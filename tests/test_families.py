@@ -235,3 +235,55 @@ def test_refusals_of_the_families():
                        rope_scaling=rope.from_dict(ROPES["yarn"], "t", 64))
     assert any("yarn" in r for r in yarn.gguf_refusals())
     assert any("attention_bias" in r for r in yarn.replace(attention_bias=True).gguf_refusals())
+
+
+@pytest.mark.parametrize("what", ["gate/up", "k/v", "q/k"])
+def test_diff_names_swapped_fused_parts(what, tmp_path):
+    """Phi-3's fused tensors with their parts in another order: SWAPPED, naming the tensor
+    and the order found."""
+    from safetensors.numpy import load_file, save_file
+    hf = hf_model("phi3", 1 if what == "q/k" else 2, 2, False, "default", None, None, 1e4, seed=2)
+    a = tmp_path / "a"
+    hf.float().save_pretrained(a)
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in a.iterdir():
+        (b / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(b / "model.safetensors"))
+    cfg = ours_for(hf).config
+    if what == "gate/up":
+        name = "model.layers.1.mlp.gate_up_proj.weight"
+        w, f = sd[name], cfg.intermediate_size
+        sd[name] = np.concatenate([w[f:], w[:f]])
+        order = "up/gate"
+    else:
+        name = "model.layers.0.self_attn.qkv_proj.weight"
+        w, q, kv = sd[name], cfg.q_size, cfg.kv_size
+        parts = {"q": w[:q], "k": w[q:q + kv], "v": w[q + kv:]}
+        order = "q/v/k" if what == "k/v" else "k/q/v"
+        sd[name] = np.concatenate([parts[p] for p in order.split("/")])
+    save_file(sd, str(b / "model.safetensors"), metadata={"format": "pt"})
+    r = CliRunner().invoke(cli.main, ["diff", str(a), str(b)])
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"DIAGNOSIS: SWAPPED — {name} parts {order}"), last
+
+
+def test_diff_names_a_missing_soft_cap(tmp_path):
+    """The same Gemma 2 weights with final_logit_softcapping dropped from config.json: CONFIG,
+    naming the key (confirmed by the logits)."""
+    hf = hf_model("gemma2", 2, 2, True, "default", 8, None, 1e4, seed=3,
+                  extra=dict(final_logit_softcapping=2.0, query_pre_attn_scalar=8))
+    a = tmp_path / "a"
+    hf.float().save_pretrained(a)
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in a.iterdir():
+        (b / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["final_logit_softcapping"] = None
+    (b / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli.main, ["diff", str(a), str(b)])
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("DIAGNOSIS: CONFIG") and "final_logit_softcapping" in last, last

@@ -1,5 +1,6 @@
 """Every command on the new families (Qwen3 with head_dim != hidden/heads and a sliding layer,
-Mistral with its window, Llama with llama3 RoPE) built by transformers itself: inspect,
+Mistral with its window, Llama with llama3 RoPE, Gemma 2, Gemma 3 with linear RoPE on its
+global layers, Phi-3) built by transformers itself: inspect,
 convert to APR/HF/GGUF in F32/F16/BF16/Q8_0 (or the refusal GGUF owes them), logits, run,
 bench, qa, diff, and a fine-tune with pretrain --init that writes a checkpoint of the same
 family which transformers loads back to our logits."""
@@ -22,14 +23,20 @@ CASES = {
     "qwen3": ("qwen3", 2, 2, True, "yarn", 16, 4, 1e6, False),
     "mistral": ("mistral", 2, 2, False, "default", None, 6, 1e6, False),
     "llama3": ("llama", 2, 2, False, "llama3", None, None, 5e5, True),
+    "gemma2": ("gemma2", 2, 2, True, "default", 16, 6, 1e4, True),
+    "gemma3": ("gemma3", 2, 1, True, "linear", 16, 6, 1e6, True),
+    "phi3": ("phi3", 2, 2, False, "default", None, None, 1e4, True),
 }
+EXTRA = {"gemma2": dict(query_pre_attn_scalar=16),
+         "gemma3": dict(query_pre_attn_scalar=16, layer_types=["sliding_attention"] * 2)}
 IDS = [5, 17, 3, 60, 2, 9, 33, 41, 8, 12]
 
 
 @pytest.mark.parametrize("case_id", sorted(CASES))
 def test_every_command(case_id, tmp_path):
     family, ratio, kv, tied, rope_name, head_dim, window, theta, gguf_ok = CASES[case_id]
-    hf = hf_model(family, ratio, kv, tied, rope_name, head_dim, window, theta, seed=4)
+    hf = hf_model(family, ratio, kv, tied, rope_name, head_dim, window, theta, seed=4,
+                  extra=EXTRA.get(case_id))
     hf.resize_token_embeddings(320)
     src = tmp_path / "hf"
     hf.float().save_pretrained(src)
