@@ -172,3 +172,40 @@ def hf_inv_freq64(config, layer_type=None):
         extra = 1 - ramp
         return (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
     raise ValueError(f"no float64 formula for rope_type {kind!r}")
+
+
+def gguf_library_copy(src: Path, dst: Path, extra: dict | None = None, tensors=None) -> Path:
+    """A copy of a GGUF through the gguf library's own reader and writer (not ours): every
+    key/value, ``extra`` ones added, and every tensor's stored data, passed through
+    ``tensors(name, data)`` when given (to corrupt one)."""
+    import gguf
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, f.contents(), vt)
+    for key, value in (extra or {}).items():
+        w.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str)
+                        else gguf.GGUFValueType.FLOAT32 if isinstance(value, float)
+                        else gguf.GGUFValueType.UINT32)
+    for t in r.tensors:
+        data = np.array(t.data)
+        w.add_tensor(t.name, tensors(t.name, data) if tensors else data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    """A plain copy of a model directory's files."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst

@@ -30,7 +30,7 @@ from apr import rope
 from apr.config import ModelConfig, PRESETS
 from apr.errors import AprError
 from ref.model import Model
-from tests.oracles import hf_inv_freq64, randomize_params
+from tests.oracles import copy_dir, hf_inv_freq64, randomize_params
 from tests.test_model_vs_hf import hf_exact64, rel_err  # noqa: F401  (fixture)
 
 CLASSES = {
@@ -245,10 +245,7 @@ def test_diff_names_swapped_fused_parts(what, tmp_path):
     hf = hf_model("phi3", 1 if what == "q/k" else 2, 2, False, "default", None, None, 1e4, seed=2)
     a = tmp_path / "a"
     hf.float().save_pretrained(a)
-    b = tmp_path / "b"
-    b.mkdir()
-    for f in a.iterdir():
-        (b / f.name).write_bytes(f.read_bytes())
+    b = copy_dir(a, tmp_path / "b")
     sd = load_file(str(b / "model.safetensors"))
     cfg = ours_for(hf).config
     if what == "gate/up":
@@ -276,10 +273,7 @@ def test_diff_names_a_missing_soft_cap(tmp_path):
                   extra=dict(final_logit_softcapping=2.0, query_pre_attn_scalar=8))
     a = tmp_path / "a"
     hf.float().save_pretrained(a)
-    b = tmp_path / "b"
-    b.mkdir()
-    for f in a.iterdir():
-        (b / f.name).write_bytes(f.read_bytes())
+    b = copy_dir(a, tmp_path / "b")
     cfg = json.loads((b / "config.json").read_text())
     cfg["final_logit_softcapping"] = None
     (b / "config.json").write_text(json.dumps(cfg))

@@ -23,7 +23,7 @@ from apr.model import open_model
 from apr.tokenizer import (UNKNOWN, UNUSED, TokenizerData, from_hf_tokenizer_json,
                            renamed_tokens, to_apr_metadata)
 from ref.load import load_model
-from tests.oracles import (hf_logits, llama_cpp_logits, randomize_params, tokenizer_json,
+from tests.oracles import (gguf_library_copy, hf_logits, llama_cpp_logits, randomize_params, tokenizer_json,
                            write_tokenizer)
 from tests.test_model_vs_hf import hf_exact64  # noqa: F401  (fixture)
 
@@ -279,28 +279,7 @@ def test_apr_and_gguf_keys_are_closed_world(tmp_path):
 
 def _rewrite_gguf(src: Path, dst: Path, extra: dict) -> None:
     """A copy of a GGUF with extra key/values (through the gguf library's reader and writer)."""
-    import gguf
-    r = gguf.GGUFReader(src)
-    arch = r.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch)
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vt = f.types[0]
-        if vt == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
-        else:
-            w.add_key_value(name, f.contents(), vt)
-    for key, value in extra.items():
-        w.add_key_value(key, value, gguf.GGUFValueType.STRING if isinstance(value, str)
-                        else gguf.GGUFValueType.FLOAT32 if isinstance(value, float)
-                        else gguf.GGUFValueType.UINT32)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)   # F32 export: plain arrays
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    gguf_library_copy(src, dst, extra)
 
 
 def test_hf_round_trip_keeps_inert_keys(tmp_path):
