@@ -8,15 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzz.campaign import COMMANDS, LAST_EXIT, REGRESSIONS, SLOW_COMMANDS, campaign, run_case
+from tests.fuzz.campaign import (COMMANDS, LAST_EXIT, REGRESSIONS, SEED_MODELS, SLOW_COMMANDS, campaign,
+                                 run_case, seed_key)
 
 CI_CASES = 400           # mutants per format
 SLOW_EVERY = 4           # qa and pretrain --init on every 4th: 5,400 command runs in all
 
 
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    from tests.fuzz.campaign import make_seeds
+    return make_seeds(tmp_path_factory.mktemp("fuzz") / "seeds")
+
+
 def test_bounded_campaign_finds_nothing():
     o = campaign(CI_CASES, seed=0, slow_every=SLOW_EVERY)
     assert o.failures == [], "\n".join(sorted(set(o.failures))[:20])
+    for fmt in ("apr", "gguf", "hf"):     # both seed models are drawn, about equally
+        for model in SEED_MODELS:
+            assert o.mutants.get(f"{fmt} {model}", 0) >= CI_CASES * 0.4, (fmt, model, o.mutants)
     for fmt in ("apr", "gguf", "hf"):
         for command in COMMANDS:
             share = 1 / SLOW_EVERY if command in SLOW_COMMANDS else 1
@@ -107,7 +117,35 @@ def test_hostile_gguf_structure_is_one_error(what, tmp_path):
             (what, r.exit_code, r.stderr, r.exception)
 
 
-def test_the_harness_can_fail(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["apr", "gguf", "hf"])
+def test_rope_mutants_reach_the_rope_readers(fmt, seeds, tmp_path):
+    """The RoPE mutators' mutants of both seed models are read: some accepted, some refused
+    by the RoPE readers with one error line naming what is wrong, none crashing."""
+    import random
+
+    from click.testing import CliRunner
+
+    import cli
+    from tests.fuzz import mutators as m
+    mutate = {"apr": m.apr_rope, "gguf": m.gguf_rope_freqs, "hf": m.hf_rope}[fmt]
+    rng = random.Random(3)
+    accepted, rope_errors = 0, 0
+    for model in SEED_MODELS:
+        for i in range(12):
+            mutant = tmp_path / f"{model}-{i}{'' if fmt == 'hf' else '.' + fmt}"
+            mutate(seeds[seed_key(fmt, model)], mutant, rng)
+            r = CliRunner().invoke(cli.main, ["logits", str(mutant), "--tokens", "1,2,3"])
+            assert r.exit_code in (0, 2) and not isinstance(r.exception, Exception), (r.exit_code, r.output)
+            if r.exit_code == 0:
+                accepted += 1
+                continue
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+            rope_errors += "rope" in lines[0].lower() or "freq" in lines[0].lower()
+    assert accepted > 0 and rope_errors > 0, (accepted, rope_errors)
+
+
+def test_the_harness_can_fail(seeds, tmp_path, monkeypatch):
     """Each failure class the campaign claims to catch is caught: an escaped exception (exit
     3), an allocation beyond the memory bound, a hang, a file left behind."""
     import time
@@ -117,7 +155,6 @@ def test_the_harness_can_fail(tmp_path, monkeypatch):
     import apr.model
     from apr.errors import FormatError
     from tests.fuzz import campaign as c
-    seeds = c.make_seeds(tmp_path / "seeds")
     work = tmp_path / "work"
     work.mkdir()
 
