@@ -23,7 +23,8 @@ TRAIN_OPTION_FIELDS = (
     "dataset", "tokenizer", "run_dir", "mode", "arch", "init", "steps", "batch_size",
     "seq_length", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
     "max_grad_norm", "seed", "device", "eval_every", "val_batches", "save_every", "patience",
-    "val_fraction", "wrap", "warn_on_wrap", "allow_data_starvation", "allow_untrained_init")
+    "val_fraction", "wrap", "warn_on_wrap", "allow_data_starvation", "allow_untrained_init",
+    "dtype", "check_every")
 
 
 # --------------------------------------------------------------------------- prepare-data
@@ -118,7 +119,9 @@ _int = click.IntRange(min=1)
 @click.option("--vocab-size", type=_int, help="Shape flag.")
 @click.option("--max-position-embeddings", type=_int, help="Shape flag.")
 @click.option("--steps", type=_int, default=1000, show_default=True)
-@click.option("--batch-size", type=_int, default=8, show_default=True)
+@click.option("--batch-size", type=_int, default=8, show_default=True,
+              help="Sequences per step on each rank (under mpirun the global batch is "
+                   "ranks x this).")
 @click.option("--seq-length", type=_int, default=256, show_default=True)
 @click.option("--lr", type=float, default=None,
               help="Peak learning rate. Default: 3e-4 from scratch, 3e-5 fine-tune.")
@@ -140,6 +143,11 @@ _int = click.IntRange(min=1)
 @click.option("--val-batches", type=_int, default=20, show_default=True,
               help="Fixed validation batches per evaluation.")
 @click.option("--save-every", type=_int, default=500, show_default=True)
+@click.option("--dtype", type=click.Choice(["f32", "f64"]), default="f32", show_default=True,
+              help="Parameters, optimizer state and compute (f64: a float64 reference run).")
+@click.option("--check-every", type=_int, default=100, show_default=True,
+              help="Under mpirun: steps between checks that every rank holds the same "
+                   "parameters (also at every checkpoint).")
 @click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
               help="Stop after this many evaluations without improvement (0: never).")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
@@ -183,6 +191,8 @@ def pretrain_command(ctx: click.Context, **values: Any) -> None:
         cfg = RunConfig(mode=mode, shape=_shape(values), **fields)
         run = start_run(cfg, force=values["force"], progress=progress, log=log)
     summary = train(run, stop_after=values["stop_after"], progress=progress, log=log)
+    if not run.main:
+        return                          # rank 0 reports for a data-parallel run
     if as_json:
         click.echo(json.dumps(asdict(summary), indent=1))
     else:

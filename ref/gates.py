@@ -62,7 +62,10 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if not cfg.init and not cfg.arch:
         raise GateError("a from-scratch run needs --arch PRESET (or --init MODEL to "
                         "fine-tune a model file)")
-    for name in ("steps", "batch_size", "seq_length", "eval_every", "val_batches", "save_every"):
+    if cfg.dtype not in ("f32", "f64"):
+        raise GateError(f"--dtype {cfg.dtype}: must be f32 or f64")
+    for name in ("steps", "batch_size", "seq_length", "eval_every", "val_batches", "save_every",
+                 "check_every"):
         if getattr(cfg, name) < 1:
             raise GateError(f"{flag(name)} {getattr(cfg, name)}: must be at least 1")
     lr = DEFAULT_LR[cfg.mode] if cfg.lr is None else cfg.lr
@@ -132,14 +135,14 @@ def min_tokens_per_param(cfg: RunConfig) -> float:
 
 def gate_tokens_per_param(cfg: RunConfig, params: int) -> None:
     """Refuse a data-starved run (see the module notes) unless --allow-data-starvation."""
-    planned = cfg.steps * cfg.batch_size * cfg.seq_length
+    planned = cfg.steps * cfg.global_batch * cfg.seq_length
     floor = min_tokens_per_param(cfg)
     if planned / params >= floor or cfg.allow_data_starvation:
         return
-    need = required_steps(floor * params, cfg.batch_size, cfg.seq_length)
+    need = required_steps(floor * params, cfg.global_batch, cfg.seq_length)
     kind = "a fine-tune" if cfg.fine_tune else "a from-scratch run"
     raise GateError(
-        f"data starvation: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_length} = "
+        f"data starvation: {cfg.steps} steps x {cfg.global_batch} x {cfg.seq_length} = "
         f"{planned:,} training tokens is {planned / params:.3g} tokens per parameter for "
         f"{params:,} parameters; {kind} needs at least {floor:g}: raise --steps to {need:,} "
         f"(or --batch-size/--seq-length), use a smaller model, or pass --allow-data-starvation")
@@ -165,7 +168,7 @@ def gate_train_supply(cfg: RunConfig, batches: TrainBatches) -> None:
         return
     raise GateError(
         f"--no-wrap: the train split supplies {batches.batches_per_epoch} batches of "
-        f"{cfg.batch_size} x {cfg.seq_length} tokens in one pass "
+        f"{cfg.global_batch} x {cfg.seq_length} tokens in one pass "
         f"({batches.tokens_per_epoch:,} tokens) but --steps {cfg.steps} needs {cfg.steps}: add "
         f"data, lower --steps to {batches.batches_per_epoch}, or drop --no-wrap (wraps are "
         "counted and warned)")

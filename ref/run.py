@@ -24,6 +24,7 @@ from apr.tokenizer import TokenizerData
 from .backend import Backend
 from .data import PreparedData, TrainBatches
 from .model import Model
+from .parallel import World
 from .optim import AdamW, AdamWConfig, CosineSchedule
 
 DEFAULT_LR = {"from-scratch": 3e-4, "fine-tune": 3e-5}
@@ -48,7 +49,7 @@ SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "inter
 # checkpoint (steps extends or shortens the schedule from there on).
 RESUME_OVERRIDABLE = frozenset({
     "steps", "eval_every", "save_every", "patience", "device", "wrap", "warn_on_wrap",
-    "allow_data_starvation", "allow_untrained_init"})
+    "allow_data_starvation", "allow_untrained_init", "check_every"})
 
 
 PATH_FIELDS = frozenset({"dataset", "run_dir", "tokenizer", "init"})
@@ -80,7 +81,7 @@ class RunConfig:
     init: Optional[str] = None
     shape: dict[str, int] = field(default_factory=dict)
     steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8                      # per rank (the global batch is ranks x this)
     seq_length: int = 256
     lr: Optional[float] = None              # None: DEFAULT_LR[mode]
     min_lr_ratio: float = 0.1
@@ -102,6 +103,19 @@ class RunConfig:
     allow_data_starvation: bool = False
     allow_untrained_init: bool = False
     data_dir: Optional[str] = None           # the prepared data actually read (set by start_run)
+    ranks: int = 1                           # data-parallel processes (set by start/resume)
+    dtype: str = "f32"                       # parameters, optimizer state and compute: f32 or f64
+    check_every: int = 100                   # steps between checks that every rank holds the same
+                                             # parameters (and at every checkpoint)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.batch_size * self.ranks
+
+    @property
+    def np_dtype(self) -> Any:
+        return np.float64 if self.dtype == "f64" else np.float32
 
     @property
     def fine_tune(self) -> bool:
@@ -189,6 +203,12 @@ class Run:
     plan: RunPlan
     init_format: Optional[str] = None
     resumed_from: Optional[str] = None
+    world: Optional[World] = None           # the ranks of a data-parallel run (None: one)
+
+    @property
+    def main(self) -> bool:
+        """This process writes the run's files and talks to the user (rank 0)."""
+        return self.world is None or self.world.main
 
     @property
     def ckpt_dir(self) -> Path:
@@ -206,6 +226,7 @@ class Timings:
     eval: float = 0.0
     log: float = 0.0           # metrics.jsonl, progress bar
     checkpoint: float = 0.0
+    allreduce: float = 0.0     # gradient means and replica checks across ranks
     total: float = 0.0
 
     @contextmanager

@@ -61,6 +61,7 @@ from .gates import (GateError, check_shape_flags, gate_data, gate_device, gate_i
 from .load import model_from_view
 from .model import Model
 from .optim import AdamW, clip_grad_norm
+from .parallel import World, params_digest, world
 from .plot import plot_losses
 from .run import (BEST, CKPT_DIR, DATA_DIR, FINAL, METRICS, PLOT, RUN_JSON, SHAPE_FIELDS,
                   MetricsLog, Run, RunConfig, RunPlan, RunSummary, StepRecord, Timings,
@@ -149,7 +150,7 @@ def resolve_data(cfg: RunConfig, td: TokenizerData, run_dir: Path,
 def make_plan(cfg: RunConfig, config: ModelConfig, data: PreparedData, batches: TrainBatches,
               backend: Backend) -> RunPlan:
     params = config.param_count()
-    planned = cfg.steps * cfg.batch_size * cfg.seq_length
+    planned = cfg.steps * cfg.global_batch * cfg.seq_length
     return RunPlan(
         params=params, planned_tokens=planned, tokens_per_param=planned / params,
         min_tokens_per_param=min_tokens_per_param(cfg), train_tokens=len(data.train),
@@ -189,26 +190,26 @@ def _assemble_run(cfg: RunConfig, *, backend: Backend, tokenizer: TokenizerData,
     model is read from ``view`` (the --init file, or the checkpoint resumed from, whose
     optimizer state is restored too) or initialized from the seed. ``view`` is still open."""
     gate_data(data, tokenizer, config, cfg.data_dir)
-    batches = TrainBatches(data.train, cfg.batch_size, cfg.seq_length, cfg.seed, wrap=cfg.wrap,
+    batches = TrainBatches(data.train, cfg.global_batch, cfg.seq_length, cfg.seed, wrap=cfg.wrap,
                            on_wrap=_wrap_notice(cfg, log),
                            position=DataPosition(epoch=state.data_epoch, batch=state.data_batch))
     gate_train_supply(cfg, batches)
     val = validation_batches(data.val, cfg.batch_size, cfg.seq_length, cfg.val_batches)
     if view is not None:
-        model = model_from_view(view, backend, np.float32)
+        model = model_from_view(view, backend, cfg.np_dtype)
     else:
-        model = Model.init_random(config, seed=cfg.seed, backend=backend, dtype=np.float32)
+        model = Model.init_random(config, seed=cfg.seed, backend=backend, dtype=cfg.np_dtype)
     _owned_params(model)
     optimizer = AdamW(model.params, cfg.optimizer_config())
     if resumed_from is not None:
         prefix = names.TRAINING_PREFIX
         try:
-            optimizer.load_state({n[len(prefix):]: r.numpy(np.float32)
+            optimizer.load_state({n[len(prefix):]: r.numpy(cfg.np_dtype)
                                   for n, r in view.training.items()}, state.optimizer_step)
         except (KeyError, ValueError) as e:
             raise GateError(f"--resume {resumed_from}: optimizer state does not match the model "
                             f"({e})") from None
-    return Run(cfg=cfg, run_dir=Path(cfg.run_dir), backend=backend, tokenizer=tokenizer,
+    return Run(cfg=cfg, run_dir=Path(cfg.run_dir), backend=backend, tokenizer=tokenizer, world=world(),
                model=model, optimizer=optimizer, schedule=cfg.schedule(), data=data,
                batches=batches, val=val, state=state,
                plan=make_plan(cfg, config, data, batches, backend), init_format=init_format,
@@ -217,19 +218,23 @@ def _assemble_run(cfg: RunConfig, *, backend: Backend, tokenizer: TokenizerData,
 
 def start_run(cfg: RunConfig, *, force: bool = False, progress: bool = False,
               log: Callable[[str], None] = lambda s: None) -> Run:
-    """Check every gate, prepare data, build the model and evaluate step 0."""
-    cfg = resolve_config(cfg)
+    """Check every gate, prepare data, build the model and evaluate step 0. Under mpirun,
+    every rank checks the same gates; rank 0 alone prepares the run directory and the data
+    and the others read what it made."""
+    w = world()
+    log = log if w.main else _quiet
+    cfg = resolve_config(dataclasses.replace(cfg, ranks=w.size))
     run_dir = Path(cfg.run_dir).resolve()
-    backend = gate_device(cfg.device)
+    backend = _gate_parallel_device(cfg, w)
     config, init = resolve_architecture(cfg)
     try:
         td = resolve_tokenizer(cfg, init)
         gate_vocab(td, config, cfg)
         gate_seq_length(cfg, config)
         gate_tokens_per_param(cfg, config.param_count())
-        prepare_run_dir(run_dir, force)
-        cfg = dataclasses.replace(cfg, run_dir=str(run_dir),
-                                  data_dir=str(resolve_data(cfg, td, run_dir, progress)))
+        data_dir = _on_main(w, lambda: (prepare_run_dir(run_dir, force),
+                                        str(resolve_data(cfg, td, run_dir, progress)))[1])
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir), data_dir=data_dir)
         run = _assemble_run(cfg, backend=backend, tokenizer=td, config=config,
                             data=open_prepared(cfg.data_dir), view=init, state=TrainState(),
                             log=log, init_format=init.format if init is not None else None)
@@ -242,13 +247,47 @@ def start_run(cfg: RunConfig, *, force: bool = False, progress: bool = False,
     log(f"step 0: validation loss {val0:.4f} (ln(vocab_size) = {run.plan.ln_vocab:.4f})")
     gate_init_loss(cfg, val0, config.vocab_size)
     run.state.step0_val_loss = run.state.val_loss = val0
-    atomic_text(run_dir / RUN_JSON, json.dumps(cfg.to_dict(), indent=1))
+    if run.main:
+        atomic_text(run_dir / RUN_JSON, json.dumps(cfg.to_dict(), indent=1))
     return run
+
+
+def _quiet(_: str) -> None:
+    """The log of a rank other than 0: rank 0 speaks for the run."""
+
+
+def _gate_parallel_device(cfg: RunConfig, w: World) -> Backend:
+    backend = gate_device(cfg.device)
+    if w.size > 1 and backend.is_gpu:
+        raise GateError(f"{w.size} ranks on --device {cfg.device}: data-parallel training on "
+                        "GPUs (NCCL) is not implemented; run the ranks with --device cpu")
+    return backend
+
+
+def _on_main(w: World, work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0, its result on every rank; an error there is the same error on
+    every rank (no rank waits for a result that will not come)."""
+    result, error = None, None
+    if w.main:
+        try:
+            result = work()
+        except GateError as e:
+            error = str(e)
+            if w.size == 1:
+                raise
+    result, error = w.bcast((result, error))
+    if error is not None:
+        raise GateError(error)
+    return result
 
 
 def resume_run(path: str, given: dict[str, Any] | None = None, *, progress: bool = False,
                log: Callable[[str], None] = lambda s: None) -> Run:
-    """Rebuild a run from a checkpoint (or RUN_DIR's latest) so that it continues exactly."""
+    """Rebuild a run from a checkpoint (or RUN_DIR's latest) so that it continues exactly (with
+    the same number of ranks; with another, the global batch changes and the data goes on
+    from the same sequence, as near as the new batch allows)."""
+    w = world()
+    log = log if w.main else _quiet
     src = Path(path)
     ckpt = find_resume_checkpoint(src)
     view = open_model(ckpt, verify=True)
@@ -264,16 +303,19 @@ def resume_run(path: str, given: dict[str, Any] | None = None, *, progress: bool
         run_dir = (src if src.is_dir() else
                    ckpt.parent.parent if ckpt.parent.name == CKPT_DIR else Path(cfg.run_dir))
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
-        for stale in remove_stale_in(ckpt.parent):          # left by a run killed mid-write
-            log(f"removed {stale.name}, the temporary of a checkpoint write that was killed")
+        if w.main:
+            for stale in remove_stale_in(ckpt.parent):      # left by a run killed mid-write
+                log(f"removed {stale.name}, the temporary of a checkpoint write that was killed")
         state = TrainState.from_metadata(meta)
+        if cfg.ranks != w.size:
+            cfg, state = _change_ranks(cfg, state, w.size, log)
         if state.step >= cfg.steps:
             raise GateError(f"--resume {ckpt}: the run is complete at step {state.step} "
                             f"(--steps {cfg.steps}): pass --steps N > {state.step} to train further")
         if not view.training:
             raise GateError(f"--resume {ckpt}: holds no optimizer state; resume from "
                             "step-NNNNNN.apr or final.apr")
-        backend = gate_device(cfg.device)
+        backend = _gate_parallel_device(cfg, w)
         config, td = view.require_config(), view.tokenizer
         if td is None:
             raise GateError(f"--resume {ckpt}: no embedded tokenizer")
@@ -287,10 +329,25 @@ def resume_run(path: str, given: dict[str, Any] | None = None, *, progress: bool
                             init_format=meta.get("original_format"), resumed_from=ckpt)
     finally:
         view.close()
-    MetricsLog.truncate_after(run.run_dir / METRICS, state.step)
+    if run.main:
+        MetricsLog.truncate_after(run.run_dir / METRICS, state.step)
     log(f"resuming from {ckpt} at step {state.step} of {cfg.steps}")
     log_plan(run, log)
     return run
+
+
+def _change_ranks(cfg: RunConfig, state: TrainState, ranks: int,
+                  log: Callable[[str], None]) -> tuple[RunConfig, TrainState]:
+    """A checkpoint of ``cfg.ranks`` ranks resumed by ``ranks``: the global batch becomes
+    ranks x batch_size, and the data goes on from the first sequence not yet read."""
+    old, new = cfg.global_batch, cfg.batch_size * ranks
+    read = state.data_batch * old
+    batch = read // new
+    log(f"warning: resuming a {cfg.ranks}-rank run with {ranks} rank(s): the global batch "
+        f"changes from {old} to {new} sequences"
+        + ("" if read % new == 0 else f" ({read - batch * new} sequences of this pass are skipped)"))
+    return (dataclasses.replace(cfg, ranks=ranks),
+            dataclasses.replace(state, data_batch=batch))
 
 
 def log_plan(run: Run, log: Callable[[str], None]) -> None:
@@ -304,7 +361,8 @@ def log_plan(run: Run, log: Callable[[str], None]) -> None:
         f"batches), {cfg.data_dir}")
     allowed = (" (below the floor: allowed by --allow-data-starvation)"
                if p.tokens_per_param < p.min_tokens_per_param else "")
-    log(f"plan: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_length} = {p.planned_tokens:,} "
+    ranks = f" ({cfg.ranks} ranks x {cfg.batch_size})" if cfg.ranks > 1 else ""
+    log(f"plan: {cfg.steps} steps x {cfg.global_batch}{ranks} x {cfg.seq_length} = {p.planned_tokens:,} "
         f"tokens = {p.tokens_per_param:.3g} tokens/parameter (floor {p.min_tokens_per_param:g})"
         f"{allowed}; {p.unique_tokens_per_param:.3g} unique train tokens/parameter; "
         f"{p.planned_epochs:.3g} passes over the train split")
@@ -319,6 +377,8 @@ def train(run: Run, *, stop_after: Optional[int] = None, progress: bool = False,
     interruption would: a step checkpoint, no final.apr), then draw loss.png. Raises
     TrainingError on a non-finite loss, gradient norm or validation loss."""
     cfg, state = run.cfg, run.state
+    if not run.main:
+        progress, log = False, _quiet
     leg = _Leg(run, progress, log)
     status = "completed"
     # Non-finite values are detected and reported as errors, not warned about.
@@ -335,6 +395,8 @@ def train(run: Run, *, stop_after: Optional[int] = None, progress: bool = False,
                 record.val_loss, stop = leg.validate()
                 record.event = "early-stop" if stop else None
             leg.write(record)
+            if state.step % cfg.check_every == 0:
+                leg.check_replicas()
             if state.step % cfg.save_every == 0 and state.step < cfg.steps:   # the last is final.apr
                 leg.save(checkpoint_path(run, state.step), "step")
             if stop:
@@ -349,8 +411,9 @@ def train(run: Run, *, stop_after: Optional[int] = None, progress: bool = False,
             leg.save(run.ckpt_dir / FINAL, "final")
         elif state.step % cfg.save_every or state.step == 0:
             leg.save(checkpoint_path(run, state.step), "step")
-    with leg.timings.phase("log"):
-        plot_metrics(run.run_dir / METRICS, run.run_dir / PLOT)
+    if run.main:
+        with leg.timings.phase("log"):
+            plot_metrics(run.run_dir / METRICS, run.run_dir / PLOT)
     leg.timings.total = leg.elapsed()
     return summarize(run, status, leg.first_step, leg.timings)
 
@@ -365,7 +428,7 @@ class _Leg:
         self.timings = Timings()
         self.first_step, self.prior_seconds = run.state.step, run.state.seconds
         self.start = time.perf_counter()
-        self.metrics = MetricsLog(run.run_dir / METRICS)
+        self.metrics = MetricsLog(run.run_dir / METRICS) if run.main else None
         self.bar = progress_bar(progress, total=run.cfg.steps, initial=run.state.step,
                                 unit="step", desc="pretrain", leave=True)
 
@@ -374,7 +437,12 @@ class _Leg:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def log_record(self, record: StepRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     def elapsed(self) -> float:
         """Wall time of this leg so far."""
@@ -386,13 +454,13 @@ class _Leg:
 
     def tokens_per_second(self) -> float:
         cfg = self.run.cfg
-        done = (self.run.state.step - self.first_step) * cfg.batch_size * cfg.seq_length
+        done = (self.run.state.step - self.first_step) * cfg.global_batch * cfg.seq_length
         return done / max(1e-9, self.elapsed())
 
     def record_start(self) -> None:
         """Step 0: the initial validation loss (evaluated by start_run) and best.apr."""
         val0 = self.run.state.step0_val_loss
-        self.metrics.write(StepRecord(step=0, loss=None, lr=None, grad_norm=None, tokens_seen=0,
+        self.log_record(StepRecord(step=0, loss=None, lr=None, grad_norm=None, tokens_seen=0,
                                       epoch=0.0, wraps=0, seconds=0.0, val_loss=val0,
                                       event="start"))
         with self.timings.phase("checkpoint"):
@@ -403,9 +471,18 @@ class _Leg:
         run, state = self.run, self.run.state
         step = state.step + 1
         with self.timings.phase("data"):
-            batch = next(run.batches)
+            batch = next(run.batches)                  # the global batch: this rank's rows
+            rank = run.world.rank if run.world else 0
+            rows = slice(rank * run.cfg.batch_size, (rank + 1) * run.cfg.batch_size)
         with self.timings.phase("model"):
-            loss, grads = run.model.loss_and_grads(batch.inputs, batch.targets)
+            loss, grads = run.model.loss_and_grads(batch.inputs[rows], batch.targets[rows])
+        if run.world is not None and run.world.size > 1:
+            with self.timings.phase("allreduce"):    # the mean over the global batch
+                names_ = list(grads)
+                means = run.world.mean_([grads[n] for n in names_], run.backend.to_numpy,
+                                        lambda a: run.backend.to_device(a, run.model.dtype))
+                grads = dict(zip(names_, means))
+                loss = run.world.mean(loss)
         if not math.isfinite(loss):
             raise self.non_finite(step, "loss", "the training loss", loss)
         with self.timings.phase("optimizer"):
@@ -439,7 +516,7 @@ class _Leg:
         without a bar, one log line per evaluation."""
         with self.timings.phase("log"):
             record.seconds = self.run.state.seconds = self.seconds()
-            self.metrics.write(record)
+            self.log_record(record)
             if self.progress:
                 self.bar.set_postfix(loss=f"{record.loss:.3f}",
                                      tok_s=f"{self.tokens_per_second():,.0f}", refresh=False)
@@ -450,13 +527,23 @@ class _Leg:
                          f"{self.tokens_per_second():,.0f} tokens/s")
 
     def save(self, path: Path, kind: str) -> None:
+        self.check_replicas()
         with self.timings.phase("checkpoint"):
-            write_checkpoint(self.run, path, kind, with_optimizer=True)
+            if self.run.main:
+                write_checkpoint(self.run, path, kind, with_optimizer=True)
+
+    def check_replicas(self) -> None:
+        """Every rank holds the same parameters (else a ParallelError naming the ranks)."""
+        run = self.run
+        if run.world is not None and run.world.size > 1:
+            with self.timings.phase("allreduce"):
+                run.world.check_same(params_digest(run.model.params, run.backend.to_numpy),
+                                     f"step {run.state.step}: parameters")
 
     def non_finite(self, step: int, key: str, what: str, value: float) -> TrainingError:
         """Record the failure at ``step`` in metrics.jsonl and build the error."""
         run = self.run
-        self.metrics.write(StepRecord(step=step, loss=None, lr=run.schedule(step), grad_norm=None,
+        self.log_record(StepRecord(step=step, loss=None, lr=run.schedule(step), grad_norm=None,
                                       tokens_seen=run.state.tokens_seen, epoch=run.batches.epochs,
                                       wraps=run.batches.wraps, seconds=run.state.seconds,
                                       event=f"non-finite {key}"))
@@ -477,8 +564,9 @@ def track_validation(run: Run, val_loss: float) -> bool:
     s.val_loss = val_loss
     if s.best_val_loss is None or val_loss < s.best_val_loss:
         s.best_val_loss, s.best_step, s.evals_since_best = val_loss, s.step, 0
-        write_checkpoint(run, run.ckpt_dir / BEST, "best", with_optimizer=False,
-                         check_loss=False)
+        if run.main:
+            write_checkpoint(run, run.ckpt_dir / BEST, "best", with_optimizer=False,
+                             check_loss=False)
         return False
     s.evals_since_best += 1
     return bool(run.cfg.patience) and s.evals_since_best >= run.cfg.patience
@@ -486,7 +574,7 @@ def track_validation(run: Run, val_loss: float) -> bool:
 
 def summarize(run: Run, status: str, first_step: int, timings: Timings) -> RunSummary:
     cfg, s = run.cfg, run.state
-    trained = (s.step - first_step) * cfg.batch_size * cfg.seq_length
+    trained = (s.step - first_step) * cfg.global_batch * cfg.seq_length
     last = last_checkpoint(run)
     best = run.ckpt_dir / BEST
     return RunSummary(
