@@ -148,10 +148,16 @@ def format_report(report: R.DiffReport, show_all: bool = False, pattern: str | N
 @click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(min=1),
               help="List at most this many tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON document.")
+@click.option("--report", "report_path", type=click.Path(), default=None,
+              help="Also write a self-contained HTML page: diagnosis, a per-layer x per-tensor "
+                   "heat map of relative error, the divergence curve, the findings.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Also write the hidden-state divergence curve as a PNG (needs the logits).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt: str | None,
-                 show_all: bool, pattern: str | None, limit: int, as_json: bool, quiet: bool) -> None:
+                 show_all: bool, pattern: str | None, limit: int, as_json: bool, quiet: bool,
+                 report_path: str | None, plot_path: str | None) -> None:
     """Compare two model files (APR, GGUF, .safetensors or HF directory) and name the
     defect class and the tensor. Exit 0: equivalent; 1: a defect; 2: unreadable input."""
     from apr.errors import AprError
@@ -163,8 +169,16 @@ def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt
             re.compile(pattern)
         except re.error as e:
             raise AprError(f"--filter {pattern!r}: {e}") from None
-    report = compare(a, b, logits=logits, prompt=prompt, progress=show_progress(quiet),
+    if plot_path is not None and logits is False:
+        raise AprError("--plot draws the logits' divergence curve: drop --no-logits")
+    report = compare(a, b, logits=True if plot_path is not None else logits, prompt=prompt,
+                     progress=show_progress(quiet),
                      tokens=None if tokens is None else parse_token_ids(tokens))
+    from .html import write_plot, write_report
+    if plot_path is not None:
+        write_plot(report, plot_path)
+    if report_path is not None:
+        write_report(report, report_path)
     if as_json:
         click.echo(json_text(report.to_json()))
     else:

@@ -1,0 +1,82 @@
+"""`diff --report out.html` and `--plot out.png`: one self-contained page (nothing fetched)
+with the diagnosis, the heat map marking the changed tensor, the divergence curve and the
+findings, rendered by headless Chromium (Debian's package, which .ci/run installs); every
+string from a file escaped; --plot without logits is an error that leaves no file."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
+
+import cli
+from diff import report as R
+from diff.html import render_html
+from oracles import copy_dir, make_hf_model
+
+CHANGED = "model.layers.1.input_layernorm.weight"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("html")
+    a = make_hf_model(d / "a", "llama", hidden=32, layers=3, heads=4, kv_heads=2, ffn=64, vocab=448)
+    b = copy_dir(a, d / "b")
+    sd = load_file(str(b / "model.safetensors"))
+    sd[CHANGED] = np.ones_like(sd[CHANGED])
+    save_file(sd, str(b / "model.safetensors"), metadata={"format": "pt"})
+    return a, b
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "headless Chromium is missing: apt-get install chromium (.ci/run does)"
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_report_and_plot(pair, tmp_path):
+    a, b = pair
+    page, png = tmp_path / "out.html", tmp_path / "curve.png"
+    r = CliRunner().invoke(cli.main, ["diff", str(a), str(b), "--report", str(page),
+                                      "--plot", str(png)])
+    assert r.exit_code == 1, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = page.read_text(encoding="utf-8")
+    # self-contained: no fetched script, style, image or font
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)
+    assert "<script" not in text
+    dom = chromium("--dump-dom", page.as_uri()).stdout
+    assert 'id="diagnosis"' in dom and "DIAGNOSIS: VALUES CHANGED" in dom
+    cells = re.findall(r'<rect class="cell defect" data-tensor="([^"]+)" data-defect="([^"]+)"', dom)
+    assert cells == [(CHANGED, R.VALUES_CHANGED)], cells
+    assert len(re.findall(r'<rect class="cell"', dom)) == 3 * 9 + 3 - 1   # every other tensor
+    assert re.search(r'<img id="divergence"[^>]+src="data:image/png;base64,', dom)
+    assert 'id="findings"' in dom and CHANGED in dom
+    shot = tmp_path / "shot.png"
+    chromium(f"--screenshot={shot}", "--window-size=1300,1400", page.as_uri())
+    assert shot.stat().st_size > 10_000
+
+
+def test_plot_needs_the_logits(pair, tmp_path):
+    a, b = pair
+    r = CliRunner().invoke(cli.main, ["diff", str(a), str(b), "--no-logits", "--plot",
+                                      str(tmp_path / "c.png")])
+    assert r.exit_code == 2 and "--plot" in r.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_strings_from_files_are_escaped():
+    evil = "<script>alert(1)</script>"
+    f = R.TensorFinding(name=f"model.layers.0.{evil}", relation="changed",
+                        defect=R.VALUES_CHANGED, message=evil)
+    summary = R.FileSummary(evil, "apr", 1, {"F32": 1}, None, evil)
+    rep = R.DiffReport(a=summary, b=summary, tensors=[f], config=[], tokenizer=[],
+                       logits=R.LogitsReport(ran=False, note=evil),
+                       diagnosis=R.Diagnosis(R.VALUES_CHANGED, [f.name], evil))
+    page = render_html(rep)
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
