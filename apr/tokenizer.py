@@ -115,6 +115,7 @@ class TokenizerData:
     token_type: list[int] = field(default_factory=list)  # empty: all normal
     add_bos_token: bool = False
     chat_template: str | None = None
+    add_eos_token: bool = False          # EOS appended when special tokens are added
 
     def __post_init__(self) -> None:
         if not self.token_type:
@@ -206,7 +207,8 @@ def _byte_level(use_regex: bool, trim_offsets: bool = True) -> dict[str, Any]:
             "use_regex": use_regex}
 
 
-def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool) -> dict[str, Any]:
+def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool,
+                    add_eos: bool = False) -> dict[str, Any]:
     """The tokenizer.json document (as a dict) for ``td`` under ``spec``."""
     _check_bpe(td)
     tokens, types = _unique_tokens(td)
@@ -224,17 +226,18 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool) ->
               "rstrip": False, "normalized": False, "special": types[i] == CONTROL}
              for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
     post_processor: dict[str, Any] = _byte_level(use_regex=False, trim_offsets=False)
-    if add_bos and td.bos_token_id is not None:
-        bos = tokens[td.bos_token_id]
+    bos = tokens[td.bos_token_id] if add_bos and td.bos_token_id is not None else None
+    eos = tokens[td.eos_token_id] if add_eos and td.eos_token_id is not None else None
+    if bos is not None or eos is not None:
+        def seq(part: str, type_id: int) -> list[dict[str, Any]]:
+            return ([{"SpecialToken": {"id": bos, "type_id": type_id}}] if bos is not None else []) + \
+                [{"Sequence": {"id": part, "type_id": type_id}}] + \
+                ([{"SpecialToken": {"id": eos, "type_id": type_id}}] if eos is not None else [])
+        special = {t: {"id": t, "ids": [i], "tokens": [t]}
+                   for t, i in ((bos, td.bos_token_id), (eos, td.eos_token_id)) if t is not None}
         post_processor = {"type": "Sequence", "processors": [post_processor, {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                       {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                     {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [td.bos_token_id], "tokens": [bos]}}}]}
+            "type": "TemplateProcessing", "single": seq("A", 0),
+            "pair": seq("A", 0) + seq("B", 1), "special_tokens": special}]}
     return {
         "version": "1.0",
         "truncation": None,
@@ -254,7 +257,7 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool) ->
     }
 
 
-def build_tokenizer(td: TokenizerData, *, add_bos: bool = False,
+def build_tokenizer(td: TokenizerData, *, add_bos: bool = False, add_eos: bool = False,
                     default_pre: str | None = None) -> tokenizers.Tokenizer:
     """A `tokenizers.Tokenizer` that encodes and decodes like the source tokenizer.
 
@@ -266,7 +269,7 @@ def build_tokenizer(td: TokenizerData, *, add_bos: bool = False,
     """
     spec = _spec_or_raise(td, default_pre)
     try:
-        return tokenizers.Tokenizer.from_str(json.dumps(_tokenizer_json(td, spec, add_bos)))
+        return tokenizers.Tokenizer.from_str(json.dumps(_tokenizer_json(td, spec, add_bos, add_eos)))
     except Exception as e:  # tokenizers raises plain Exception on a bad vocab/merges pair
         raise ConfigError(f"tokenizer cannot be built: {str(e).splitlines()[0]}") from e
 
@@ -279,7 +282,7 @@ def to_hf_files(td: TokenizerData, *, model_max_length: int | None = None,
     post-processor and through ``add_bos_token`` in the config), as the original HF files do.
     """
     spec = _spec_or_raise(td, default_pre)
-    doc = _tokenizer_json(td, spec, add_bos=td.add_bos_token)
+    doc = _tokenizer_json(td, spec, add_bos=td.add_bos_token, add_eos=td.add_eos_token)
     tokens, types = _unique_tokens(td)
 
     def token(i: int | None) -> str | None:
@@ -291,7 +294,7 @@ def to_hf_files(td: TokenizerData, *, model_max_length: int | None = None,
         "eos_token": token(td.eos_token_id),
         "pad_token": token(td.padding_token_id),
         "add_bos_token": bool(td.add_bos_token and td.bos_token_id is not None),
-        "add_eos_token": False,
+        "add_eos_token": bool(td.add_eos_token and td.eos_token_id is not None),
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {str(a["id"]): {k: a[k] for k in (
             "content", "lstrip", "normalized", "rstrip", "single_word", "special")}
@@ -457,7 +460,8 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
         bos_token_id=token_id(bos, "bos"), eos_token_id=token_id(eos, "eos"),
         padding_token_id=token_id(pad, "pad"), model_type="BPE",
         pre_type=_detect_pre_type(doc), add_bos_token=bool(add_bos),
-        chat_template=chat_template if isinstance(chat_template, str) else None)
+        chat_template=chat_template if isinstance(chat_template, str) else None,
+        add_eos_token=bool(cv.get("add_eos_token", bool, default=False)))
 
 
 def from_hf_dir(path: str | Path) -> TokenizerData | None:
@@ -493,6 +497,7 @@ def to_apr_metadata(td: TokenizerData) -> dict[str, Any]:
         "tokenizer.token_type": [int(t) for t in td.token_type],
         "tokenizer.padding_token_id": td.padding_token_id,
         "tokenizer.add_bos_token": bool(td.add_bos_token),
+        "tokenizer.add_eos_token": True if td.add_eos_token else None,
         "tokenizer.chat_template": td.chat_template,
     }
     return {k: v for k, v in meta.items() if v is not None}
@@ -539,7 +544,8 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
         vocab=vocab, merges=merges, **special,
         model_type="BPE", pre_type=pre_type or None,
         token_type=token_type, add_bos_token=bool(add_bos),
-        chat_template=v.get("tokenizer.chat_template", str))
+        chat_template=v.get("tokenizer.chat_template", str),
+        add_eos_token=bool(v.get("tokenizer.add_eos_token", bool, default=False)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,6 +579,8 @@ def to_gguf_fields(td: TokenizerData, n_rows: int
         if value is not None:
             fields.append((f"tokenizer.ggml.{key}", int(value), t.UINT32))
     fields.append(("tokenizer.ggml.add_bos_token", bool(td.add_bos_token), t.BOOL))
+    if td.add_eos_token:
+        fields.append(("tokenizer.ggml.add_eos_token", True, t.BOOL))
     if td.chat_template is not None:
         fields.append(("tokenizer.chat_template", td.chat_template, t.STRING))
     return fields
@@ -637,4 +645,5 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
         eos_token_id=v.token_id("tokenizer.ggml.eos_token_id", len(tokens)),
         padding_token_id=v.token_id("tokenizer.ggml.padding_token_id", len(tokens)),
         model_type="BPE", pre_type=pre_type, add_bos_token=bool(add_bos),
-        chat_template=v.get("tokenizer.chat_template", str))
+        chat_template=v.get("tokenizer.chat_template", str),
+        add_eos_token=bool(v.get("tokenizer.ggml.add_eos_token", bool, default=False)))

@@ -22,7 +22,7 @@ import numpy as np
 from apr.config import ModelConfig
 from apr.errors import AprError
 from apr.model import ModelView
-from apr.tokenizer import UNUSED, TokenizerData, build_tokenizer, is_row_pad
+from apr.tokenizer import CONTROL, UNUSED, TokenizerData, build_tokenizer, is_row_pad
 
 from .chat import render_chat
 
@@ -138,6 +138,14 @@ def _vocab_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
     if bad:
         out.append(TokenizerFinding("vocab", f"{len(bad)} of the first {n} tokens differ: "
                                              + _examples(bad, ta, tb)))
+    special = [i for i in range(n) if i not in set(bad) and not is_placeholder(ta, i)
+               and (ta.token_type[i] == CONTROL) != (tb.token_type[i] == CONTROL)]
+    if special:
+        shown = ", ".join(f"{i} {ta.vocab[i]!r} ({'special' if ta.token_type[i] == CONTROL else 'plain'} "
+                          f"in A, {'special' if tb.token_type[i] == CONTROL else 'plain'} in B)"
+                          for i in special[:SHOW])
+        out.append(TokenizerFinding("special_tokens", f"{len(special)} tokens are special on one "
+                                                      f"side only: {shown}"))
     longer, side = (ta, "A") if ta.vocab_size > tb.vocab_size else (tb, "B")
     real = [i for i in range(n, longer.vocab_size) if not is_placeholder(longer, i)]
     if real:
@@ -153,7 +161,7 @@ def _field_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
                      min(len(ta.merges), len(tb.merges)))
         out.append(TokenizerFinding("merges", f"merges differ from #{first} "
                                               f"({len(ta.merges)} vs {len(tb.merges)})"))
-    for key in ("bos_token_id", "eos_token_id", "add_bos_token"):
+    for key in ("bos_token_id", "eos_token_id", "add_bos_token", "add_eos_token"):
         x, y = getattr(ta, key), getattr(tb, key)
         if x != y:
             out.append(TokenizerFinding(key, f"{key}: A {x!r}, B {y!r}"))
@@ -201,7 +209,8 @@ def probe_texts(ta: TokenizerData, tb: TokenizerData) -> list[str]:
 def _behaviour_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFinding]:
     """Both tokenizers encode the probe set; the first string whose ids differ is named."""
     try:
-        ea, eb = (build_tokenizer(t, add_bos=t.add_bos_token) for t in (ta, tb))
+        ea, eb = (build_tokenizer(t, add_bos=t.add_bos_token, add_eos=t.add_eos_token)
+                  for t in (ta, tb))
     except AprError:
         return []          # a pre-tokenizer we cannot build: the fields above say what we know
     differ = []

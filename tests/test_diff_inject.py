@@ -356,6 +356,34 @@ def test_tokenizer_behaviour_and_chat_template(family):
     assert compare(a, e).diagnosis.keys == ["chat_template"]
 
 
+def _add_eos(meta):
+    meta["tokenizer.add_eos_token"] = True
+
+
+def _unspecial(meta):
+    types = list(meta["tokenizer.token_type"])
+    k = next(i for i, t in enumerate(types) if t == 3)         # a control token made plain
+    types[k] = 1
+    meta["tokenizer.token_type"] = types
+
+
+@pytest.mark.parametrize("edit,what", [(_add_eos, "add_eos_token"), (_unspecial, "special_tokens")])
+def test_eos_flag_and_special_tokens(edit, what):
+    """add_eos_token set on one side (double EOS in every encoded prompt), a special token made
+    plain: named, across APR, HF and GGUF."""
+    b = _apr_with_tokenizer_edit("qwen2", edit)
+    for a in ("hf", "gguf", "apr"):
+        r = compare(clean("qwen2", a), b)
+        assert r.diagnosis.cls == R.TOKENIZER and what in r.diagnosis.keys, r.diagnosis.line
+    # the flag survives conversion: APR -> GGUF -> HF keeps it
+    from apr.convert import convert
+    g = fresh(".gguf")
+    convert(b, g)
+    h = fresh("")
+    convert(g, h)
+    assert compare(b, h).diagnosis.cls != R.TOKENIZER or what != "add_eos_token"
+
+
 def test_gguf_without_pre_tokenizer_is_named():
     g = clean("qwen2", "gguf")
     with open_model(g) as v:
