@@ -135,6 +135,23 @@ def format_report(report: R.DiffReport, show_all: bool = False, pattern: str | N
 
 # --------------------------------------------------------------------------- command
 
+def _check_outputs(a: str, b: str, report_path: str | None, plot_path: str | None) -> None:
+    """--report and --plot are two different files, neither of them an input nor inside an
+    input directory (an HF model's own files)."""
+    from pathlib import Path
+    from apr.errors import AprError
+    outs = [(opt, p) for opt, p in (("--report", report_path), ("--plot", plot_path)) if p]
+    if len(outs) == 2 and Path(report_path).resolve() == Path(plot_path).resolve():
+        raise AprError(f"--report and --plot both name {report_path}")
+    inputs = {Path(x).resolve() for x in (a, b)}
+    for opt, p in outs:
+        out = Path(p).resolve()
+        if out in inputs or any(i.is_dir() and i in out.parents for i in inputs):
+            raise AprError(f"{opt} {p} is, or is inside, a model compared: write it elsewhere")
+        if Path(p).is_dir():
+            raise AprError(f"{opt} {p} is a directory")
+
+
 @click.command("diff")
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
@@ -169,16 +186,14 @@ def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt
             re.compile(pattern)
         except re.error as e:
             raise AprError(f"--filter {pattern!r}: {e}") from None
+    _check_outputs(a, b, report_path, plot_path)
     if plot_path is not None and logits is False:
         raise AprError("--plot draws the logits' divergence curve: drop --no-logits")
     report = compare(a, b, logits=True if plot_path is not None else logits, prompt=prompt,
                      progress=show_progress(quiet),
                      tokens=None if tokens is None else parse_token_ids(tokens))
-    from .html import write_plot, write_report
-    if plot_path is not None:
-        write_plot(report, plot_path)
-    if report_path is not None:
-        write_report(report, report_path)
+    from .html import write_outputs
+    write_outputs(report, report_path, plot_path)
     if as_json:
         click.echo(json_text(report.to_json()))
     else:
