@@ -74,7 +74,7 @@ def _rope(cfg: Mapping[str, Any], v: Values, where: str, max_pos: int | None
         rp = v.get(key, dict, default=None)
         if not rp:
             continue
-        found.append((key, rope_mod.from_dict(rp, f"{where}: {key}", max_pos)))
+        found.append((key, rope_mod.from_dict(rp, f"{where}: {key}", max_pos, hf=True)))
         t = Values(rp, f"{where}: {key}").get("rope_theta", float)
         if t is not None:
             theta = t
@@ -157,7 +157,8 @@ def _gemma3_rope(cfg: Mapping[str, Any], v: Values, where: str, max_pos: int | N
             raise ConfigError(f"{where}: rope_parameters[{kind!r}] is not an object")
         pv = Values(part, f"{where}: rope_parameters[{kind!r}]")
         theta = pv.get("rope_theta", float) or v.get(theta_key, float, default=None) or default
-        out += [theta, rope_mod.from_dict(part, f"{where}: rope_parameters[{kind!r}]", max_pos)]
+        out += [theta, rope_mod.from_dict(part, f"{where}: rope_parameters[{kind!r}]", max_pos,
+                                          hf=True)]
     return out[0], out[1], out[2], out[3]
 
 
@@ -168,8 +169,10 @@ def _gemma_windows(v: Values, vals: dict[str, Any], where: str, pattern: int) ->
     size = v.get("sliding_window", int, default=4096)
     types = v.get("layer_types", list, default=None)
     if types is None:
-        pattern = v.get("sliding_window_pattern", int, default=None) or pattern
-        types = list(_gemma_pattern(n, pattern))
+        given = v.get("sliding_window_pattern", int, default=None)
+        if given is not None and given < 1:
+            raise ConfigError(f"{where}: sliding_window_pattern = {given} must be at least 1")
+        types = list(_gemma_pattern(n, given or pattern))
     types = [check_value(t, str, "layer_types[]", where) for t in types]
     if SLIDING_ATTENTION in types and not size:
         raise UnsupportedError(f"{where}: layer_types has sliding-attention layers but "
@@ -807,7 +810,7 @@ class ModelConfig:
                 what = "partial rotary" if key == GGUF_ROPE_DIM_KEY else "a value head size other than the key's"
                 raise UnsupportedError(f"{where}: {what} ({key.format(**a)}={dim}, head_dim={head_dim}) "
                                        "is not supported")
-        emb = shapes.get("model.embed_tokens.weight")
+        emb = shapes.get(EMBED)
         if not emb:
             raise ConfigError(f"{where}: no token_embd.weight tensor")
         vals["vocab_size"] = int(emb[0])
@@ -837,7 +840,7 @@ class ModelConfig:
         try:
             return cls(family=fam,
                        rope_type=ROPE_ADJACENT if FAMILIES[fam].gguf_rope_permuted else ROPE_HALVES,
-                       tie_word_embeddings="lm_head.weight" not in shapes,
+                       tie_word_embeddings=LM_HEAD not in shapes,
                        attention_bias=has_bias, mlp_bias=mlp_bias, **vals)
         except AprError as e:
             raise type(e)(f"{where}: {e}") from None

@@ -330,8 +330,8 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
     g = GgufFile(path)
     entries = dict(g.entries)
     rope_freqs = _gguf_rope_freqs(g, entries.pop(names.GGUF_ROPE_FREQS, None), path)
-    family = names.family_of_gguf_arch(g.kv.get("general.architecture")
-                                       if isinstance(g.kv.get("general.architecture"), str) else None)
+    arch = g.kv.get("general.architecture")
+    family = names.family_of_gguf_arch(arch if isinstance(arch, str) else None)
     hf_names = {}
     for gname in entries:
         hf_names[gname] = names.gguf_to_hf_name(gname, family) or gname

@@ -81,14 +81,15 @@ _KINDS = {"factor": float, "original_max_position_embeddings": int, "low_freq_fa
 _INERT = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 
 
-def from_dict(d: Mapping[str, Any], where: str, max_position_embeddings: int | None = None
-              ) -> Optional[RopeScaling]:
+def from_dict(d: Mapping[str, Any], where: str, max_position_embeddings: int | None = None,
+              hf: bool = False) -> Optional[RopeScaling]:
     """A RopeScaling from a ``rope_parameters`` / ``rope_scaling`` object (None for plain
-    rotary). A type outside `SUPPORTED`, a key the type does not read, or a value of the wrong
-    type or range is one error naming it."""
+    rotary). A type outside `SUPPORTED` (and, from a config.json (``hf``), our own
+    ``freq_factors``, which transformers does not know), a key the type does not read, or a
+    value of the wrong type or range is one error naming it."""
     v = Values(d, where)
     kind = v.get("rope_type", str) or v.get("type", str) or "default"
-    if kind not in _PARAMS:
+    if kind not in _PARAMS or (hf and kind == FREQ_FACTORS):
         raise UnsupportedError(f"{where}: rope_type {kind!r} is not supported (supported: "
                                f"{', '.join(SUPPORTED)})")
     known, required = _PARAMS[kind]

@@ -34,7 +34,7 @@ LOGIT_FLOOR = {np.float64: 1e-9, np.float32: 1e-5}
 # config keys that can be swapped on a built model without changing a tensor's shape
 SWAPPABLE_KEYS = ("rope_theta", "rms_norm_eps", "num_heads", "num_kv_heads", "head_dim", "hidden_act",
                   "sliding_window", "layer_types")
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+EMBED, FINAL_NORM, LM_HEAD = names.EMBED, names.FINAL_NORM, names.LM_HEAD
 
 
 @dataclass

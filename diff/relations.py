@@ -22,7 +22,7 @@ from apr import names
 from apr.model import ModelView, TensorRef
 
 from . import report as R
-from .reader import rows_per_block, row_layout
+from .reader import BlockReader, row_layout, rows_per_block
 from .values import pair_stats, rel_l2, within_rounding
 
 UNEXPLAINED = (R.VALUES_CHANGED, R.UNRELATED, R.NOISE, R.SHAPE, R.SCALED, R.SHUFFLED)
@@ -56,7 +56,6 @@ def _probe(ref: TensorRef) -> np.ndarray:
     """Up to PROBE_VALUES values from the start of the tensor in HF order: whole rows of a
     tensor whose rows can be cut and that is stored in HF order, else the whole tensor."""
     if ref.numel > PROBE_VALUES and not ref.rotary_heads and row_layout(ref) is not None:
-        from .reader import BlockReader
         with BlockReader() as rd:
             rows = min(int(ref.shape[0]), max(1, rows_per_block(ref, PROBE_VALUES)))
             _, _, block = next(rd.value_blocks(ref, rows))

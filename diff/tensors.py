@@ -23,8 +23,7 @@ from .detectors import Pair, classify
 from .reader import BlockReader, block_rows_for, blockwise
 from .values import Moments, pair_tolerance
 
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
+EMBED, LM_HEAD = names.EMBED, names.LM_HEAD
 
 
 @dataclass
@@ -229,7 +228,7 @@ def _order(name: str) -> tuple:
         return (0, 0, name)
     if layer is not None:
         return (1, layer, name)
-    if name == "model.norm.weight":
+    if name == names.FINAL_NORM:
         return (2, 0, name)
     if name == LM_HEAD:
         return (3, 0, name)

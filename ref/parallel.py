@@ -89,8 +89,8 @@ class ParallelError(AprError):
 
 
 def launched_by_mpi() -> bool:
-    return any(int(os.environ.get(v, "1") or 1) > 1 for v in _LAUNCH_VARS
-               if os.environ.get(v, "").isdigit())
+    """An MPI launcher started more than one process (it says so in the environment)."""
+    return any(os.environ.get(v, "").isdigit() and int(os.environ[v]) > 1 for v in _LAUNCH_VARS)
 
 
 _WORLD: Optional[World] = None

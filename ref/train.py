@@ -45,7 +45,7 @@ from apr import names
 from apr.atomic import remove_stale_in
 from apr.config import ModelConfig, preset
 from apr.console import progress_bar
-from apr.errors import ConfigError
+from apr.errors import AprError, ConfigError
 from apr.model import ModelView, open_model
 from apr.tokenizer import TokenizerData
 
@@ -267,17 +267,17 @@ def _gate_parallel_device(cfg: RunConfig, w: World) -> Backend:
 def _on_main(w: World, work: Callable[[], Any]) -> Any:
     """``work()`` on rank 0, its result on every rank; an error there is the same error on
     every rank (no rank waits for a result that will not come)."""
+    if w.size == 1:
+        return work()
     result, error = None, None
     if w.main:
         try:
             result = work()
-        except GateError as e:
-            error = str(e)
-            if w.size == 1:
-                raise
-    result, error = w.bcast((result, error))
+        except AprError as e:
+            error = e
+    result, error = w.bcast((result, None if error is None else (type(error), str(error))))
     if error is not None:
-        raise GateError(error)
+        raise error[0](error[1])
     return result
 
 

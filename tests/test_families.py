@@ -208,6 +208,7 @@ def test_llama_cpp_freq_factors_are_the_llama3_divisors():
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
       "original_max_position_embeddings": 8192}, "low_freq_factor"),
     ({"rope_type": "yarn", "factor": 2.0}, "original_max_position_embeddings"),
+    ({"rope_type": "freq_factors", "freq_factors": [1.0, 2.0, 4.0, 8.0]}, "freq_factors"),
 ])
 def test_unsupported_rope_is_one_error_naming_it(tmp_path, rp, word):
     d = tmp_path / "m"
@@ -281,3 +282,18 @@ def test_diff_names_a_missing_soft_cap(tmp_path):
     assert r.exit_code == 1, r.output
     last = r.output.strip().splitlines()[-1]
     assert last.startswith("DIAGNOSIS: CONFIG") and "final_logit_softcapping" in last, last
+
+
+def test_gemma_window_pattern_from_a_file_is_checked(tmp_path):
+    """sliding_window_pattern (Gemma 3's older key) divides the layer index: 0 or less is one
+    error naming it, not a crash."""
+    for bad in (0, -6):
+        d = tmp_path / str(bad)
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 8,
+            "intermediate_size": 24, "vocab_size": 32, "sliding_window_pattern": bad}))
+        r = CliRunner().invoke(cli.main, ["inspect", str(d)])
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and "sliding_window_pattern" in lines[0], r.output

@@ -139,3 +139,15 @@ def test_a_killed_rank_ends_the_job(corpus, tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert "rank 1" in err or "signal 9" in err or "Killed" in err, err[-2000:]
+
+
+def test_a_data_error_on_rank_0_stops_every_rank(corpus, tmp_path):
+    """Rank 0 alone prepares the data; when that fails (an empty corpus: not a gate, a data
+    error) the other rank gets the same error instead of waiting for a result forever."""
+    (tmp_path / "empty").mkdir()
+    args = common(corpus, tmp_path / "run", 2)
+    args[args.index("--dataset") + 1] = str(tmp_path / "empty")
+    r = pretrain(tmp_path, "run", 2, *args, timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 2 and "no training documents" in lines[0] and lines[0] == lines[1], r.stderr
