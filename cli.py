@@ -53,6 +53,7 @@ def inspect_report(path: str) -> dict[str, Any]:
         meta = {k: _elide(v) for k, v in view.metadata.items()
                 if not k.startswith(("tokenizer.vocabulary", "tokenizer.merges", "tokenizer.ggml.tokens",
                                      "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                                     "tokenizer.ggml.scores",
                                      "tokenizer.token_type", "tokenizer.scores"))}
         return {
             "path": str(view.path),
@@ -66,6 +67,7 @@ def inspect_report(path: str) -> dict[str, Any]:
             "tokenizer": {
                 "embedded": tok is not None,
                 "vocab_size": tok.vocab_size if tok else None,
+                "model_type": tok.model_type if tok else None,
                 "merges": len(tok.merges) if tok else None,
                 "bos_token_id": tok.bos_token_id if tok else None,
                 "eos_token_id": tok.eos_token_id if tok else None,
@@ -104,7 +106,9 @@ def _print_inspect(r: dict[str, Any], show_tensors: bool) -> None:
         out(f"  architecture: none ({r['config_note']})")
     t = r["tokenizer"]
     if t["embedded"]:
-        out(f"  tokenizer: {t['vocab_size']} tokens, {t['merges']} merges, bos {t['bos_token_id']}, "
+        kind = (f"SentencePiece-style, {t['merges'] or 'score-ordered'} merges"
+                if t["model_type"] == "SPM" else f"{t['merges']} merges")
+        out(f"  tokenizer: {t['vocab_size']} tokens, {kind}, bos {t['bos_token_id']}, "
             f"eos {t['eos_token_id']}, pre {t['pre_type']}")
     else:
         out("  tokenizer: none embedded")

@@ -143,6 +143,11 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
                 f"renames {len(renamed)} tokens whose strings repeat an earlier token's: "
                 + ", ".join(f"{i} {old!r} -> {new!r}" for i, old, new in renamed[:4])
                 + (" ..." if len(renamed) > 4 else ""))
+        if fmt == "gguf" and view.tokenizer.is_spm and view.tokenizer.space_prefix == "first":
+            report.changes.append(
+                "changes the tokenizer: the source puts a space in front of the text only at its "
+                "start (Metaspace prepend_scheme 'first'), GGUF can only say add_space_prefix, so "
+                "llama.cpp would also put one after every special token")
         pads = config.vocab_size - view.tokenizer.vocab_size
         if fmt == "gguf" and pads > 0:
             report.notes.append(f"token list padded with {pads} unused row pads to the embedding's "

@@ -78,7 +78,7 @@ class _Cursor:
                                   f"cannot fit the file")
             if item == VT.STRING:
                 return [self.string() for _ in range(count)]
-            if item in _SCALAR and item != VT.FLOAT32:
+            if item in _SCALAR:     # float32 elements as their exact float64 values
                 dt = np.dtype(_SCALAR[item])
                 return np.frombuffer(self.take(count * dt.itemsize), dtype=dt).tolist()
             return [self.value(item, depth + 1) for _ in range(count)]

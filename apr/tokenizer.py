@@ -1,4 +1,5 @@
-"""The embedded tokenizer: byte-level BPE (GPT-2 style: GPT-2, Llama-3, Qwen2) in every format.
+"""The embedded tokenizer in every format: byte-level BPE (GPT-2 style: GPT-2, Llama-3, Qwen2)
+and SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Phi-3, Gemma; see `apr.spm`).
 
 One in-memory form, `TokenizerData`, is read from and written to
 
@@ -42,6 +43,7 @@ from typing import Any, Iterator, Mapping
 import gguf
 import tokenizers
 
+from . import spm
 from .errors import ConfigError, FormatError, UnsupportedError
 from .untrusted import Values, is_file, load_json, read_text
 
@@ -95,9 +97,15 @@ def pre_tokenizer_spec(pre_type: str | None) -> PreTokenizerSpec | None:
 # The in-memory form
 # ---------------------------------------------------------------------------------------------
 
+MODEL_TYPES = ("BPE", "SPM")   # byte-level BPE; SentencePiece-style BPE (GGUF "llama")
+
+
 @dataclass
 class TokenizerData:
-    """A byte-level BPE tokenizer as stored in a model file. ``vocab[i]`` is token id ``i``.
+    """A tokenizer as stored in a model file. ``vocab[i]`` is token id ``i``.
+
+    ``model_type`` is "BPE" (byte-level) or "SPM" (SentencePiece-style: ``scores`` and/or
+    ``merges`` give the merge order, ``space_prefix`` is "always", "first" or "never").
 
     ``token_type[i]`` is llama.cpp's type of token ``i`` (see the module notes); ``pre_type``
     names an entry of `PRE_TOKENIZERS` (or an alias); ``add_bos_token`` says whether the
@@ -116,14 +124,28 @@ class TokenizerData:
     add_bos_token: bool = False
     chat_template: str | None = None
     add_eos_token: bool = False          # EOS appended when special tokens are added
+    scores: list[float] | None = None    # SPM: a score per piece (GGUF); None: unknown
+    space_prefix: str = "always"         # SPM: see apr.spm
+    unknown_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise UnsupportedError(f"tokenizer model type {self.model_type!r} is not supported "
+                                   f"(known: {', '.join(MODEL_TYPES)})")
+        if self.space_prefix not in spm.PREFIX_MODES:
+            raise ConfigError(f"tokenizer space prefix {self.space_prefix!r} is not one of "
+                              f"{', '.join(spm.PREFIX_MODES)}")
+        if self.scores is not None and len(self.scores) != len(self.vocab):
+            raise ConfigError(f"tokenizer has {len(self.vocab)} tokens but "
+                              f"{len(self.scores)} scores")
+        if self.model_type == "SPM" and self.scores is None and not self.merges:
+            raise ConfigError("SentencePiece tokenizer has neither scores nor merges")
         if not self.token_type:
             self.token_type = [NORMAL] * len(self.vocab)
         if len(self.token_type) != len(self.vocab):
             raise ConfigError(f"tokenizer has {len(self.vocab)} tokens but "
                               f"{len(self.token_type)} token types")
-        for name in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < len(self.vocab):
                 raise ConfigError(f"tokenizer {name} {value} is outside the vocabulary "
@@ -132,6 +154,23 @@ class TokenizerData:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @property
+    def is_spm(self) -> bool:
+        return self.model_type == "SPM"
+
+    def effective_merges(self) -> list[str]:
+        """The merges an encoder applies: the stored ones, or (SPM from GGUF) those the scores
+        imply."""
+        if self.merges or not self.is_spm:
+            return self.merges
+        return spm.merges_from_scores(self.vocab, self.scores, self.token_type)
+
+    def effective_scores(self) -> list[float]:
+        """SPM scores: the stored ones, or those that make llama.cpp merge as the merges do."""
+        if self.scores is not None:
+            return self.scores
+        return spm.scores_from_merges(self.vocab, self.merges, self.token_type)
 
 
 _PAD_RE = re.compile(r"<\|pad_(\d+)(?:_\d+)?\|>|\[PAD(\d+)\]")
@@ -182,7 +221,10 @@ def renamed_tokens(td: TokenizerData) -> list[tuple[int, str, str]]:
             if old != new and td.token_type[i] != UNUSED]
 
 
-def _spec_or_raise(td: TokenizerData, default_pre: str | None) -> PreTokenizerSpec:
+def _spec_or_raise(td: TokenizerData, default_pre: str | None) -> PreTokenizerSpec | None:
+    """The pre-tokenizer of a byte-level BPE tokenizer (None for SPM, which has none)."""
+    if td.is_spm:
+        return None
     spec = pre_tokenizer_spec(td.pre_type) or pre_tokenizer_spec(default_pre)
     if spec is None:
         known = ", ".join(PRE_TOKENIZERS)
@@ -190,12 +232,6 @@ def _spec_or_raise(td: TokenizerData, default_pre: str | None) -> PreTokenizerSp
             f"tokenizer pre-tokenizer {td.pre_type!r} is unknown (known: {known}); "
             "pass default_pre to choose one explicitly")
     return spec
-
-
-def _check_bpe(td: TokenizerData) -> None:
-    if td.model_type.upper() != "BPE":
-        raise UnsupportedError(f"tokenizer model type {td.model_type!r} is not supported "
-                               "(only byte-level BPE)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,12 +243,13 @@ def _byte_level(use_regex: bool, trim_offsets: bool = True) -> dict[str, Any]:
             "use_regex": use_regex}
 
 
-def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool,
+def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec | None, add_bos: bool,
                     add_eos: bool = False) -> dict[str, Any]:
-    """The tokenizer.json document (as a dict) for ``td`` under ``spec``."""
-    _check_bpe(td)
+    """The tokenizer.json document (as a dict) for ``td`` under ``spec`` (None for SPM)."""
     tokens, types = _unique_tokens(td)
-    if spec.split_regex is None:
+    if spec is None:
+        normalizer, pre_tokenizer = spm.normalizer_and_pre(td.space_prefix)
+    elif spec.split_regex is None:
         pre_tokenizer = _byte_level(use_regex=True)
     else:
         pre_tokenizer = {"type": "Sequence", "pretokenizers": [
@@ -222,10 +259,12 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool,
     # Added tokens are matched in the raw text before the model runs. tokenizers ignores the
     # "id" of an added token that is not in the model vocabulary (it appends it instead), so
     # every token, added ones included, is in the BPE vocabulary at its own id.
+    # llama.cpp matches unknown-typed tokens ("<unk>") in text as it does control tokens.
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
-              "rstrip": False, "normalized": False, "special": types[i] == CONTROL}
-             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
-    post_processor: dict[str, Any] = _byte_level(use_regex=False, trim_offsets=False)
+              "rstrip": False, "normalized": False, "special": types[i] != USER_DEFINED}
+             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
+    post_processor: dict[str, Any] | None = (
+        None if spec is None else _byte_level(use_regex=False, trim_offsets=False))
     bos = tokens[td.bos_token_id] if add_bos and td.bos_token_id is not None else None
     eos = tokens[td.eos_token_id] if add_eos and td.eos_token_id is not None else None
     if bos is not None or eos is not None:
@@ -235,25 +274,31 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec, add_bos: bool,
                 ([{"SpecialToken": {"id": eos, "type_id": type_id}}] if eos is not None else [])
         special = {t: {"id": t, "ids": [i], "tokens": [t]}
                    for t, i in ((bos, td.bos_token_id), (eos, td.eos_token_id)) if t is not None}
-        post_processor = {"type": "Sequence", "processors": [post_processor, {
-            "type": "TemplateProcessing", "single": seq("A", 0),
-            "pair": seq("A", 0) + seq("B", 1), "special_tokens": special}]}
+        template = {"type": "TemplateProcessing", "single": seq("A", 0),
+                    "pair": seq("A", 0) + seq("B", 1), "special_tokens": special}
+        post_processor = template if post_processor is None else {
+            "type": "Sequence", "processors": [post_processor, template]}
+    if spec is not None:
+        normalizer = {"type": spec.normalizer} if spec.normalizer else None
+    merges = td.effective_merges()
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": {"type": spec.normalizer} if spec.normalizer else None,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+        "decoder": spm.decoder(td.space_prefix) if spec is None else {
+            "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None,
+                  "unk_token": (tokens[td.unknown_token_id] if spec is None
+                                and td.unknown_token_id is not None else None),
                   "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": spec.ignore_merges,
+                  "fuse_unk": spec is None, "byte_fallback": spec is None,
+                  "ignore_merges": spec is not None and spec.ignore_merges,
                   "vocab": {t: i for i, t in enumerate(tokens)},
-                  "merges": [m.split(" ", 1) for m in td.merges]},
+                  "merges": [m.split(" ", 1) for m in merges]},
     }
 
 
@@ -261,7 +306,8 @@ def build_tokenizer(td: TokenizerData, *, add_bos: bool = False, add_eos: bool =
                     default_pre: str | None = None) -> tokenizers.Tokenizer:
     """A `tokenizers.Tokenizer` that encodes and decodes like the source tokenizer.
 
-    Byte-level BPE with the pre-tokenizer, normalizer and ``ignore_merges`` of ``td.pre_type``
+    SentencePiece-style BPE (`apr.spm`): byte fallback, the space prefix, merges from the scores
+    when the file stores none. Byte-level BPE with the pre-tokenizer, normalizer and ``ignore_merges`` of ``td.pre_type``
     (see `PRE_TOKENIZERS`); control tokens are special added tokens, user-defined ones plain
     added tokens. ``encode(text)`` adds no BOS unless ``add_bos=True`` (then it adds
     ``td.bos_token_id`` when ``add_special_tokens`` is on, as HF does). An unknown ``pre_type``
@@ -293,6 +339,7 @@ def to_hf_files(td: TokenizerData, *, model_max_length: int | None = None,
         "bos_token": token(td.bos_token_id),
         "eos_token": token(td.eos_token_id),
         "pad_token": token(td.padding_token_id),
+        **({"unk_token": token(td.unknown_token_id)} if td.unknown_token_id is not None else {}),
         "add_bos_token": bool(td.add_bos_token and td.bos_token_id is not None),
         "add_eos_token": bool(td.add_eos_token and td.eos_token_id is not None),
         "clean_up_tokenization_spaces": False,
@@ -399,11 +446,16 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     mtype = model.get("type") or ("BPE" if "merges" in model else "unknown")
     if mtype != "BPE":
         raise UnsupportedError(f"tokenizer model type {mtype!r} is not supported "
-                               "(only byte-level BPE)")
+                               "(only BPE: byte-level or SentencePiece-style)")
     steps = _flatten(doc.get("pre_tokenizer"), "pretokenizers")
+    prefix = None
     if model.get("byte_fallback") or not any(s.get("type") == "ByteLevel" for s in steps):
-        raise UnsupportedError("tokenizer is a SentencePiece-style BPE (no byte-level "
-                               "pre-tokenizer); only byte-level BPE is supported")
+        prefix = spm.detect_prefix(doc) if model.get("byte_fallback") else None
+        if prefix is None or model.get("ignore_merges"):
+            raise UnsupportedError(
+                "tokenizer is a SentencePiece-style BPE whose normalizer/pre-tokenizer is not one "
+                "we reproduce exactly (known: Prepend+Replace, Replace, Metaspace without split, "
+                "all with byte_fallback)")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise UnsupportedError("tokenizer BPE with a subword prefix/suffix is not supported")
 
@@ -455,6 +507,17 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
             raise ConfigError(f"tokenizer {what} token {tok!r} is not in the vocabulary")
         return ids[tok]
 
+    if prefix is not None:      # SentencePiece-style: unk from the model; no pre-tokenizer name
+        unk = model.get("unk_token")
+        unk = _token_content(config["unk_token"]) if "unk_token" in config else unk
+        return TokenizerData(
+            vocab=vocab, merges=merges, token_type=token_type, model_type="SPM",
+            bos_token_id=token_id(bos, "bos"), eos_token_id=token_id(eos, "eos"),
+            padding_token_id=token_id(pad, "pad"),
+            unknown_token_id=token_id(unk if isinstance(unk, str) else None, "unk"),
+            space_prefix=prefix, add_bos_token=bool(add_bos),
+            chat_template=chat_template if isinstance(chat_template, str) else None,
+            add_eos_token=bool(cv.get("add_eos_token", bool, default=False)))
     return TokenizerData(
         vocab=vocab, merges=merges, token_type=token_type,
         bos_token_id=token_id(bos, "bos"), eos_token_id=token_id(eos, "eos"),
@@ -484,11 +547,13 @@ def from_hf_dir(path: str | Path) -> TokenizerData | None:
 # ---------------------------------------------------------------------------------------------
 
 def to_apr_metadata(td: TokenizerData) -> dict[str, Any]:
-    """The ``tokenizer.*`` custom metadata keys of an APR file (None values omitted)."""
-    _check_bpe(td)
+    """The ``tokenizer.*`` custom metadata keys of an APR file (None values omitted). A
+    SentencePiece-style tokenizer stores its merges (derived from the scores when it has none)
+    and its scores (derived from the merges when it has none), so that either kind of reader
+    finds what it needs."""
     meta: dict[str, Any] = {
         "tokenizer.vocabulary": list(td.vocab),
-        "tokenizer.merges": list(td.merges),
+        "tokenizer.merges": list(td.effective_merges()),
         "tokenizer.vocab_size": td.vocab_size,
         "tokenizer.bos_token_id": td.bos_token_id,
         "tokenizer.eos_token_id": td.eos_token_id,
@@ -500,6 +565,10 @@ def to_apr_metadata(td: TokenizerData) -> dict[str, Any]:
         "tokenizer.add_eos_token": True if td.add_eos_token else None,
         "tokenizer.chat_template": td.chat_template,
     }
+    if td.is_spm:
+        meta.update({"tokenizer.scores": [float(x) for x in td.effective_scores()],
+                     "tokenizer.space_prefix": td.space_prefix,
+                     "tokenizer.unknown_token_id": td.unknown_token_id})
     return {k: v for k, v in meta.items() if v is not None}
 
 
@@ -516,11 +585,14 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
         return None
     v = Values(meta, "APR metadata")
     vocab = v.items("tokenizer.vocabulary", str)
-    model_type = v.get("tokenizer.model_type", str, default="BPE") or "BPE"
-    if model_type.upper() != "BPE":
-        raise UnsupportedError(f"tokenizer model type {model_type!r} is not supported "
-                               "(only byte-level BPE)")
+    stored_type = v.get("tokenizer.model_type", str, default="BPE") or "BPE"
+    model_type = stored_type.upper()
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedError(f"tokenizer model type {stored_type!r} is not supported "
+                               f"(known: {', '.join(MODEL_TYPES)})")
     merges = v.items("tokenizer.merges", str)
+    if merges is None and model_type == "SPM" and meta.get("tokenizer.scores") is not None:
+        merges = []             # SentencePiece-style: the scores give the merge order
     if merges is None:
         raise ConfigError("APR tokenizer has tokenizer.vocabulary but no tokenizer.merges")
     size = v.get("tokenizer.vocab_size", int)
@@ -534,6 +606,12 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
         add_bos = spec.add_bos if spec else False
     special = {key: v.token_id(f"tokenizer.{key}", len(vocab))
                for key in ("bos_token_id", "eos_token_id", "padding_token_id")}
+    spm_fields: dict[str, Any] = {}
+    if model_type == "SPM":
+        spm_fields = dict(
+            scores=v.items("tokenizer.scores", float),
+            space_prefix=v.get("tokenizer.space_prefix", str, default="always") or "always",
+            unknown_token_id=v.token_id("tokenizer.unknown_token_id", len(vocab)))
     token_type = v.items("tokenizer.token_type", int, default=[])
     if not token_type:
         token_type = [NORMAL] * len(vocab)
@@ -541,8 +619,8 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
             if i is not None:
                 token_type[i] = CONTROL
     return TokenizerData(
-        vocab=vocab, merges=merges, **special,
-        model_type="BPE", pre_type=pre_type or None,
+        vocab=vocab, merges=merges, **special, **spm_fields,
+        model_type=model_type, pre_type=pre_type or None,
         token_type=token_type, add_bos_token=bool(add_bos),
         chat_template=v.get("tokenizer.chat_template", str),
         add_eos_token=bool(v.get("tokenizer.add_eos_token", bool, default=False)))
@@ -560,21 +638,36 @@ def to_gguf_fields(td: TokenizerData, n_rows: int
     vocabulary followed by row pads of type 5. A vocabulary longer than ``n_rows`` is a
     ConfigError. Arrays are written with value type ARRAY; their element type follows from the
     values (strings, or INT32 for token types, as llama.cpp reads them).
+
+    A SentencePiece-style tokenizer is llama.cpp's "llama" model: scores instead of merges
+    (derived from the merges when the source has none; row pads score -1000, as llama.cpp's
+    converter writes them) and ``add_space_prefix`` ("first" cannot be said: it becomes true).
     """
-    _check_bpe(td)
     if td.vocab_size > n_rows:
         raise ConfigError(f"tokenizer has {td.vocab_size} tokens but the embedding has only "
                           f"{n_rows} rows")
     tokens, types = _unique_tokens(td, n_rows)
     t = gguf.GGUFValueType
-    fields: list[tuple[str, Any, gguf.GGUFValueType]] = [
-        ("tokenizer.ggml.model", "gpt2", t.STRING),
-        ("tokenizer.ggml.pre", td.pre_type or "default", t.STRING),
-        ("tokenizer.ggml.tokens", tokens, t.ARRAY),
-        ("tokenizer.ggml.token_type", [int(x) for x in types], t.ARRAY),
-        ("tokenizer.ggml.merges", list(td.merges), t.ARRAY),
-    ]
+    if td.is_spm:
+        scores = list(td.effective_scores()) + [-1000.0] * (n_rows - td.vocab_size)
+        fields: list[tuple[str, Any, gguf.GGUFValueType]] = [
+            ("tokenizer.ggml.model", "llama", t.STRING),
+            ("tokenizer.ggml.pre", "default", t.STRING),
+            ("tokenizer.ggml.tokens", tokens, t.ARRAY),
+            ("tokenizer.ggml.scores", [float(x) for x in scores], t.ARRAY),
+            ("tokenizer.ggml.token_type", [int(x) for x in types], t.ARRAY),
+            ("tokenizer.ggml.add_space_prefix", td.space_prefix != "never", t.BOOL),
+        ]
+    else:
+        fields = [
+            ("tokenizer.ggml.model", "gpt2", t.STRING),
+            ("tokenizer.ggml.pre", td.pre_type or "default", t.STRING),
+            ("tokenizer.ggml.tokens", tokens, t.ARRAY),
+            ("tokenizer.ggml.token_type", [int(x) for x in types], t.ARRAY),
+            ("tokenizer.ggml.merges", list(td.merges), t.ARRAY),
+        ]
     for key, value in (("bos_token_id", td.bos_token_id), ("eos_token_id", td.eos_token_id),
+                       ("unknown_token_id", td.unknown_token_id),
                        ("padding_token_id", td.padding_token_id)):
         if value is not None:
             fields.append((f"tokenizer.ggml.{key}", int(value), t.UINT32))
@@ -586,7 +679,7 @@ def to_gguf_fields(td: TokenizerData, n_rows: int
     return fields
 
 
-_GGUF_MODEL_NAMES = {"llama": "SentencePiece (llama)", "bert": "WordPiece (bert)",
+_GGUF_MODEL_NAMES = {"bert": "WordPiece (bert)",
                      "t5": "Unigram (t5)", "rwkv": "RWKV", "plamo2": "PLaMo-2"}
 
 
@@ -623,16 +716,22 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
         return None
     tokens = v.items("tokenizer.ggml.tokens", str)
     model = v.get("tokenizer.ggml.model", str)
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         what = _GGUF_MODEL_NAMES.get(model, repr(model))
-        raise UnsupportedError(f"GGUF tokenizer model {what} is not supported "
-                               "(only byte-level BPE, tokenizer.ggml.model 'gpt2')")
+        raise UnsupportedError(f"GGUF tokenizer model {what} is not supported (only "
+                               "tokenizer.ggml.model 'gpt2', byte-level BPE, and 'llama', "
+                               "SentencePiece-style BPE)")
+    types = v.items("tokenizer.ggml.token_type", int) or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise FormatError(f"GGUF: tokenizer.ggml.token_type has {len(types)} entries for "
+                          f"{len(tokens)} tokens")
+    types = [UNUSED if is_row_pad(tok, i) else typ
+             for i, (tok, typ) in enumerate(zip(tokens, types))]
+    if model == "llama":
+        return _spm_from_gguf(v, tokens, types)
     merges = v.items("tokenizer.ggml.merges", str)
     if merges is None:
         raise FormatError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
-    types = v.items("tokenizer.ggml.token_type", int) or [NORMAL] * len(tokens)
-    types = [UNUSED if is_row_pad(tok, i) else typ
-             for i, (tok, typ) in enumerate(zip(tokens, types))]
     pre = v.get("tokenizer.ggml.pre", str)
     pre_type = None if pre in (None, "", "default") else pre
     add_bos = v.get("tokenizer.ggml.add_bos_token", bool)
@@ -647,3 +746,28 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
         model_type="BPE", pre_type=pre_type, add_bos_token=bool(add_bos),
         chat_template=v.get("tokenizer.chat_template", str),
         add_eos_token=bool(v.get("tokenizer.ggml.add_eos_token", bool, default=False)))
+
+
+def _spm_from_gguf(v: Values, tokens: list[str], types: list[int]) -> TokenizerData:
+    """llama.cpp's "llama" tokenizer: scores (all 0 when absent, as llama.cpp reads them), BOS
+    added and a space prefixed unless the file says otherwise."""
+    scores = v.items("tokenizer.ggml.scores", float)
+    if scores is None:
+        scores = [0.0] * len(tokens)
+    if len(scores) != len(tokens):
+        raise FormatError(f"GGUF: tokenizer.ggml.scores has {len(scores)} entries for "
+                          f"{len(tokens)} tokens")
+    if v.get("tokenizer.ggml.remove_extra_whitespaces", bool):
+        raise UnsupportedError("GGUF SentencePiece tokenizer with remove_extra_whitespaces is "
+                               "not supported")
+    prefix = v.get("tokenizer.ggml.add_space_prefix", bool, default=True)
+    return TokenizerData(
+        vocab=tokens, merges=[], scores=scores, token_type=types, model_type="SPM",
+        space_prefix="always" if prefix in (True, None) else "never",
+        bos_token_id=v.token_id("tokenizer.ggml.bos_token_id", len(tokens)),
+        eos_token_id=v.token_id("tokenizer.ggml.eos_token_id", len(tokens)),
+        unknown_token_id=v.token_id("tokenizer.ggml.unknown_token_id", len(tokens)),
+        padding_token_id=v.token_id("tokenizer.ggml.padding_token_id", len(tokens)),
+        add_bos_token=bool(v.get("tokenizer.ggml.add_bos_token", bool, default=True)),
+        add_eos_token=bool(v.get("tokenizer.ggml.add_eos_token", bool, default=False)),
+        chat_template=v.get("tokenizer.chat_template", str))

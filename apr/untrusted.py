@@ -170,6 +170,8 @@ class Values:
             return default
         if kind is str and all(type(x) is str for x in value):     # the common case, fast
             return list(value)
+        if kind is float and all(type(x) is float for x in value) and all(map(math.isfinite, value)):
+            return list(value)
         if kind is int and all(type(x) is int for x in value) and \
                 (not value or -MAX_SIZE <= min(value) and max(value) <= MAX_SIZE):
             return list(value)

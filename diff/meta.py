@@ -156,7 +156,17 @@ def _vocab_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
 
 def _field_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFinding]:
     out = []
-    if ta.merges != tb.merges:
+    if ta.model_type != tb.model_type:
+        out.append(TokenizerFinding("model_type", f"tokenizer model: A {ta.model_type}, "
+                                                  f"B {tb.model_type}"))
+    elif ta.is_spm:
+        # merges (HF) and scores (GGUF) are two spellings of one merge order: the probes below
+        # compare what they do; the space prefix and the unknown token are compared here
+        for key in ("space_prefix", "unknown_token_id"):
+            x, y = getattr(ta, key), getattr(tb, key)
+            if x != y:
+                out.append(TokenizerFinding(key, f"{key}: A {x!r}, B {y!r}"))
+    elif ta.merges != tb.merges:
         first = next((i for i, (x, y) in enumerate(zip(ta.merges, tb.merges)) if x != y),
                      min(len(ta.merges), len(tb.merges)))
         out.append(TokenizerFinding("merges", f"merges differ from #{first} "
@@ -270,5 +280,12 @@ def tokenizer_summary(va: ModelView, vb: ModelView) -> str:
         return "no tokenizer on either side"
     parts = []
     for side, t in (("A", ta), ("B", tb)):
-        parts.append(f"{side} {t.vocab_size} tokens, {len(t.merges)} merges" if t else f"{side} none")
+        if t is None:
+            parts.append(f"{side} none")
+        elif t.is_spm:
+            parts.append(f"{side} {t.vocab_size} tokens, SentencePiece-style "
+                         f"({'scores' if t.scores is not None else f'{len(t.merges)} merges'}, "
+                         f"space prefix {t.space_prefix})")
+        else:
+            parts.append(f"{side} {t.vocab_size} tokens, {len(t.merges)} merges")
     return "; ".join(parts)

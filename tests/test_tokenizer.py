@@ -494,15 +494,15 @@ def test_non_byte_level_hf_tokenizers_are_unsupported(doc, word):
 
 
 def test_non_bpe_gguf_is_unsupported(tmp_path):
-    path = tmp_path / "spm.gguf"
+    path = tmp_path / "wpm.gguf"
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_model("bert")
     writer.add_token_list(["<unk>", "a"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     writer.close()
-    with pytest.raises(UnsupportedError, match="SentencePiece"):
+    with pytest.raises(UnsupportedError, match="WordPiece"):
         from_gguf_fields(gguf.GGUFReader(path))
 
 
