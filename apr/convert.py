@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import names
+from . import names, spm
 from .atomic import atomic_dir, atomic_file, check_output
 from .console import progress_bar, utc_timestamp
 from .config import ModelConfig
@@ -143,11 +143,14 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
                 f"renames {len(renamed)} tokens whose strings repeat an earlier token's: "
                 + ", ".join(f"{i} {old!r} -> {new!r}" for i, old, new in renamed[:4])
                 + (" ..." if len(renamed) > 4 else ""))
-        if fmt == "gguf" and view.tokenizer.is_spm and view.tokenizer.space_prefix == "first":
+        prefix = view.tokenizer.space_prefix
+        if fmt == "gguf" and view.tokenizer.is_spm and prefix not in spm.GGUF_PREFIX_MODES:
             report.changes.append(
-                "changes the tokenizer: the source puts a space in front of the text only at its "
-                "start (Metaspace prepend_scheme 'first'), GGUF can only say add_space_prefix, so "
-                "llama.cpp would also put one after every special token")
+                f"changes the tokenizer: the source's space prefix is HF Metaspace's ({prefix!r}: "
+                "none in front of text that starts with a space"
+                + (", none after special tokens" if prefix == "metaspace-first" else "")
+                + "); GGUF can only say add_space_prefix, so llama.cpp would put one in front of "
+                "every part of the text")
         pads = config.vocab_size - view.tokenizer.vocab_size
         if fmt == "gguf" and pads > 0:
             report.notes.append(f"token list padded with {pads} unused row pads to the embedding's "

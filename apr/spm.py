@@ -13,17 +13,26 @@ The formats store the merge order differently:
 
 `merges_from_scores` turns scores into the equivalent merge list (every split of a piece into two
 pieces, ranked by the piece's score), `scores_from_merges` the other way. The space prefix has
-three modes, as HF tokenizers know them: ``"always"`` (in front of the text and after every
-special token, llama.cpp's ``add_space_prefix``), ``"first"`` (in front of the text only;
-transformers' Metaspace ``prepend_scheme="first"``, which GGUF cannot express) and ``"never"``
-(Gemma).
+four modes (special tokens split the text first; each mode acts on the parts between them):
+
+* ``"always"``: every part gets a ``"▁"`` in front (llama.cpp's ``add_space_prefix``; HF's
+  Prepend normalizer, the layout of Llama 2 / Mistral / Phi-3 tokenizer.json files);
+* ``"never"``: no part does (Gemma);
+* ``"metaspace"``: every part that does not already start with a space (HF's Metaspace
+  ``prepend_scheme="always"``, what transformers 5 builds for ``legacy=True``);
+* ``"metaspace-first"``: only the part at the start of the text, and only if it does not start
+  with a space (Metaspace ``prepend_scheme="first"``, transformers' default).
+
+GGUF can say only the first two; writing either Metaspace mode to GGUF changes how text that
+starts with a space (or follows a special token) is tokenized, and is reported as a change.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 SPACE = "\u2581"
-PREFIX_MODES = ("always", "first", "never")
+PREFIX_MODES = ("always", "never", "metaspace", "metaspace-first")
+GGUF_PREFIX_MODES = ("always", "never")
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 
@@ -56,16 +65,15 @@ def scores_from_merges(vocab: list[str], merges: list[str], token_type: list[int
 
 
 def normalizer_and_pre(prefix: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """tokenizer.json's normalizer and pre-tokenizer for a space-prefix mode. Added tokens split
-    the text first; a normalizer then runs on every remaining part (so ``Prepend`` puts the
-    prefix after every special token: "always"), while Metaspace's "first" prefixes only the
-    part at the start of the text."""
+    """tokenizer.json's normalizer and pre-tokenizer for a space-prefix mode (see the module
+    notes)."""
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
     if prefix == "always":
         return {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": SPACE}, replace]}, None
-    if prefix == "first":
-        return None, {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": "first",
+    if prefix.startswith("metaspace"):
+        scheme = "first" if prefix == "metaspace-first" else "always"
+        return None, {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme,
                       "split": False}
     return replace, None
 
@@ -106,6 +114,6 @@ def detect_prefix(doc: Mapping[str, Any]) -> str | None:
         return "never"
     if not norm and len(pre) == 1 and pre[0].get("type") == "Metaspace" \
             and pre[0].get("replacement") == SPACE and not pre[0].get("split", True):
-        scheme = pre[0].get("prepend_scheme", "always")
-        return scheme if scheme in PREFIX_MODES else None
+        return {"always": "metaspace", "first": "metaspace-first", "never": "never"}.get(
+            pre[0].get("prepend_scheme", "always"))
     return None

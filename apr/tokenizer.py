@@ -451,7 +451,12 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     prefix = None
     if model.get("byte_fallback") or not any(s.get("type") == "ByteLevel" for s in steps):
         prefix = spm.detect_prefix(doc) if model.get("byte_fallback") else None
-        if prefix is None or model.get("ignore_merges"):
+        if prefix is not None and model.get("ignore_merges"):
+            raise UnsupportedError(
+                "tokenizer is a SentencePiece-style BPE with ignore_merges (a text part that is "
+                "itself a token skips the merges); llama.cpp has no such rule and we do not "
+                "reproduce it")
+        if prefix is None:
             raise UnsupportedError(
                 "tokenizer is a SentencePiece-style BPE whose normalizer/pre-tokenizer is not one "
                 "we reproduce exactly (known: Prepend+Replace, Replace, Metaspace without split, "
@@ -641,7 +646,8 @@ def to_gguf_fields(td: TokenizerData, n_rows: int
 
     A SentencePiece-style tokenizer is llama.cpp's "llama" model: scores instead of merges
     (derived from the merges when the source has none; row pads score -1000, as llama.cpp's
-    converter writes them) and ``add_space_prefix`` ("first" cannot be said: it becomes true).
+    converter writes them) and ``add_space_prefix`` (true for either Metaspace mode, which GGUF
+    cannot say; `apr.convert` reports that as a change).
     """
     if td.vocab_size > n_rows:
         raise ConfigError(f"tokenizer has {td.vocab_size} tokens but the embedding has only "

@@ -22,7 +22,7 @@ import numpy as np
 from apr.config import ModelConfig
 from apr.errors import AprError
 from apr.model import ModelView
-from apr.tokenizer import CONTROL, UNUSED, TokenizerData, build_tokenizer, is_row_pad
+from apr.tokenizer import CONTROL, UNKNOWN, UNUSED, TokenizerData, build_tokenizer, is_row_pad
 
 from .chat import render_chat
 
@@ -138,11 +138,14 @@ def _vocab_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
     if bad:
         out.append(TokenizerFinding("vocab", f"{len(bad)} of the first {n} tokens differ: "
                                              + _examples(bad, ta, tb)))
+    def is_special(t: TokenizerData, i: int) -> bool:
+        return t.token_type[i] in (CONTROL, UNKNOWN)    # both are matched in text as specials
+
     special = [i for i in range(n) if i not in set(bad) and not is_placeholder(ta, i)
-               and (ta.token_type[i] == CONTROL) != (tb.token_type[i] == CONTROL)]
+               and is_special(ta, i) != is_special(tb, i)]
     if special:
-        shown = ", ".join(f"{i} {ta.vocab[i]!r} ({'special' if ta.token_type[i] == CONTROL else 'plain'} "
-                          f"in A, {'special' if tb.token_type[i] == CONTROL else 'plain'} in B)"
+        shown = ", ".join(f"{i} {ta.vocab[i]!r} ({'special' if is_special(ta, i) else 'plain'} "
+                          f"in A, {'special' if is_special(tb, i) else 'plain'} in B)"
                           for i in special[:SHOW])
         out.append(TokenizerFinding("special_tokens", f"{len(special)} tokens are special on one "
                                                       f"side only: {shown}"))
