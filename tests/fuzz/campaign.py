@@ -50,17 +50,19 @@ class Outcome:
 
 
 def make_seeds(directory: Path) -> dict[str, Path]:
-    """Tiny model files of two configs, each as an HF directory and its APR and GGUF
+    """Tiny model files of three configs, each as an HF directory and its APR and GGUF
     conversions: "hf", "apr", "gguf" a Qwen2 saved by transformers; "hf qwen3", "apr qwen3",
     "gguf qwen3" a Qwen3 (per-head q/k norms, head_dim != hidden / heads) with llama3 RoPE
     scaling (rope_parameters in config.json, rope_scaling in APR, rope_freqs.weight in GGUF),
-    written by our own writers. A campaign draws one of the two per mutant."""
+    and "... gemma2" a Gemma 2 with a SentencePiece-style tokenizer, both written by our own
+    writers. A campaign draws one of the three per mutant."""
     sys.path.insert(0, str(ROOT))
     import cli
     from tests.oracles import make_hf_model
     hf = make_hf_model(directory / "hf", "qwen2", hidden=32, layers=1, heads=2, kv_heads=1, ffn=48,
                         rope_theta=1e6)           # a plausible Qwen2 value: the seed passes qa
-    seeds = {"hf": hf, "hf qwen3": write_qwen3_seed(directory / "hf-qwen3")}
+    seeds = {"hf": hf, "hf qwen3": write_qwen3_seed(directory / "hf-qwen3"),
+             "hf gemma2": write_gemma2_seed(directory / "hf-gemma2")}
     runner = CliRunner()
     for model in SEED_MODELS:
         for fmt in ("apr", "gguf"):
@@ -72,7 +74,7 @@ def make_seeds(directory: Path) -> dict[str, Path]:
     return seeds
 
 
-SEED_MODELS = ("qwen2", "qwen3")
+SEED_MODELS = ("qwen2", "qwen3", "gemma2")
 
 
 def seed_key(fmt: str, model: str) -> str:
@@ -82,18 +84,50 @@ def seed_key(fmt: str, model: str) -> str:
 def write_qwen3_seed(directory: Path) -> Path:
     """An HF directory from apr.config.ModelConfig: config.to_hf_config(), random weights
     through write_safetensors, the test tokenizer."""
-    import numpy as np
-
     from apr import rope
     from apr.config import ModelConfig
-    from apr.dtypes import DTYPES
-    from apr.safetensors_io import StTensor, write_safetensors
     from tests.oracles import write_tokenizer
     from tests.fuzz.mutators import LLAMA3_ROPE
     config = ModelConfig("qwen3", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                          intermediate_size=48, vocab_size=448, head_dim=24,
                          max_position_embeddings=256, rope_theta=1e6,
                          rope_scaling=rope.from_dict(LLAMA3_ROPE, "seed", 256))
+    _write_hf_weights(directory, config)
+    write_tokenizer(directory)
+    return directory
+
+
+def write_gemma2_seed(directory: Path) -> Path:
+    """A two-layer Gemma 2 (sliding and global layers, soft-caps, post norms, (1 + w) norms
+    folded in GGUF) with a SentencePiece-style tokenizer (scores in GGUF, merges in HF)."""
+    from apr.config import ModelConfig
+    from apr.tokenizer import TokenizerData, to_hf_files
+    config = ModelConfig("gemma2", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                         intermediate_size=48, vocab_size=320, head_dim=16,
+                         max_position_embeddings=256, rope_theta=1e4, tie_word_embeddings=True,
+                         hidden_act="gelu_pytorch_tanh", sliding_window=8,
+                         layer_types=("sliding_attention", "full_attention"),
+                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                         query_pre_attn_scalar=16)
+    _write_hf_weights(directory, config)
+    pieces = ["▁", *"abcdefghijklmnopqrstuvwxyz.,", "▁t", "he", "▁the", "at", "▁c", "▁cat",
+              "▁s", "▁sat", "▁o", "on", "▁on", "▁m", "▁mat", "▁a"]
+    vocab = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{i:02X}>" for i in range(256)), *pieces]
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 260 + [-float(i) for i in range(len(pieces))]
+    td = TokenizerData(vocab=vocab, merges=[], scores=scores, token_type=types, model_type="SPM",
+                       space_prefix="never", bos_token_id=2, eos_token_id=1, padding_token_id=0,
+                       unknown_token_id=3, add_bos_token=True)
+    for name, text in to_hf_files(td).items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+def _write_hf_weights(directory: Path, config) -> None:
+    import numpy as np
+
+    from apr.dtypes import DTYPES
+    from apr.safetensors_io import StTensor, write_safetensors
     directory.mkdir(parents=True)
     rng = np.random.default_rng(0)
     tensors = []
@@ -106,8 +140,6 @@ def write_qwen3_seed(directory: Path) -> Path:
     cfg = config.to_hf_config()
     cfg.update(bos_token_id=0, eos_token_id=0)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    write_tokenizer(directory)
-    return directory
 
 
 def write_corpus(directory: Path) -> Path:
