@@ -103,9 +103,11 @@ def tokenizer_hash(td: TokenizerData) -> str:
         tokens.pop()
         types.pop()
     tokens = ["" if t == UNUSED else tok for tok, t in zip(tokens, types)]
-    doc = {"tokens": tokens, "types": types, "merges": list(td.merges),
+    doc = {"tokens": tokens, "types": types, "merges": list(td.effective_merges()),
            "eos": td.eos_token_id, "pre": td.pre_type,
            "model": td.model_type.upper()}
+    if td.is_spm:       # SentencePiece-style: the merge order may come from scores (GGUF)
+        doc.update(prefix=td.space_prefix, unk=td.unknown_token_id)
     blob = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 

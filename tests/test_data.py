@@ -183,6 +183,23 @@ def test_tokenizer_hash_survives_apr_metadata(td):
     assert tokenizer_hash(other) != tokenizer_hash(td)
 
 
+def test_sentencepiece_tokenizer_hash_tracks_scores_and_prefix():
+    """A GGUF SentencePiece tokenizer stores no merges: its scores decide the encoding, so two
+    that differ only in scores (or in the space prefix) hash differently, and the APR copy of
+    one (which stores the merges the scores imply) hashes the same."""
+    from apr.tokenizer import TokenizerData
+    vocab = ["<unk>", "<s>", "</s>", "▁", "a", "b", "ab", "▁a", "ba"]
+    types = [2, 3, 3, 1, 1, 1, 1, 1, 1]
+
+    def make(scores, prefix="always"):
+        return TokenizerData(vocab=vocab, merges=[], scores=scores, token_type=types,
+                             model_type="SPM", space_prefix=prefix, eos_token_id=2)
+    base = make([0, 0, 0, -1, -2, -3, -4, -5, -6.0])
+    assert tokenizer_hash(make([0, 0, 0, -1, -2, -3, -6, -5, -4.0])) != tokenizer_hash(base)
+    assert tokenizer_hash(make(base.scores, "never")) != tokenizer_hash(base)
+    assert tokenizer_hash(from_apr_metadata(to_apr_metadata(base))) == tokenizer_hash(base)
+
+
 # --------------------------------------------------------------------------- batches
 
 def _stream(n: int, shard: int = 37) -> TokenStream:
