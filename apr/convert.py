@@ -30,7 +30,7 @@ from .gguf_io import GgufTensor, write_gguf
 from .layout import adjacent_to_halves, halves_to_adjacent
 from .model import ModelView, TensorRef, open_model
 from .safetensors_io import StTensor, write_safetensors
-from .tokenizer import renamed_tokens, to_apr_metadata, to_gguf_fields, to_hf_files
+from .tokenizer import llama_cpp_rstrip, renamed_tokens, to_apr_metadata, to_gguf_fields, to_hf_files
 
 CONVERT_DTYPES = ("f32", "f16", "bf16", "q8_0")
 # what each target format can store; anything else is dequantized to F32
@@ -151,6 +151,14 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
                 + (", none after special tokens" if prefix == "metaspace-first" else "")
                 + "); GGUF can only say add_space_prefix, so llama.cpp would put one in front of "
                 "every part of the text")
+        tok = view.tokenizer
+        kept = llama_cpp_rstrip(_source_name(view), tok.vocab, tok.token_type)
+        if fmt == "gguf" and (tok.lstrip or tok.rstrip != kept):
+            lost = sorted(tok.lstrip | (tok.rstrip ^ kept))
+            report.changes.append(
+                f"changes the tokenizer: {len(lost)} added tokens strip whitespace differently "
+                f"in llama.cpp (e.g. {tok.vocab[lost[0]]!r}): GGUF cannot say lstrip/rstrip, "
+                "llama.cpp decides by the model's name")
         pads = config.vocab_size - view.tokenizer.vocab_size
         if fmt == "gguf" and pads > 0:
             report.notes.append(f"token list padded with {pads} unused row pads to the embedding's "

@@ -127,6 +127,10 @@ class TokenizerData:
     scores: list[float] | None = None    # SPM: a score per piece (GGUF); None: unknown
     space_prefix: str = "always"         # SPM: see apr.spm
     unknown_token_id: int | None = None
+    # added (control / user-defined) tokens that swallow the whitespace on their left / right
+    # when matched in text (HF AddedToken lstrip / rstrip; Phi-3's <|user|> ... are rstrip)
+    lstrip: frozenset[int] = frozenset()
+    rstrip: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -142,6 +146,12 @@ class TokenizerData:
             raise ConfigError("SentencePiece tokenizer has neither scores nor merges")
         if not self.token_type:
             self.token_type = [NORMAL] * len(self.vocab)
+        self.lstrip, self.rstrip = frozenset(self.lstrip), frozenset(self.rstrip)
+        for name in ("lstrip", "rstrip"):
+            outside = [i for i in getattr(self, name) if not 0 <= i < len(self.vocab)]
+            if outside:
+                raise ConfigError(f"tokenizer {name} token id {outside[0]} is outside the "
+                                  f"vocabulary (size {len(self.vocab)})")
         if len(self.token_type) != len(self.vocab):
             raise ConfigError(f"tokenizer has {len(self.vocab)} tokens but "
                               f"{len(self.token_type)} token types")
@@ -260,8 +270,8 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec | None, add_bos: b
     # "id" of an added token that is not in the model vocabulary (it appends it instead), so
     # every token, added ones included, is in the BPE vocabulary at its own id.
     # llama.cpp matches unknown-typed tokens ("<unk>") in text as it does control tokens.
-    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False,
-              "rstrip": False, "normalized": False, "special": types[i] != USER_DEFINED}
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": i in td.lstrip,
+              "rstrip": i in td.rstrip, "normalized": False, "special": types[i] != USER_DEFINED}
              for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
     post_processor: dict[str, Any] | None = (
         None if spec is None else _byte_level(use_regex=False, trim_offsets=False))
@@ -465,8 +475,15 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
         raise UnsupportedError("tokenizer BPE with a subword prefix/suffix is not supported")
 
     by_id: dict[int, tuple[str, int]] = {int(i): (t, NORMAL) for t, i in model["vocab"].items()}
+    strip: dict[str, set[int]] = {"lstrip": set(), "rstrip": set()}
     for a in doc.get("added_tokens") or []:
         by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
+        if a.get("single_word"):
+            raise UnsupportedError(f"tokenizer added token {a['content']!r} is single_word "
+                                   "(matched only as a whole word); that is not supported")
+        for key in strip:
+            if a.get(key):
+                strip[key].add(int(a["id"]))
     n = max(by_id) + 1 if by_id else 0
     if n > min(MAX_TOKENS, 4 * len(by_id) + 65536):
         raise FormatError(f"tokenizer.json: token id {n - 1} is implausible for {len(by_id)} tokens "
@@ -522,14 +539,16 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
             unknown_token_id=token_id(unk if isinstance(unk, str) else None, "unk"),
             space_prefix=prefix, add_bos_token=bool(add_bos),
             chat_template=chat_template if isinstance(chat_template, str) else None,
-            add_eos_token=bool(cv.get("add_eos_token", bool, default=False)))
+            add_eos_token=bool(cv.get("add_eos_token", bool, default=False)),
+            lstrip=strip["lstrip"], rstrip=strip["rstrip"])
     return TokenizerData(
         vocab=vocab, merges=merges, token_type=token_type,
         bos_token_id=token_id(bos, "bos"), eos_token_id=token_id(eos, "eos"),
         padding_token_id=token_id(pad, "pad"), model_type="BPE",
         pre_type=_detect_pre_type(doc), add_bos_token=bool(add_bos),
         chat_template=chat_template if isinstance(chat_template, str) else None,
-        add_eos_token=bool(cv.get("add_eos_token", bool, default=False)))
+        add_eos_token=bool(cv.get("add_eos_token", bool, default=False)),
+        lstrip=strip["lstrip"], rstrip=strip["rstrip"])
 
 
 def from_hf_dir(path: str | Path) -> TokenizerData | None:
@@ -570,6 +589,9 @@ def to_apr_metadata(td: TokenizerData) -> dict[str, Any]:
         "tokenizer.add_eos_token": True if td.add_eos_token else None,
         "tokenizer.chat_template": td.chat_template,
     }
+    for name in ("lstrip", "rstrip"):
+        if getattr(td, name):
+            meta[f"tokenizer.{name}_ids"] = sorted(getattr(td, name))
     if td.is_spm:
         meta.update({"tokenizer.scores": [float(x) for x in td.effective_scores()],
                      "tokenizer.space_prefix": td.space_prefix,
@@ -623,8 +645,10 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
         for i in special.values():
             if i is not None:
                 token_type[i] = CONTROL
+    strip = {name: v.items(f"tokenizer.{name}_ids", int, default=[])
+             for name in ("lstrip", "rstrip")}
     return TokenizerData(
-        vocab=vocab, merges=merges, **special, **spm_fields,
+        vocab=vocab, merges=merges, **special, **spm_fields, **strip,
         model_type=model_type, pre_type=pre_type or None,
         token_type=token_type, add_bos_token=bool(add_bos),
         chat_template=v.get("tokenizer.chat_template", str),
@@ -707,7 +731,22 @@ def _field_value(f: Any) -> Any:
 def from_gguf_fields(reader: Any) -> TokenizerData | None:
     """The tokenizer of a `gguf.GGUFReader`; None if it has no ``tokenizer.ggml.tokens``."""
     return from_gguf_kv({k: _field_value(f) for k, f in reader.fields.items()
-                         if k.startswith("tokenizer.")})
+                         if k.startswith("tokenizer.") or k == "general.name"})
+
+
+def llama_cpp_rstrip(name: str | None, vocab: list[str], token_type: list[int]) -> frozenset[int]:
+    """The tokens llama.cpp makes swallow the whitespace after them, which no GGUF field says:
+    it decides by the model's ``general.name``. A name containing "phi-3" or "phi3" makes every
+    control, user-defined and unknown token rstrip, and "</s>", but not "<unk>", "<s>" or
+    "<|endoftext|>" (Phi-3's tokenizer.json flags); any other name, none."""
+    lowered = (name or "").lower()
+    if "phi-3" not in lowered and "phi3" not in lowered:
+        return frozenset()
+    out = {i for i, t in enumerate(token_type) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    if "</s>" in ids:
+        out.add(ids["</s>"])
+    return frozenset(out - {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids})
 
 
 def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
@@ -715,7 +754,8 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
     ``tokenizer.ggml.tokens``.
 
     ``[PAD{id}]`` / ``<|pad_{id}|>`` row pads are typed 5 (unused) whatever the file says;
-    a pre-tokenizer of ``"default"`` reads as None (unknown).
+    a pre-tokenizer of ``"default"`` reads as None (unknown). Which tokens strip the whitespace
+    after them follows llama.cpp's rule on ``general.name`` (`llama_cpp_rstrip`).
     """
     v = Values(kv, "GGUF")
     if kv.get("tokenizer.ggml.tokens") is None:
@@ -733,8 +773,9 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
                           f"{len(tokens)} tokens")
     types = [UNUSED if is_row_pad(tok, i) else typ
              for i, (tok, typ) in enumerate(zip(tokens, types))]
+    rstrip = llama_cpp_rstrip(v.get("general.name", str), tokens, types)
     if model == "llama":
-        return _spm_from_gguf(v, tokens, types)
+        return _spm_from_gguf(v, tokens, types, rstrip)
     merges = v.items("tokenizer.ggml.merges", str)
     if merges is None:
         raise FormatError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
@@ -751,10 +792,12 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
         padding_token_id=v.token_id("tokenizer.ggml.padding_token_id", len(tokens)),
         model_type="BPE", pre_type=pre_type, add_bos_token=bool(add_bos),
         chat_template=v.get("tokenizer.chat_template", str),
-        add_eos_token=bool(v.get("tokenizer.ggml.add_eos_token", bool, default=False)))
+        add_eos_token=bool(v.get("tokenizer.ggml.add_eos_token", bool, default=False)),
+        rstrip=rstrip)
 
 
-def _spm_from_gguf(v: Values, tokens: list[str], types: list[int]) -> TokenizerData:
+def _spm_from_gguf(v: Values, tokens: list[str], types: list[int],
+                   rstrip: frozenset[int]) -> TokenizerData:
     """llama.cpp's "llama" tokenizer: scores (all 0 when absent, as llama.cpp reads them), BOS
     added and a space prefixed unless the file says otherwise."""
     scores = v.items("tokenizer.ggml.scores", float)
@@ -776,4 +819,4 @@ def _spm_from_gguf(v: Values, tokens: list[str], types: list[int]) -> TokenizerD
         padding_token_id=v.token_id("tokenizer.ggml.padding_token_id", len(tokens)),
         add_bos_token=bool(v.get("tokenizer.ggml.add_bos_token", bool, default=True)),
         add_eos_token=bool(v.get("tokenizer.ggml.add_eos_token", bool, default=False)),
-        chat_template=v.get("tokenizer.chat_template", str))
+        chat_template=v.get("tokenizer.chat_template", str), rstrip=rstrip)

@@ -174,6 +174,13 @@ def _field_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
                      min(len(ta.merges), len(tb.merges)))
         out.append(TokenizerFinding("merges", f"merges differ from #{first} "
                                               f"({len(ta.merges)} vs {len(tb.merges)})"))
+    for key in ("lstrip", "rstrip"):
+        x, y = getattr(ta, key), getattr(tb, key)
+        if x != y:
+            shown = ", ".join(f"{i} {(ta if i in x else tb).vocab[i]!r}" for i in sorted(x ^ y)[:SHOW])
+            out.append(TokenizerFinding(key, f"{len(x ^ y)} added tokens {key} (swallow the "
+                                             f"whitespace {'before' if key == 'lstrip' else 'after'} "
+                                             f"them) on one side only: {shown}"))
     for key in ("bos_token_id", "eos_token_id", "add_bos_token", "add_eos_token"):
         x, y = getattr(ta, key), getattr(tb, key)
         if x != y:

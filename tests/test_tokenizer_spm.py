@@ -30,7 +30,7 @@ from apr import open_model
 from apr.convert import convert
 from apr.errors import AprError, ConfigError, FormatError
 from apr.gguf_io import write_gguf
-from apr.tokenizer import (build_tokenizer, from_apr_metadata, from_gguf_fields, from_gguf_kv,
+from apr.tokenizer import (TokenizerData, build_tokenizer, from_apr_metadata, from_gguf_fields, from_gguf_kv,
                            from_hf_dir, from_hf_tokenizer_json, to_apr_metadata, to_gguf_fields,
                            to_hf_files)
 from tests.oracles import llama_cpp_convert
@@ -64,14 +64,15 @@ def test_vectors_encode_exactly(models_dir, name):
 
 @pytest.mark.parametrize("name", SPM_VOCABS)
 def test_random_text_encodes_like_llama_cpp(models_dir, name):
-    """llama.cpp's own tokenizer on the same GGUF. Phi-3's special tokens are left out of the
-    text: llama.cpp strips the whitespace after them because the model's general.name contains
-    "phi-3", which no tokenizer field says."""
+    """llama.cpp's own tokenizer on the same GGUF, special tokens in the text included (Phi-3's
+    swallow the whitespace after them: llama.cpp decides that by the model's general.name)."""
     import llama_cpp
     path = vocab_path(models_dir, name)
     tok = build_tokenizer(_gguf_tokenizer(path))
     llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
-    for text in random_texts(1, 300, specials=(name == "llama-spm")):
+    if name == "phi-3":
+        assert _gguf_tokenizer(path).rstrip       # llama.cpp's name rule, read back
+    for text in random_texts(1, 300):
         want = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         assert tok.encode(text, add_special_tokens=False).ids == want, repr(text)
     # with BOS, as llama.cpp adds it (add_bos_token is true in both files)
@@ -94,11 +95,12 @@ def test_gguf_to_hf_apr_and_back_encodes_alike(models_dir, tmp_path, name):
     assert back_hf.model_type == back_apr.model_type == "SPM"
     assert back_hf.space_prefix == "always" and back_hf.unknown_token_id == td.unknown_token_id
     rows = td.vocab_size + 64
-    write_gguf(tmp_path / "t.gguf", "llama", to_gguf_fields(td, rows), [])
+    name_kv = [("general.name", name, None)]      # llama.cpp's Phi-3 rstrip rule goes by it
+    write_gguf(tmp_path / "t.gguf", "llama", name_kv + to_gguf_fields(td, rows), [])
     back_gguf = from_gguf_kv({k: v for k, v in _kv(tmp_path / "t.gguf").items()})
     llm = llama_cpp.Llama(str(tmp_path / "t.gguf"), vocab_only=True, verbose=False)
     others = [build_tokenizer(t) for t in (back_hf, back_apr, back_gguf)]
-    for text in random_texts(2, 150, specials=(name == "llama-spm")):
+    for text in random_texts(2, 150):
         want = ours.encode(text, add_special_tokens=False).ids
         assert hf.encode(text, add_special_tokens=False) == want, repr(text)
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == want, repr(text)
@@ -342,3 +344,35 @@ def test_spm_with_ignore_merges_is_refused():
     doc["model"]["ignore_merges"] = True
     with pytest.raises(UnsupportedError, match="ignore_merges"):
         from_hf_tokenizer_json(doc)
+
+
+def test_added_token_strip_flags_are_carried_or_named(models_dir, tmp_path):
+    """An added token with rstrip (Phi-3's <|user|> ...): carried through tokenizer.json and
+    APR and honoured when encoding; GGUF cannot say it, so a GGUF export is a listed change and
+    diff names the token; a GGUF named like Phi-3 gets llama.cpp's own rule back."""
+    import tokenizers
+    td = _gguf_tokenizer(vocab_path(models_dir, "llama-spm"))
+    user = td.vocab.index("</s>")
+    flagged = TokenizerData(**{**td.__dict__, "rstrip": frozenset({user})})
+    files = to_hf_files(flagged)
+    doc = json.loads(files["tokenizer.json"])
+    assert [a["rstrip"] for a in doc["added_tokens"] if a["id"] == user] == [True]
+    theirs = tokenizers.Tokenizer.from_str(files["tokenizer.json"])
+    for back in (from_hf_tokenizer_json(files["tokenizer.json"], files["tokenizer_config.json"]),
+                 from_apr_metadata(json.loads(json.dumps(to_apr_metadata(flagged))))):
+        assert back.rstrip == {user} and not back.lstrip
+        for text in ("a</s>  b", "</s>\nx", "x </s> "):
+            assert build_tokenizer(back).encode(text).ids == \
+                theirs.encode(text, add_special_tokens=False).ids != \
+                build_tokenizer(td).encode(text).ids, repr(text)
+    d, _ = save_hf(tmp_path, "llama-linear-rope", vocab_rows=td.vocab_size + 64)
+    for fname, text in files.items():
+        (d / fname).write_text(text, encoding="utf-8")
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["convert", str(d), "-o", str(tmp_path / "m.gguf"), "--quiet"])
+    assert r.exit_code == 2 and "strip whitespace differently" in r.stderr, r.output
+    r = runner.invoke(cli.main, ["convert", str(d), "-o", str(tmp_path / "m.gguf"), "--quiet",
+                                 "--allow-changes"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli.main, ["diff", str(d), str(tmp_path / "m.gguf")])
+    assert r.exit_code == 1 and "rstrip" in r.output and "'</s>'" in r.output, r.output[-1500:]
