@@ -245,16 +245,28 @@ def _tokenizer(view, tokenizer_path: str | None):
     if td.vocab_size > view.config.vocab_size:
         raise AprError(f"tokenizer has {td.vocab_size} tokens but the model's embedding has "
                        f"{view.config.vocab_size} rows")
-    return td, build_tokenizer(td)
+    return td, build_tokenizer(td, add_bos=td.add_bos_token)
 
 
-def _token_ids(view, tokens: str | None, prompt: str | None, tokenizer_path: str | None) -> list[int]:
+def _encode_prompt(tok, prompt: str, no_bos: bool) -> list[int]:
+    """The prompt's ids as the model's own tokenizer gives them (llama.cpp and transformers put
+    BOS in front when the tokenizer says add_bos_token); ``no_bos`` leaves it out."""
+    return tok.encode(prompt, add_special_tokens=not no_bos).ids
+
+
+_no_bos_opt = click.option("--no-bos", is_flag=True,
+                           help="Encode the prompt without the BOS token the tokenizer puts in "
+                                "front (when its add_bos_token is set, as Llama 3 and Gemma's are).")
+
+
+def _token_ids(view, tokens: str | None, prompt: str | None, tokenizer_path: str | None,
+               no_bos: bool = False) -> list[int]:
     if (tokens is None) == (prompt is None):
         raise AprError("give exactly one of --tokens 1,2,3 or --prompt TEXT")
     if tokens is not None:
         ids = parse_token_ids(tokens)
     else:
-        ids = _tokenizer(view, tokenizer_path)[1].encode(prompt, add_special_tokens=False).ids
+        ids = _encode_prompt(_tokenizer(view, tokenizer_path)[1], prompt, no_bos)
     if not ids:
         raise AprError("no tokens to run (empty --tokens or --prompt)")
     bad = [t for t in ids if not 0 <= t < view.config.vocab_size]
@@ -266,7 +278,9 @@ def _token_ids(view, tokens: str | None, prompt: str | None, tokenizer_path: str
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--tokens", help="Comma-separated token ids, e.g. 1,2,3.")
-@click.option("--prompt", help="Text, tokenized with the embedded tokenizer (or --tokenizer).")
+@click.option("--prompt", help="Text, tokenized with the embedded tokenizer (or --tokenizer), "
+                                "BOS included when the tokenizer adds it.")
+@_no_bos_opt
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(), help="tokenizer.json or HF directory.")
 @click.option("-o", "--output", type=click.Path(), help="Write the logits (T, vocab) to a .npy file.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --output.")
@@ -275,14 +289,15 @@ def _token_ids(view, tokens: str | None, prompt: str | None, tokenizer_path: str
 @_cdtype_opt
 @_json_opt
 @handle_errors
-def logits(model_path, tokens, prompt, tokenizer_path, output, force, top, device, compute, as_json):
+def logits(model_path, tokens, prompt, no_bos, tokenizer_path, output, force, top, device, compute,
+           as_json):
     """Logits of the reference model for a token sequence."""
     import numpy as np
     from apr.atomic import atomic_file, check_output
     if output:
         check_output(output, force)
     model, view = _load(model_path, device, compute, quiet=as_json)
-    ids = _token_ids(view, tokens, prompt, tokenizer_path)
+    ids = _token_ids(view, tokens, prompt, tokenizer_path, no_bos)
     out = model.backend.to_numpy(model.forward(np.array([ids])))[0]
     if output:
         with atomic_file(output) as tmp:
@@ -316,17 +331,18 @@ def logits(model_path, tokens, prompt, tokenizer_path, output, force, top, devic
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(),
               help="tokenizer.json or HF directory, for a model without an embedded tokenizer.")
+@_no_bos_opt
 @_device_opt
 @_cdtype_opt
 @_json_opt
 @handle_errors
-def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokenizer_path, device,
-        compute, as_json):
+def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokenizer_path, no_bos,
+        device, compute, as_json):
     """Generate a continuation of PROMPT with the reference model (KV cache)."""
     from ref.generate import generate
     model, view = _load(model_path, device, compute, quiet=as_json)
     td, tok = _tokenizer(view, tokenizer_path)
-    ids = tok.encode(prompt, add_special_tokens=False).ids
+    ids = _encode_prompt(tok, prompt, no_bos)
     if not ids:
         raise AprError("the prompt encodes to no tokens")
     eos = [t for t in (td.eos_token_id,) if t is not None]

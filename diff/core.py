@@ -38,7 +38,7 @@ def resolve_tokens(va: ModelView, vb: ModelView, tokens: Sequence[int] | None,
         if td is None:
             raise AprError("--prompt needs a tokenizer, and neither file embeds one")
         from apr.tokenizer import build_tokenizer
-        tokens = build_tokenizer(td, default_pre="gpt-2").encode(prompt).ids
+        tokens = build_tokenizer(td, add_bos=td.add_bos_token, default_pre="gpt-2").encode(prompt).ids
         if not tokens:
             raise AprError(f"--prompt {prompt!r} encodes to no tokens")
     if tokens is None:

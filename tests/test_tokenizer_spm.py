@@ -376,3 +376,22 @@ def test_added_token_strip_flags_are_carried_or_named(models_dir, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli.main, ["diff", str(d), str(tmp_path / "m.gguf")])
     assert r.exit_code == 1 and "rstrip" in r.output and "'</s>'" in r.output, r.output[-1500:]
+
+
+def test_prompt_gets_bos_as_the_models_tokenizer_says(spm_models, tmp_path):
+    """`logits --prompt` encodes as transformers and llama.cpp do: BOS in front when the
+    tokenizer's add_bos_token is set (Llama 2 / Phi-3 / Gemma), none with --no-bos."""
+    d = _hf_dir_with_spm(tmp_path, "phi3", spm_models["llama"])
+    _use_legacy_layout(d)
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["convert", str(d), "-o", str(tmp_path / "m.apr"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"),
+                                                  bos_token="<s>", add_bos_token=True)
+    want = hf_tok.encode("def f(x): return x")
+    assert want[0] == hf_tok.bos_token_id
+    for extra, expect in (([], want), (["--no-bos"], want[1:])):
+        r = runner.invoke(cli.main, ["logits", str(tmp_path / "m.apr"), "--prompt",
+                                     "def f(x): return x", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["tokens"] == expect
