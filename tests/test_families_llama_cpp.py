@@ -64,14 +64,21 @@ def transformers_logits(hf, ids) -> np.ndarray:
         return hf(input_ids=torch.tensor([ids])).logits[0].numpy()
 
 
-@pytest.mark.parametrize("case_id", sorted(CASES))
-def test_our_gguf_runs_in_llama_cpp_like_transformers(case_id, tmp_path):
+def hf_apr_gguf(tmp_path, case_id: str):
+    """The case's HF directory (320 embedding rows, a 300-token tokenizer) converted by us to
+    tmp_path/m.apr and then tmp_path/m.gguf; returns the directory and transformers' model."""
     d, hf = save_hf(tmp_path, case_id, vocab_rows=320)
     write_tokenizer(d, vocab_size=300)
-    runner = CliRunner()
     for src, dst in ((d, tmp_path / "m.apr"), (tmp_path / "m.apr", tmp_path / "m.gguf")):
-        r = runner.invoke(cli.main, ["convert", str(src), "-o", str(dst), "--quiet"])
+        r = CliRunner().invoke(cli.main, ["convert", str(src), "-o", str(dst), "--quiet"])
         assert r.exit_code == 0, r.output
+    return d, hf
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_our_gguf_runs_in_llama_cpp_like_transformers(case_id, tmp_path):
+    d, hf = hf_apr_gguf(tmp_path, case_id)
+    runner = CliRunner()
     with open_model(tmp_path / "m.gguf") as g:
         names = set(g.tensors)
         assert g.config.computes_as == CASES[case_id][0] or CASES[case_id][0] == "mistral"
@@ -184,12 +191,7 @@ def test_gemma_in_llama_cpp_is_the_reference_with_ggml_gelu(case_id, tmp_path, m
     bound), where plain GELU leaves 1e-3 (measured 1.2e-3 with these caps)."""
     from ref import ops
     from ref.load import model_from_view
-    d, hf = save_hf(tmp_path, case_id, vocab_rows=320)
-    write_tokenizer(d, vocab_size=300)
-    runner = CliRunner()
-    for src, dst in ((d, tmp_path / "m.apr"), (tmp_path / "m.apr", tmp_path / "m.gguf")):
-        r = runner.invoke(cli.main, ["convert", str(src), "-o", str(dst), "--quiet"])
-        assert r.exit_code == 0, r.output
+    hf_apr_gguf(tmp_path, case_id)
     theirs = llama_cpp_logits(tmp_path / "m.gguf", IDS)
 
     def ours():
