@@ -115,3 +115,18 @@ def test_two_ranks_on_cuda_without_nccl_is_one_error_line(corpus, tmp_path):
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and "need NCCL" in lines[0] and "--device cpu" in lines[0], r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(corpus, tmp_path):
+    """Rank 0 alone writes checkpoints; when that fails (best.apr is a directory here) the
+    other ranks stop with it instead of waiting in the next step's collective."""
+    part = pretrain(tmp_path, "run", 2, *common(corpus, tmp_path / "run", 2, steps=6),
+                    "--zero", "1", "--stop-after", "2")
+    assert part.returncode == 0, part.stderr
+    (tmp_path / "run" / "ckpt" / "best.apr").unlink()
+    (tmp_path / "run" / "ckpt" / "best.apr" / "x").mkdir(parents=True)
+    # (the validation loss at step 4 improves on step 2's, so best.apr is written there)
+    r = pretrain(tmp_path, "run", 2, "--resume", str(tmp_path / "run"), "-q", timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "best.apr" in lines[0], r.stderr
