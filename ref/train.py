@@ -61,7 +61,7 @@ from .gates import (GateError, check_shape_flags, gate_data, gate_device, gate_i
 from .load import model_from_view
 from .model import Model
 from .optim import clip_grad_norm
-from .parallel import NcclCollectives, World, params_digest, world
+from .parallel import MpiCollectives, NcclCollectives, World, params_digest, world
 from .plot import plot_losses
 from .run import (BEST, CKPT_DIR, DATA_DIR, FINAL, METRICS, PLOT, RUN_JSON, SHAPE_FIELDS,
                   MetricsLog, Run, RunConfig, RunPlan, RunSummary, StepRecord, Timings,
@@ -270,9 +270,12 @@ def _gate_parallel_device(cfg: RunConfig, w: World) -> Backend:
         raise GateError(f"{w.size} ranks on --device cuda need NCCL: {why}; run the ranks with "
                         "--device cpu")
     backend = gate_device(cfg.device)
-    if w.size > 1 and backend.is_gpu and not isinstance(w.collectives, NcclCollectives):
+    nccl = isinstance(w.collectives, NcclCollectives)
+    if w.size > 1 and backend.is_gpu and not nccl:
         raise GateError(f"{w.size} ranks on --device {cfg.device} (a GPU) need NCCL: {why}; "
                         "run the ranks with --device cpu")
+    if nccl and not backend.is_gpu:          # auto settled on the CPU: host buffers, MPI
+        w.collectives = MpiCollectives(w.comm)
     return backend
 
 
