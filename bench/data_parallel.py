@@ -1,7 +1,8 @@
-"""Data-parallel pretrain on this machine's CPUs: tokens/s of 1 rank and of N ranks under
-mpirun (each rank 1 BLAS thread, the same per-rank batch, so N ranks do N times the work per
-step), the speed-up N-rank / 1-rank, and the share of the N-rank step spent in the
-all-reduce and the replica checks (target: < 10%).
+"""Data-parallel pretrain on this machine's CPUs: tokens/s of 1 rank, of N ranks under
+mpirun and of N ranks with ZeRO-1 (--zero 1) (each rank 1 BLAS thread, the same per-rank
+batch, so N ranks do N times the work per step), the speed-ups against 1 rank, the share of
+the step spent in the collectives and the replica checks (target: < 10%), and the optimizer
+state each rank holds.
 
     python bench/data_parallel.py [--preset qwen2-25m] [--ranks 2] [--steps 12]
 
@@ -61,29 +62,31 @@ def main() -> None:
         td = load_tokenizer(str(tmp / "tokenizer.json"))
         prepare_dataset(str(corpus), td, tmp / "data", val_fraction=0.1)
         out = {}
-        for ranks in (1, a.ranks):
-            args = ["--dataset", str(tmp / "data"), "--run-dir", str(tmp / f"run{ranks}"),
+        for label, ranks, zero in (("1", 1, 0), (str(a.ranks), a.ranks, 0),
+                                   (f"{a.ranks} zero-1", a.ranks, 1)):
+            args = ["--dataset", str(tmp / "data"), "--run-dir", str(tmp / f"run{ranks}-{zero}"),
                     "--arch", a.preset, "--vocab-size", "8192", "--steps", str(a.steps),
                     "--batch-size", str(a.batch_size), "--seq-length", str(a.seq_length),
                     "--eval-every", str(a.steps), "--save-every", str(a.steps), "--val-batches", "2",
                     "--device", "cpu", "--check-every", "4", "--allow-data-starvation",
-                    "--tokenizer", str(tmp / "tokenizer.json")]
+                    "--tokenizer", str(tmp / "tokenizer.json"), "--zero", str(zero)]
             s = run(ranks, args, tmp)
             t = s["timings"]
             step = t["model"] + t["optimizer"] + t["allreduce"]
-            out[ranks] = {"tokens_per_second": s["tokens_per_second"],
+            out[label] = {"tokens_per_second": s["tokens_per_second"],
                           "allreduce_s": t["allreduce"], "step_s": step,
                           "allreduce_share_of_step": t["allreduce"] / step if step else 0.0,
+                          "optimizer_state_bytes": s["optimizer_state_bytes"],
                           "params": s["params"]}
-    one, many = out[1], out[a.ranks]
+    one = out["1"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"preset {a.preset} ({one['params']:,} parameters), per-rank batch {a.batch_size} x "
           f"{a.seq_length}, {a.steps} steps, 1 BLAS thread per rank")
-    for r in (1, a.ranks):
-        o = out[r]
-        print(f"  {r} rank(s): {o['tokens_per_second']:,.0f} tokens/s, all-reduce + checks "
-              f"{o['allreduce_s']:.3f} s = {o['allreduce_share_of_step']:.1%} of the step time")
-    print(f"speed-up {a.ranks} ranks / 1 rank: {many['tokens_per_second'] / one['tokens_per_second']:.2f}x")
+    for label, o in out.items():
+        print(f"  {label} rank(s): {o['tokens_per_second']:,.0f} tokens/s "
+              f"({o['tokens_per_second'] / one['tokens_per_second']:.2f}x 1 rank), collectives + "
+              f"checks {o['allreduce_s']:.3f} s = {o['allreduce_share_of_step']:.1%} of the step "
+              f"time, optimizer state {o['optimizer_state_bytes'] / 2**20:.1f} MiB per rank")
     print(json.dumps(out))
 
 

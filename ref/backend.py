@@ -87,7 +87,8 @@ def cpu_backend() -> Backend:
 
 
 def _cuda_backend() -> Backend:
-    """CuPy on GPU 0, after checking that a kernel really runs there.
+    """CuPy on the current GPU (GPU 0 unless a data-parallel rank selected its own), after
+    checking that a kernel really runs there.
     Raises AprError naming the reason when there is no usable GPU."""
     try:
         import cupy
@@ -100,7 +101,7 @@ def _cuda_backend() -> Backend:
         probe = cupy.arange(4, dtype=cupy.float32)
         if float((probe * 2).sum()) != 12.0:
             raise RuntimeError("a test kernel gave a wrong result")
-        props = cupy.cuda.runtime.getDeviceProperties(0)
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)  # the selected one
         gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     except AprError:
         raise

@@ -73,10 +73,13 @@ def checkpoint_metadata(run: Run, kind: str, total_size: int) -> dict[str, Any]:
 
 
 def write_checkpoint(run: Run, path: Path, kind: str, with_optimizer: bool,
-                     check_loss: bool = True) -> Path:
+                     check_loss: bool = True,
+                     optimizer_state: Optional[dict[str, Any]] = None) -> Path:
     """An APR checkpoint of the current state, written atomically. Only a good state is
     written: finite parameters that give a finite loss on the first validation batch
-    (``check_loss``; skipped where that loss was just computed); otherwise TrainingError."""
+    (``check_loss``; skipped where that loss was just computed); otherwise TrainingError.
+    ``optimizer_state``: the state's tensors when the caller has them already (under ZeRO
+    they are gathered from every rank); by default ``run.optimizer.state_tensors()``."""
     run.state.data_epoch, run.state.data_batch = run.batches.position.epoch, run.batches.position.batch
     run.state.optimizer_step = run.optimizer.step_count
     to_np = run.backend.to_numpy
@@ -97,7 +100,8 @@ def write_checkpoint(run: Run, path: Path, kind: str, with_optimizer: bool,
     total_size = sum(int(np.prod(s.shape)) * 4 for s in sources)
     if with_optimizer:
         sources += [tensor_source(names.TRAINING_PREFIX + n, to_np(a))
-                    for n, a in run.optimizer.state_tensors().items()]
+                    for n, a in (optimizer_state if optimizer_state is not None
+                                 else run.optimizer.state_tensors()).items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_apr(path, checkpoint_metadata(run, kind, total_size), sources)
     return path

@@ -8,14 +8,17 @@
 """
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
 
-from apr.console import handle_errors, log_lines, show_progress
+from apr.console import EXIT_BAD_INPUT, EXIT_INTERNAL, handle_errors, log_lines, show_progress
+from apr.errors import AprError
 
 from .backend import DEVICES
 
@@ -24,7 +27,7 @@ TRAIN_OPTION_FIELDS = (
     "seq_length", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
     "max_grad_norm", "seed", "device", "eval_every", "val_batches", "save_every", "patience",
     "val_fraction", "wrap", "warn_on_wrap", "allow_data_starvation", "allow_untrained_init",
-    "dtype", "check_every")
+    "dtype", "check_every", "zero")
 
 
 # --------------------------------------------------------------------------- prepare-data
@@ -99,6 +102,40 @@ def _print_summary(s) -> None:
 _int = click.IntRange(min=1)
 
 
+def one_report(fn: Callable) -> Callable:
+    """Under mpirun, a failing run says so once. An `AprError` (or a usage error) is raised
+    by every rank alike: the ranks check the same gates on the same files, and what rank 0
+    alone does (data preparation, checkpoints) it broadcasts, errors included; so rank 0
+    prints the ``error: ...`` line and the other ranks exit 2 without a word. Any other
+    failure may be this rank's alone, with the others waiting for it in a collective: it is
+    printed with the rank's number and the job is ended (MPI_Abort) instead."""
+    from .parallel import current_world, launch_rank, launched_by_mpi
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (AprError, click.ClickException):
+            if launched_by_mpi() and launch_rank() != 0:
+                sys.exit(EXIT_BAD_INPUT)
+            raise
+        except Exception as e:       # noqa: BLE001 - see above
+            w = current_world()
+            if w is None or w.size == 1:
+                raise
+            if isinstance(e, OSError) and getattr(e, "filename", None) and e.strerror:
+                what, code = f"{e.filename}: {e.strerror}", EXIT_BAD_INPUT
+            else:
+                message = " ".join(str(e).split())[:300]
+                what = f"internal error (please report): {type(e).__name__}: {message}"
+                code = EXIT_INTERNAL
+            click.echo(f"error: rank {w.rank}: {what}", err=True)
+            sys.stderr.flush()
+            w.abort(code)
+            raise
+    return wrapper
+
+
 @click.command("pretrain")
 @click.option("--dataset", type=click.Path(), help="A corpus directory/file, or a directory "
               "written by prepare-data.")
@@ -148,6 +185,9 @@ _int = click.IntRange(min=1)
 @click.option("--check-every", type=_int, default=100, show_default=True,
               help="Under mpirun: steps between checks that every rank holds the same "
                    "parameters (also at every checkpoint).")
+@click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="Under mpirun: 1 shards the AdamW state across the ranks (ZeRO stage 1); "
+                   "checkpoints are the same either way.")
 @click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
               help="Stop after this many evaluations without improvement (0: never).")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1,
@@ -170,6 +210,7 @@ _int = click.IntRange(min=1)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.pass_context
 @handle_errors
+@one_report
 def pretrain_command(ctx: click.Context, **values: Any) -> None:
     """Train a model from scratch (--arch) or fine-tune one (--init) on a corpus, with every
     data and configuration gate checked before step 1."""

@@ -147,8 +147,14 @@ def clip_grad_norm(grads: Mapping[str, Array], max_norm: float) -> float:
     """Scale every gradient in place so that the global norm is at most ``max_norm``
     (no clipping when ``max_norm`` <= 0). Returns the norm before clipping."""
     norm = global_grad_norm(grads)
+    scale_to_norm(grads, norm, max_norm)
+    return norm
+
+
+def scale_to_norm(grads: Mapping[str, Array], norm: float, max_norm: float) -> None:
+    """The scaling of `clip_grad_norm` given the global norm ``norm`` (which, under ZeRO, the
+    caller sums over every rank's shard)."""
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads.values():
             g *= scale
-    return norm

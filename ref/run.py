@@ -49,7 +49,7 @@ SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "inter
 # checkpoint (steps extends or shortens the schedule from there on).
 RESUME_OVERRIDABLE = frozenset({
     "steps", "eval_every", "save_every", "patience", "device", "wrap", "warn_on_wrap",
-    "allow_data_starvation", "allow_untrained_init", "check_every"})
+    "allow_data_starvation", "allow_untrained_init", "check_every", "zero"})
 
 
 PATH_FIELDS = frozenset({"dataset", "run_dir", "tokenizer", "init"})
@@ -107,6 +107,7 @@ class RunConfig:
     dtype: str = "f32"                       # parameters, optimizer state and compute: f32 or f64
     check_every: int = 100                   # steps between checks that every rank holds the same
                                              # parameters (and at every checkpoint)
+    zero: int = 0                            # 1: ZeRO-1, AdamW state sharded across the ranks
 
     @property
     def global_batch(self) -> int:
@@ -347,3 +348,4 @@ class RunSummary:
     tokens_per_second: float
     timings: dict[str, float]
     overhead_share: float
+    optimizer_state_bytes: int = 0  # m and v held by one rank (its shard under --zero 1)

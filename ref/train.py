@@ -45,7 +45,7 @@ from apr import names
 from apr.atomic import remove_stale_in
 from apr.config import ModelConfig, preset
 from apr.console import progress_bar
-from apr.errors import AprError, ConfigError
+from apr.errors import AprError, ConfigError, UnsupportedError
 from apr.model import ModelView, open_model
 from apr.tokenizer import TokenizerData
 
@@ -60,12 +60,13 @@ from .gates import (GateError, check_shape_flags, gate_data, gate_device, gate_i
                     gate_train_supply, gate_vocab, min_tokens_per_param, resolve_config)
 from .load import model_from_view
 from .model import Model
-from .optim import AdamW, clip_grad_norm
-from .parallel import World, params_digest, world
+from .optim import clip_grad_norm
+from .parallel import MpiCollectives, NcclCollectives, World, params_digest, world
 from .plot import plot_losses
 from .run import (BEST, CKPT_DIR, DATA_DIR, FINAL, METRICS, PLOT, RUN_JSON, SHAPE_FIELDS,
                   MetricsLog, Run, RunConfig, RunPlan, RunSummary, StepRecord, Timings,
                   TrainState, atomic_text)
+from .zero import ShardedAdamW, make_optimizer, optimizer_state_nbytes
 
 __all__ = [
     "train", "start_run", "resume_run", "evaluate", "track_validation", "summarize",
@@ -200,7 +201,7 @@ def _assemble_run(cfg: RunConfig, *, backend: Backend, tokenizer: TokenizerData,
     else:
         model = Model.init_random(config, seed=cfg.seed, backend=backend, dtype=cfg.np_dtype)
     _owned_params(model)
-    optimizer = AdamW(model.params, cfg.optimizer_config())
+    optimizer = make_optimizer(model.params, cfg.optimizer_config(), world(), cfg.zero)
     if resumed_from is not None:
         prefix = names.TRAINING_PREFIX
         try:
@@ -257,10 +258,24 @@ def _quiet(_: str) -> None:
 
 
 def _gate_parallel_device(cfg: RunConfig, w: World) -> Backend:
+    """The backend; with more than one rank on GPUs, NCCL set up first (it selects this
+    rank's GPU), or a GateError saying why it cannot be."""
+    why = None
+    if w.size > 1 and cfg.device != "cpu":
+        try:
+            w.use_nccl()
+        except UnsupportedError as e:
+            why = str(e)
+    if why and cfg.device == "cuda":
+        raise GateError(f"{w.size} ranks on --device cuda need NCCL: {why}; run the ranks with "
+                        "--device cpu")
     backend = gate_device(cfg.device)
-    if w.size > 1 and backend.is_gpu:
-        raise GateError(f"{w.size} ranks on --device {cfg.device}: data-parallel training on "
-                        "GPUs (NCCL) is not implemented; run the ranks with --device cpu")
+    nccl = isinstance(w.collectives, NcclCollectives)
+    if w.size > 1 and backend.is_gpu and not nccl:
+        raise GateError(f"{w.size} ranks on --device {cfg.device} (a GPU) need NCCL: {why}; "
+                        "run the ranks with --device cpu")
+    if nccl and not backend.is_gpu:          # auto settled on the CPU: host buffers, MPI
+        w.collectives = MpiCollectives(w.comm)
     return backend
 
 
@@ -275,6 +290,9 @@ def _on_main(w: World, work: Callable[[], Any]) -> Any:
             result = work()
         except AprError as e:
             error = e
+        except OSError as e:      # a file rank 0 could not write: the same error everywhere
+            where = getattr(e, "filename", None)
+            error = AprError(f"{where}: {e.strerror}" if where and e.strerror else str(e))
     result, error = w.bcast((result, None if error is None else (type(error), str(error))))
     if error is not None:
         raise error[0](error[1])
@@ -476,23 +494,30 @@ class _Leg:
             rows = slice(rank * run.cfg.batch_size, (rank + 1) * run.cfg.batch_size)
         with self.timings.phase("model"):
             loss, grads = run.model.loss_and_grads(batch.inputs[rows], batch.targets[rows])
+        zero = isinstance(run.optimizer, ShardedAdamW)
         if run.world is not None and run.world.size > 1:
             with self.timings.phase("allreduce"):    # the mean over the global batch
-                names_ = list(grads)
-                means = run.world.mean_([grads[n] for n in names_], run.backend.to_numpy,
-                                        lambda a: run.backend.to_device(a, run.model.dtype))
-                grads = dict(zip(names_, means))
+                if zero:                             # ... this rank's shard of it
+                    grads = run.optimizer.reduce_grads(grads)
+                else:
+                    names_ = list(grads)
+                    grads = dict(zip(names_, run.world.mean_([grads[n] for n in names_])))
                 loss = run.world.mean(loss)
         if not math.isfinite(loss):
             raise self.non_finite(step, "loss", "the training loss", loss)
         with self.timings.phase("optimizer"):
-            norm = clip_grad_norm(grads, run.cfg.max_grad_norm)
+            norm = (run.optimizer.clip(grads, run.cfg.max_grad_norm) if zero else
+                    clip_grad_norm(grads, run.cfg.max_grad_norm))
             if not math.isfinite(norm):
                 raise self.non_finite(step, "grad_norm", "the gradient norm", norm)
             lr = run.schedule(step)
             run.optimizer.step(run.model.params, grads, lr)
             del grads   # freeing them is part of the step
             run.backend.synchronize()
+        if zero:
+            with self.timings.phase("allreduce"):    # every rank's updated shard, everywhere
+                run.optimizer.gather_params(run.model.params)
+                run.backend.synchronize()
         state.step = step
         state.tokens_seen += batch.inputs.size
         state.loss = loss
@@ -527,10 +552,14 @@ class _Leg:
                          f"{self.tokens_per_second():,.0f} tokens/s")
 
     def save(self, path: Path, kind: str) -> None:
+        """A checkpoint written by rank 0; the optimizer state comes from every rank under
+        ZeRO, and an error writing it stops every rank."""
+        run = self.run
         self.check_replicas()
         with self.timings.phase("checkpoint"):
-            if self.run.main:
-                write_checkpoint(self.run, path, kind, with_optimizer=True)
+            state = run.optimizer.state_tensors()      # under ZeRO: gathered to rank 0
+            _on_main(run.world or World(), lambda: write_checkpoint(
+                run, path, kind, with_optimizer=True, optimizer_state=state))
 
     def check_replicas(self) -> None:
         """Every rank holds the same parameters (else a ParallelError naming the ranks)."""
@@ -564,9 +593,8 @@ def track_validation(run: Run, val_loss: float) -> bool:
     s.val_loss = val_loss
     if s.best_val_loss is None or val_loss < s.best_val_loss:
         s.best_val_loss, s.best_step, s.evals_since_best = val_loss, s.step, 0
-        if run.main:
-            write_checkpoint(run, run.ckpt_dir / BEST, "best", with_optimizer=False,
-                             check_loss=False)
+        _on_main(run.world or World(), lambda: write_checkpoint(
+            run, run.ckpt_dir / BEST, "best", with_optimizer=False, check_loss=False))
         return False
     s.evals_since_best += 1
     return bool(run.cfg.patience) and s.evals_since_best >= run.cfg.patience
@@ -591,7 +619,8 @@ def summarize(run: Run, status: str, first_step: int, timings: Timings) -> RunSu
         metrics=str(run.run_dir / METRICS), plot=str(run.run_dir / PLOT),
         data=run.data.manifest.summary(), seconds=s.seconds,
         tokens_per_second=trained / timings.total if timings.total else 0.0,
-        timings=asdict(timings), overhead_share=timings.overhead_share)
+        timings=asdict(timings), overhead_share=timings.overhead_share,
+        optimizer_state_bytes=optimizer_state_nbytes(run.optimizer))
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:

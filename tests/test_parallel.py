@@ -150,4 +150,5 @@ def test_a_data_error_on_rank_0_stops_every_rank(corpus, tmp_path):
     r = pretrain(tmp_path, "run", 2, *args, timeout=120)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 2 and "no training documents" in lines[0] and lines[0] == lines[1], r.stderr
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "no training documents" in lines[0], r.stderr  # from rank 0 alone
