@@ -24,9 +24,10 @@ def seeds(tmp_path_factory):
 def test_bounded_campaign_finds_nothing():
     o = campaign(CI_CASES, seed=0, slow_every=SLOW_EVERY)
     assert o.failures == [], "\n".join(sorted(set(o.failures))[:20])
-    for fmt in ("apr", "gguf", "hf"):     # both seed models are drawn, about equally
+    for fmt in ("apr", "gguf", "hf"):     # every seed model is drawn, about equally
         for model in SEED_MODELS:
-            assert o.mutants.get(f"{fmt} {model}", 0) >= CI_CASES * 0.4, (fmt, model, o.mutants)
+            assert o.mutants.get(f"{fmt} {model}", 0) >= CI_CASES / len(SEED_MODELS) * 0.7, \
+                (fmt, model, o.mutants)
     for fmt in ("apr", "gguf", "hf"):
         for command in COMMANDS:
             share = 1 / SLOW_EVERY if command in SLOW_COMMANDS else 1
