@@ -7,13 +7,14 @@ process is gone (`remove_stale`)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import AprError, OutputExistsError
 
@@ -77,6 +78,27 @@ def _remove_stale(directory: Path, name_pattern: str) -> list[Path]:
     return removed
 
 
+_COMMIT_CHECKS: contextvars.ContextVar[tuple[Callable[[], None], ...]] = \
+    contextvars.ContextVar("apr_commit_checks", default=())
+
+
+@contextlib.contextmanager
+def checked_before_commit(check: Callable[[], None]) -> Iterator[None]:
+    """Inside this block every `atomic_file` / `atomic_dir` calls ``check()`` after its content
+    is written and before it is renamed into place: a check that raises leaves no output. (A
+    conversion verifies its input's checksum while it writes, and commits only if it held.)"""
+    token = _COMMIT_CHECKS.set(_COMMIT_CHECKS.get() + (check,))
+    try:
+        yield
+    finally:
+        _COMMIT_CHECKS.reset(token)
+
+
+def _run_commit_checks() -> None:
+    for check in _COMMIT_CHECKS.get():
+        check()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`."""
@@ -90,6 +112,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with _naming(target, tmp_path):
             yield tmp_path
+            _run_commit_checks()
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp_path, target)
@@ -140,6 +163,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         with _naming(target, tmp):
             yield tmp
+            _run_commit_checks()
             for child in tmp.iterdir():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())

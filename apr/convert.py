@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import names, spm
-from .atomic import atomic_dir, atomic_file, check_output
+from .atomic import atomic_dir, atomic_file, check_output, checked_before_commit
 from .console import progress_bar, utc_timestamp
 from .config import ModelConfig
 from .container import TensorSource, write_apr
@@ -282,7 +282,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
     dst_path = check_output(dst, force)
     if os.path.realpath(src) == os.path.realpath(dst_path):
         raise AprError(f"{dst}: output would overwrite the input")
-    with open_model(src, verify=True) as view:
+    # the input's checksum is computed while the output is written; the output is renamed into
+    # place only if it holds (an APR footer CRC mismatch leaves nothing behind)
+    with open_model(src, verify="background") as view, checked_before_commit(view.verified):
         report = ConvertReport(str(src), str(dst), view.format, fmt)
         if view.config is None:            # bare tensors: names, shapes and bytes carried over
             if fmt == "hf":

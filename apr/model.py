@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,12 @@ class ModelView:
     info: dict[str, Any] = field(default_factory=dict)             # version, checksums, size...
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     declared_tied: bool | None = None    # the file says tied embeddings (None: no config)
+    _pending_checks: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def verified(self) -> None:
+        """Wait for checks started by ``open_model(verify="background")``; raise on a failure."""
+        for check in self._pending_checks:
+            check()
 
     def close(self) -> None:
         for c in self._closers:
@@ -225,9 +232,12 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path}: not a model file (APR, GGUF or safetensors; starts with {head[:8]!r})")
 
 
-def open_model(path: str | os.PathLike, verify: bool = False) -> ModelView:
+def open_model(path: str | os.PathLike, verify: bool | str = False) -> ModelView:
     """Open any supported model file or HF directory. `verify` also checks whole-file
-    checksums where the format has them (APR's footer CRC) and raises on a mismatch."""
+    checksums where the format has them (APR's footer CRC) and raises on a mismatch;
+    ``verify="background"`` computes it in a thread while the caller goes on, and
+    `ModelView.verified` waits for it (and raises on a mismatch): a converter commits its
+    output only after that (`apr.atomic.checked_before_commit`)."""
     p = Path(path)
     fmt = detect_format(p)
     view = {"apr": _open_apr, "gguf": _open_gguf, "safetensors": _open_safetensors,
@@ -245,12 +255,16 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
     f = AprFile.open(path)
     info: dict[str, Any] = {"version": ".".join(map(str, f.version)), "flags": f.flags, "size_bytes": f.file_size,
                             "header_crc_valid": True}
-    if verify:
+    mismatch = (f"{path}: footer CRC mismatch: the file was modified or corrupted after it "
+                "was written")
+    pending = None
+    if verify == "background":
+        pending = _in_background(f.verify_footer)
+    elif verify:
         info["checksum_valid"] = f.verify_footer()
         if not info["checksum_valid"]:
             f.close()
-            raise FormatError(f"{path}: footer CRC mismatch: the file was modified or corrupted "
-                              f"after it was written")
+            raise FormatError(mismatch)
     meta = dict(f.metadata)
     config, note = None, None
     if any(k in meta for k in ("architecture", "hf_architecture", "hidden_size")):
@@ -270,9 +284,37 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
     _apply_origins(tensors, meta.get(names.DEQUANTIZED_KEY), path)
     view = ModelView(path, "apr", config, from_apr_metadata(meta), meta, tensors, training, info,
                      [f.close])
+    if pending is not None:
+        def wait() -> None:
+            view.info["checksum_valid"] = pending()
+            if not view.info["checksum_valid"]:
+                raise FormatError(mismatch)
+        view._pending_checks.append(wait)
     if note:
         view.info["config_note"] = note
     return view
+
+
+def _in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` in a daemon thread (zlib's CRC releases the GIL, so it overlaps the caller's
+    reads and writes); the returned function waits for it and returns its result or raises
+    its exception."""
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:       # handed to the waiter
+            result["error"] = e
+    thread = threading.Thread(target=work, name="apr-verify", daemon=True)
+    thread.start()
+
+    def wait() -> Any:
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+    return wait
 
 
 def _apply_origins(tensors: dict[str, TensorRef], recorded: Any, path: Path) -> None:

@@ -211,15 +211,20 @@ def _unique_tokens(td: TokenizerData, n_rows: int | None = None) -> tuple[list[s
         if j is None or (types[j] == UNUSED and types[i] != UNUSED):
             keeper[tok] = i
     taken = set(tokens)
-    for i in range(n_rows if n_rows is not None else len(tokens)):
-        if i >= len(tokens):
-            tokens.append("")
-            types.append(UNUSED)
-        elif keeper.get(tokens[i]) == i:
-            continue
+
+    def claim(i: int) -> str:
         name = next(n for n in _pad_names(i) if n not in taken)
-        tokens[i], types[i] = name, UNUSED
         taken.add(name)
+        return name
+    for i in [i for i, tok in enumerate(tokens) if keeper[tok] != i]:
+        tokens[i], types[i] = claim(i), UNUSED
+    first = len(tokens)
+    if n_rows is not None and n_rows > first:
+        pads = [f"<|pad_{i}|>" for i in range(first, n_rows)]
+        if not taken.isdisjoint(pads):         # a name is taken: claim them one by one
+            pads = [claim(i) for i in range(first, n_rows)]
+        tokens += pads
+        types += [UNUSED] * len(pads)
     return tokens, types
 
 

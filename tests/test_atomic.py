@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from apr.atomic import atomic_file, remove_stale
+import pytest
+
+from apr.atomic import atomic_dir, atomic_file, remove_stale
 
 KILLED_WRITER = """
 import os, sys
@@ -73,3 +75,29 @@ def test_unwritable_directory_names_the_target(tmp_path):
             with atomic_file(d / "out.bin"):
                 pass
     assert _stale_temporaries(tmp_path) == []
+
+
+def test_a_failing_commit_check_leaves_no_output(tmp_path):
+    """checked_before_commit: the check runs after the content is written and before the
+    rename; when it raises, neither the file nor the directory appears, and no temporary stays."""
+    from apr.atomic import checked_before_commit
+    from apr.errors import FormatError
+    calls = []
+
+    def bad():
+        calls.append("bad")
+        raise FormatError("input changed")
+    with pytest.raises(FormatError, match="input changed"), checked_before_commit(bad):
+        with atomic_file(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"x" * 100)
+    with pytest.raises(FormatError), checked_before_commit(bad):
+        with atomic_dir(tmp_path / "outdir") as tmp:
+            (tmp / "a").write_bytes(b"y")
+    assert calls == ["bad", "bad"] and sorted(os.listdir(tmp_path)) == []
+    with checked_before_commit(lambda: calls.append("ok")):
+        with atomic_file(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"z")
+    assert calls[-1] == "ok" and (tmp_path / "out.bin").read_bytes() == b"z"
+    with atomic_file(tmp_path / "later.bin") as tmp:     # outside the block: no check
+        tmp.write_bytes(b"w")
+    assert calls.count("ok") == 1
