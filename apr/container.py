@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,10 @@ class TensorSource:
     dtype: DType
     shape: tuple[int, ...]
     data: Callable[[], np.ndarray]
+    # (file, offset): the stored bytes are exactly that file's, from offset; the writer may
+    # then copy them inside the kernel instead of calling data()
+    span: tuple[Path, int] | None = None
+    written: Callable[[], None] | None = None      # called once the tensor is in the file
 
 
 def tensor_source(name: str, array: np.ndarray, dtype: DType | None = None) -> TensorSource:
@@ -205,18 +210,103 @@ def _storage_bytes(arr: np.ndarray, entry: TensorEntry) -> memoryview:
 
 
 class _CrcWriter:
-    """A file writer that accumulates the CRC32 of everything written."""
+    """Writes a file front to back while a thread computes the CRC32 of what is already on
+    disk, read back from the written file (so the CRC is of the bytes the file holds, however
+    they got there: written from memory, or copied from another file inside the kernel)."""
 
-    def __init__(self, f):
-        self.f, self.crc, self.pos = f, 0, 0
+    _CHUNK = 8 << 20
+
+    def __init__(self, f, path: Path):
+        self.f, self.pos, self.crc = f, 0, 0
+        self._done = 0                       # bytes flushed and handed to the CRC thread
+        self._cond = threading.Condition()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._reader = open(path, "rb", buffering=0)
+        self._thread = threading.Thread(target=self._crc_loop, name="apr-crc", daemon=True)
+        self._thread.start()
+
+    def _crc_loop(self) -> None:
+        buf = bytearray(self._CHUNK)
+        at = 0
+        try:
+            while True:
+                with self._cond:
+                    while at >= self._done and not self._closed:
+                        self._cond.wait()
+                    end = self._done
+                    if at >= end and self._closed:
+                        return
+                while at < end:
+                    view = memoryview(buf)[:min(self._CHUNK, end - at)]
+                    got = os.preadv(self._reader.fileno(), [view], at)
+                    if got <= 0:
+                        raise AprError("the output file shrank while it was written")
+                    self.crc = zlib.crc32(view[:got], self.crc)
+                    at += got
+        except BaseException as e:     # handed to finish()
+            self._error = e
+
+    def _publish(self) -> None:
+        self.f.flush()
+        with self._cond:
+            self._done = self.pos
+            self._cond.notify()
 
     def write(self, data) -> None:
         self.f.write(data)
-        self.crc = zlib.crc32(data, self.crc)
         self.pos += memoryview(data).nbytes
+        if self.pos - self._done >= self._CHUNK:
+            self._publish()
+
+    def copy_from(self, span: tuple[Path, int], size: int) -> bool:
+        """Copy ``size`` bytes of another file (from its offset) to the current position inside
+        the kernel; False (nothing written) where the system cannot."""
+        copy = getattr(os, "copy_file_range", None)
+        if copy is None:
+            return False
+        self._publish()
+        src_path, offset = span
+        with open(src_path, "rb", buffering=0) as src:
+            if os.fstat(src.fileno()).st_size < offset + size:
+                raise FormatError(f"{src_path}: a tensor reaches past the end of the file")
+            done = 0
+            while done < size:
+                try:
+                    n = copy(src.fileno(), self.f.fileno(), size - done, offset + done, self.pos + done)
+                except OSError:
+                    if done == 0:
+                        return False
+                    raise
+                if n == 0:
+                    raise FormatError(f"{src_path}: file shrank while copying a tensor from it")
+                done += n
+        self.pos += size
+        self.f.seek(self.pos)
+        self._publish()
+        return True
 
     def pad_to(self, pos: int) -> None:
         self.write(bytes(pos - self.pos))
+
+    def finish(self) -> int:
+        """The CRC32 of everything written (waits for the thread)."""
+        self._publish()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self._reader.close()
+        if self._error is not None:
+            raise self._error
+        return self.crc
+
+    def abandon(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        self._reader.close()
 
 
 def write_apr(path: str | os.PathLike, metadata: Mapping[str, Any],
@@ -249,16 +339,25 @@ def write_apr(path: str | os.PathLike, metadata: Mapping[str, Any],
     header = pack_header(flags, len(entries), len(meta), index_offset, data_offset)
 
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        w = _CrcWriter(f)
-        w.write(header)
-        w.write(meta)
-        w.pad_to(index_offset)
-        w.write(index)
-        w.pad_to(data_offset)
-        for e in entries:
-            w.write(_storage_bytes(by_name[e.name].data(), e))
-            w.pad_to(data_offset + e.offset + pad64(e.size))
-        f.write(w.crc.to_bytes(4, "little"))
+        w = _CrcWriter(f, tmp)
+        try:
+            w.write(header)
+            w.write(meta)
+            w.pad_to(index_offset)
+            w.write(index)
+            w.pad_to(data_offset)
+            for e in entries:
+                src = by_name[e.name]
+                if src.span is None or not w.copy_from(src.span, e.size):
+                    w.write(_storage_bytes(src.data(), e))
+                w.pad_to(data_offset + e.offset + pad64(e.size))
+                if src.written is not None:
+                    src.written()
+            crc = w.finish()
+        except BaseException:
+            w.abandon()
+            raise
+        f.write(crc.to_bytes(4, "little"))
 
 
 # --------------------------------------------------------------------------- reader

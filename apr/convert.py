@@ -92,11 +92,24 @@ class Planned:
     def nbytes(self) -> int:
         return nbytes(self.dtype, self.shape)
 
+    def verbatim(self) -> bool:
+        """The output bytes are the source's bytes, unchanged."""
+        src = self.src
+        return (src.dtype == self.dtype and src.rotary_heads is None and self.rotary is None
+                and src.offset == self.offset)
+
+    def apr_source(self, tick: Callable[[Any], None]) -> TensorSource:
+        """This tensor for `write_apr`: a verbatim one names its bytes in the source file, so
+        that the writer may copy them inside the kernel."""
+        span = self.src.file_span if self.verbatim() else None
+        return TensorSource(self.name, self.dtype, self.shape, self.data, span=span,
+                            written=lambda: tick(self))
+
     def data(self) -> np.ndarray:
         """Stored bytes of the output tensor, computed from the source on demand."""
         src = self.src
         same_offset = src.offset == self.offset
-        if src.dtype == self.dtype and src.rotary_heads is None and self.rotary is None and same_offset:
+        if self.verbatim():
             return src.read()                          # byte-for-byte copy
         if src.dtype == self.dtype and self.dtype.numpy is not None and same_offset:
             values = src.read()                        # plain dtype: reorder rows exactly
@@ -339,7 +352,7 @@ def _write_tensors(view: ModelView, fmt: str, planned: list[Planned], dst: Path,
     if fmt == "apr":
         meta = dict(view.metadata) if view.format == "apr" else {"model_type": "tensors", "name": name}
         meta.setdefault("original_format", view.format)
-        write_apr(dst, meta, [TensorSource(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
+        write_apr(dst, meta, [p.apr_source(tick) for p in planned])
         return
     with atomic_file(dst) as tmp:
         if fmt == "gguf":
@@ -381,7 +394,7 @@ def _write_apr(view, config, planned, dst, report, tick) -> None:
                               f"embedding has {config.vocab_size} rows")
 
     # write_apr is atomic itself (temporary file, fsync, rename)
-    write_apr(dst, meta, [TensorSource(p.name, p.dtype, p.shape, _ticking(p, tick)) for p in planned])
+    write_apr(dst, meta, [p.apr_source(tick) for p in planned])
 
 
 def _write_gguf(view, config, planned, dst, report, tick) -> None:
