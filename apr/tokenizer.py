@@ -38,7 +38,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import gguf
 import tokenizers
@@ -188,8 +188,23 @@ _PAD_RE = re.compile(r"<\|pad_(\d+)(?:_\d+)?\|>|\[PAD(\d+)\]")
 
 def is_row_pad(token: str, token_id: int) -> bool:
     """True for a row-pad name of this id: ``<|pad_{id}|>``, ``<|pad_{id}_{k}|>``, ``[PAD{id}]``."""
+    if token == f"<|pad_{token_id}|>":        # the common spelling and the common non-pad
+        return True                            # are told apart without the regex
+    if not token.startswith(("<|pad_", "[PAD")):
+        return False
     m = _PAD_RE.fullmatch(token)
     return m is not None and int(m.group(1) or m.group(2)) == token_id
+
+
+def row_pad_start(vocab: Sequence[str], token_type: Sequence[int]) -> int:
+    """The id where the unused row pads at the end of the vocabulary begin (a GGUF pads its
+    token list to the embedding's rows); ``len(vocab)`` if it does not end in one."""
+    n = len(vocab)
+    if len(token_type) != n:
+        return n
+    while n and token_type[n - 1] == UNUSED and is_row_pad(vocab[n - 1], n - 1):
+        n -= 1
+    return n
 
 
 def _pad_names(token_id: int) -> Iterator[str]:

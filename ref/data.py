@@ -45,7 +45,7 @@ from apr.console import progress_bar, utc_timestamp
 from apr.atomic import atomic_dir
 from apr.errors import AprError, ConfigError, FormatError, OutputExistsError
 from apr.tokenizer import (UNUSED, TokenizerData, build_tokenizer, from_hf_dir,
-                           from_hf_tokenizer_json, is_row_pad)
+                           from_hf_tokenizer_json, row_pad_start)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "apr-ref-tokens/1"
@@ -98,10 +98,8 @@ def tokenizer_hash(td: TokenizerData) -> str:
     EOS that joins documents and the pre-tokenizer (not BOS: documents are encoded without it). Tokens that can never be produced (unused gap fillers and the row pads
     that a GGUF appends up to the embedding size) do not count, so one tokenizer hashes the
     same read from tokenizer.json, APR or GGUF."""
-    tokens, types = list(td.vocab), list(td.token_type)
-    while tokens and types[-1] == UNUSED and is_row_pad(tokens[-1], len(tokens) - 1):
-        tokens.pop()
-        types.pop()
+    n = row_pad_start(td.vocab, td.token_type)
+    tokens, types = list(td.vocab[:n]), list(td.token_type[:n])
     tokens = ["" if t == UNUSED else tok for tok, t in zip(tokens, types)]
     doc = {"tokens": tokens, "types": types, "merges": list(td.effective_merges()),
            "eos": td.eos_token_id, "pre": td.pre_type,

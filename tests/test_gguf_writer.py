@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from apr.gguf_io import _Writer, pack_array, write_gguf
+from apr.errors import FormatError
+from apr.gguf_io import GgufFile, _Writer, pack_array, write_gguf
 from apr.tokenizer import _field_value
 
 VT = gguf.GGUFValueType
@@ -54,3 +55,42 @@ def test_a_written_file_reads_back_through_gguf(tmp_path):
                           np.array(scores, dtype=np.float32))
     assert _field_value(fields["a.short"]) == [1, 2, 3]
     assert issubclass(_Writer, gguf.GGUFWriter)
+
+
+def _library_file(path, values: list[str]) -> bytes:
+    w = gguf.GGUFWriter(str(path), "x")
+    w.add_array("test.strings", values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(TEXT, min_size=1, max_size=200))
+def test_string_arrays_read_back_as_the_library_wrote_them(tmp_path_factory, values):
+    path = tmp_path_factory.mktemp("s") / "s.gguf"
+    _library_file(path, values)
+    assert GgufFile(path).kv["test.strings"] == values
+
+
+def test_string_array_overruns_and_bad_utf8_are_format_errors(tmp_path):
+    path = tmp_path / "s.gguf"
+    data = _library_file(path, ["alpha", "beta", "gamma"])
+    at = data.index(b"gamma")
+    path.write_bytes(data[:at + 2])                         # cut inside the last string
+    with pytest.raises(FormatError, match="truncated"):
+        GgufFile(path)
+    path.write_bytes(data[:at - 4])                         # cut inside the last length
+    with pytest.raises(FormatError, match="truncated"):
+        GgufFile(path)
+    bad = bytearray(data)
+    bad[at - 8:at] = (2**40).to_bytes(8, "little")          # a length past the end of the file
+    path.write_bytes(bytes(bad))
+    with pytest.raises(FormatError, match="truncated"):
+        GgufFile(path)
+    bad = bytearray(data)
+    bad[at] = 0xFF                                          # not UTF-8
+    path.write_bytes(bytes(bad))
+    with pytest.raises(FormatError, match="not UTF-8"):
+        GgufFile(path)

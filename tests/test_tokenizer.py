@@ -25,8 +25,8 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from apr.errors import ConfigError, UnsupportedError
 from apr.tokenizer import (CONTROL, NORMAL, UNUSED, USER_DEFINED, TokenizerData, build_tokenizer,
                            from_apr_metadata, from_gguf_fields, from_hf_dir,
-                           from_hf_tokenizer_json, is_row_pad, to_apr_metadata, to_gguf_fields,
-                           to_hf_files)
+                           from_hf_tokenizer_json, is_row_pad, row_pad_start, to_apr_metadata,
+                           to_gguf_fields, to_hf_files)
 
 VOCABS = ["qwen2", "llama-bpe", "gpt-2", "qwen35"]
 # ggml-vocab-qwen35.gguf is byte for byte ggml-vocab-qwen2.gguf but for tokenizer.ggml.pre
@@ -547,3 +547,43 @@ def test_inconsistent_apr_metadata_is_an_error():
         from_apr_metadata({**meta, "tokenizer.bos_token_id": 7})
     with pytest.raises(UnsupportedError, match="'WordPiece'"):
         from_apr_metadata({**meta, "tokenizer.model_type": "WordPiece"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Row pads: recognized by name and id, and never changing how text encodes
+# ---------------------------------------------------------------------------------------------
+
+def test_row_pad_names_and_where_they_start():
+    assert is_row_pad("<|pad_7|>", 7) and is_row_pad("<|pad_7_2|>", 7) and is_row_pad("[PAD7]", 7)
+    assert not is_row_pad("<|pad_7|>", 8) and not is_row_pad("[PAD7]", 70)
+    assert not is_row_pad("<|pad|>", 7) and not is_row_pad("<|pad_7|> ", 7) and not is_row_pad("", 0)
+    vocab = ["a", "b", "<|pad_2|>", "[PAD3]", "<|pad_4_1|>"]
+    assert row_pad_start(vocab, [NORMAL, NORMAL, UNUSED, UNUSED, UNUSED]) == 2
+    assert row_pad_start(vocab, [NORMAL, NORMAL, UNUSED, NORMAL, UNUSED]) == 4   # typed normal
+    assert row_pad_start(vocab + ["c"], [NORMAL] * 2 + [UNUSED] * 3 + [NORMAL]) == 6
+    assert row_pad_start(vocab, []) == 5                                          # types unknown
+    assert row_pad_start(["<|pad_0|>"], [UNUSED]) == 0
+
+
+def test_diff_skips_probing_a_pad_only_difference_and_its_tokenizers_do_agree(models_dir, monkeypatch):
+    """A GGUF pads the token list up to the embedding rows; diff does not build and probe two
+    tokenizers that differ only by that. The premise, checked here on the real qwen2
+    vocabulary: the padded tokenizer encodes the probe set and the vectors exactly as the
+    unpadded one; and a real difference on top of the pads is still probed."""
+    from diff import meta
+    td = _load(vocab_path(models_dir, "qwen2"))
+    fields = _fields(td, td.vocab_size + 300)
+    tokens, types = fields["tokenizer.ggml.tokens"][0], fields["tokenizer.ggml.token_type"][0]
+    padded = dataclasses.replace(td, vocab=tokens, token_type=types)
+    assert padded.vocab_size == td.vocab_size + 300 and padded != td
+    texts = meta.probe_texts(td, padded) + [t for t, _ in read_vectors(models_dir, "qwen2")]
+    plain, with_pads = build_tokenizer(td), build_tokenizer(padded)
+    assert [with_pads.encode(t).ids for t in texts] == [plain.encode(t).ids for t in texts]
+
+    def refuse(*a, **k):
+        raise AssertionError("probed")
+    monkeypatch.setattr(meta, "build_tokenizer", refuse)
+    assert meta._behaviour_findings(td, padded) == [] and meta._behaviour_findings(padded, td) == []
+    changed = dataclasses.replace(padded, merges=padded.merges[:-1])
+    with pytest.raises(AssertionError, match="probed"):
+        meta._behaviour_findings(td, changed)
