@@ -40,6 +40,25 @@ print(json.dumps(runs))
 """
 
 
+def products_only_tok_s(model, steps: int = 64, repeats: int = 5) -> float:
+    """Tokens/s of a decode step that is nothing but its matrix-vector products: each weight
+    matrix of the model (and the output projection) times one activation vector, in a loop,
+    the way the model multiplies them (x @ W.T). A bound on what any NumPy decode of this
+    model can reach at these threads, whatever its Python and elementwise work."""
+    import numpy as np
+    mats = [w for w in model.params.values() if w.ndim == 2 and w is not model.params.get("model.embed_tokens.weight")]
+    mats.append(model.lm_head)
+    xs = {w.shape[1]: np.ones((1, 1, w.shape[1]), w.dtype) for w in mats}
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(steps):
+            for w in mats:
+                xs[w.shape[1]] @ w.T
+        best = min(best, (time.perf_counter() - t) / steps)
+    return 1.0 / best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="qwen2-25m")
@@ -81,6 +100,7 @@ def main() -> None:
             r = generate(model, prompt, args.gen)
             if i:
                 ours.append(r)
+        products = products_only_tok_s(model)
     ours_decode = max(r.decode_tokens_per_second for r in ours)
     llama_decode = max(args.gen / r["decode_s"] for r in llama_runs[1:])
     result = {
@@ -90,6 +110,8 @@ def main() -> None:
         "prompt_tokens": args.prompt, "gen_tokens": args.gen,
         "ours_decode_tok_s": round(ours_decode, 1), "llama_cpp_decode_tok_s": round(llama_decode, 1),
         "ratio": round(ours_decode / llama_decode, 3),
+        "products_only_tok_s": round(products, 1),
+        "products_only_ratio": round(products / llama_decode, 3),
         "ours_prefill_tok_s": round(max(r.prefill_tokens_per_second for r in ours), 1),
         "llama_cpp_prefill_tok_s": round(max(args.prompt / r["prefill_s"] for r in llama_runs[1:]), 1),
     }

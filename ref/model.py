@@ -83,6 +83,7 @@ class Model:
         self.backend = backend or cpu_backend()
         self.dtype = np.dtype(dtype)
         self.params: dict[str, Array] = self._check_params(params)
+        self._param_names: dict[tuple[int, str], Optional[str]] = {}
 
     @classmethod
     def init_random(cls, config: ModelConfig, seed: int = 0, backend: Optional[Backend] = None,
@@ -138,9 +139,12 @@ class Model:
     def _p(self, i: int, kind: str) -> Optional[Array]:
         """Layer i's parameter of ``kind`` (`apr.names.TENSOR_KINDS`); None for one the
         config does not have (a bias, a q/k norm)."""
-        if kind not in names.kinds_for(self.config.family):
-            return None
-        return self.params.get(names.tensor_name(kind, i, self.config.family))
+        key = (i, kind)
+        name = self._param_names.get(key, False)
+        if name is False:               # the name is a function of the config: found once
+            name = self._param_names[key] = (names.tensor_name(kind, i, self.config.family)
+                                             if kind in names.kinds_for(self.config.family) else None)
+        return None if name is None else self.params.get(name)
 
     def _ids(self, ids: Any) -> Array:
         """Token ids as a (batch, T) integer array on the backend, each in [0, vocab_size)."""

@@ -184,7 +184,8 @@ def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: floa
     capped = None
     if softcap:
         scores, capped = softcap_forward(scores, softcap)
-    scores += causal_mask(t, s, xp, scores.dtype, window)
+    if t > 1 or 0 < window < s:        # one query at the end sees every key: nothing to mask
+        scores += causal_mask(t, s, xp, scores.dtype, window)
     probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
     out = (probs @ v).reshape(b, h, t, d)
     return out, (qg, k, v, probs, scale, capped)
