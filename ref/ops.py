@@ -241,7 +241,11 @@ def _softmax_inplace(x: Array) -> Array:
 def sigmoid(z: Array) -> Array:
     """1 / (1 + exp(-z)) = (1 + tanh(z / 2)) / 2: the tanh form cannot overflow for any z."""
     xp = array_module(z)
-    return 0.5 + 0.5 * xp.tanh(0.5 * z)
+    t = z * 0.5                 # one temporary, updated in place (a step's largest arrays)
+    xp.tanh(t, out=t)
+    t *= 0.5
+    t += 0.5
+    return t
 
 
 @dataclass(frozen=True)
@@ -287,9 +291,20 @@ def _gelu_d(z):
     return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * _xp(z).exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
+def _silu(z):
+    out = sigmoid(z)
+    out *= z
+    return out
+
+
 def _silu_d(z):
+    """sig * (1 + z * (1 - sig)), in place on one temporary besides sig."""
     sig = sigmoid(z)
-    return sig * (1.0 + z * (1.0 - sig))
+    t = 1.0 - sig
+    t *= z
+    t += 1.0
+    t *= sig
+    return t
 
 
 def _softplus(z):
@@ -306,7 +321,7 @@ def _mish_d(z):
     return th + z * (1.0 - th * th) * sigmoid(z)
 
 
-_SILU = Activation(lambda z: z * sigmoid(z), _silu_d)
+_SILU = Activation(_silu, _silu_d)
 _GELU = Activation(_gelu, _gelu_d)
 _GELU_TANH = Activation(_gelu_tanh, _gelu_tanh_d)
 
@@ -337,13 +352,16 @@ ACTIVATIONS: dict[str, Activation] = {
 def gated_mlp_forward(gate: Array, up: Array, act: str = "silu") -> tuple[Array, tuple]:
     """out = act(gate) * up   (SwiGLU for silu, GeGLU for the gelus)."""
     a = ACTIVATIONS[act]
-    return a.f(gate) * up, (gate, up, a)
+    f_gate = a.f(gate)
+    return f_gate * up, (gate, up, a, f_gate)
 
 
 def gated_mlp_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
-    """dup = dout * act(gate);   dgate = dout * up * act'(gate)."""
-    gate, up, a = cache
-    return dout * up * a.df(gate), dout * a.f(gate)
+    """dup = dout * act(gate) (kept from the forward);   dgate = dout * up * act'(gate)."""
+    gate, up, a, f_gate = cache
+    dgate = dout * up
+    dgate *= a.df(gate)
+    return dgate, dout * f_gate
 
 
 # --------------------------------------------------------------------------- cross-entropy
