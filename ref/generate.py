@@ -1,7 +1,9 @@
 """Text generation with a KV cache: greedy, temperature, top-k and top-p sampling.
 
 The prompt is run once (prefill), which gives the logits of the first new token; every
-further token is one `Model.forward_step` of a single position. Sampling happens on the host
+further token is one `Model.forward_step` of a single position, with the q/k/v and gate/up
+projections fused into one product each (`Model.decode_weights`, built at the start of each
+call and counted in ``prefill_seconds``). Sampling happens on the host
 with a seeded ``numpy.random.Generator``, so a seed gives the same tokens on every backend
 (up to ties in the logits). Timings are taken after the logits reach the host, so GPU work is
 included in full: ``prefill_seconds`` is the time to the first token's logits, and
@@ -117,7 +119,9 @@ def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
 
     cache = model.new_kv_cache(1, len(prompt) + max_new_tokens)
     t0 = time.perf_counter()
-    logits = backend.to_numpy(model.forward_step(np.array([prompt]), cache, last_only=True))[0, -1]
+    weights = model.decode_weights()        # built per call, so never older than the parameters
+    logits = backend.to_numpy(model.forward_step(np.array([prompt]), cache, last_only=True,
+                                                 weights=weights))[0, -1]
     token = sample_token(logits, rng, temperature, top_k, top_p)
     prefill_seconds = time.perf_counter() - t0
 
@@ -125,7 +129,8 @@ def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
     decode_seconds: list[float] = []
     while token not in stop and len(new_ids) < max_new_tokens:
         t0 = time.perf_counter()
-        logits = backend.to_numpy(model.forward_step(np.array([[token]]), cache))[0, -1]
+        logits = backend.to_numpy(model.forward_step(np.array([[token]]), cache,
+                                                     weights=weights))[0, -1]
         token = sample_token(logits, rng, temperature, top_k, top_p)
         decode_seconds.append(time.perf_counter() - t0)
         new_ids.append(token)

@@ -65,6 +65,37 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+# --------------------------------------------------------------------------- decode weights
+
+class DecodeWeights:
+    """The projections that read the same input, as one matrix per layer, for inference:
+    ``qkv[i]`` = (the rows of q_proj, k_proj, v_proj, and their biases concatenated where the
+    config has them) and ``gate_up[i]`` = (the rows of gate_proj then up_proj, and biases).
+    One matrix-vector product then replaces three (two), which is what a decode step is made
+    of. These are copies: they hold the parameters of the moment `Model.decode_weights` built
+    them, so they are built per use (``generate`` builds them once per call) and never kept
+    across a change of the parameters. A family whose checkpoints already store q/k/v and
+    gate/up fused (Phi-3) has nothing to build: its own matrices are used."""
+
+    def __init__(self, model: "Model"):
+        xp = model.backend.xp
+        self.params = model.params      # the dict they were built from (checked on use)
+
+        def cat(i: int, kinds: tuple[str, ...]) -> tuple[Array, Optional[Array]]:
+            ws = [model._p(i, k + ".weight") for k in kinds]
+            bs = [model._p(i, k + ".bias") for k in kinds]
+            if all(b is None for b in bs):
+                bias = None
+            else:                       # a bias on some of them only: zeros for the others
+                bias = xp.concatenate([xp.zeros(w.shape[0], dtype=w.dtype) if b is None else b
+                                       for w, b in zip(ws, bs)])
+            return xp.concatenate(ws, axis=0), bias
+
+        n = model.config.num_layers
+        self.qkv = [cat(i, ("attn_q", "attn_k", "attn_v")) for i in range(n)]
+        self.gate_up = [cat(i, ("ffn_gate", "ffn_up")) for i in range(n)]
+
+
 # --------------------------------------------------------------------------- model
 
 class Model:
@@ -210,13 +241,17 @@ class Model:
 
     # ------------------------------------------------------------------ attention block
     def _attention_forward(self, i: int, x: Array, cos: Array, sin: Array,
-                           kv: Optional[KVCache]) -> tuple[Array, tuple]:
+                           kv: Optional[KVCache], dw: Optional[DecodeWeights] = None
+                           ) -> tuple[Array, tuple]:
         """x + o_proj(attention(rope(q), rope(k), v)) over rmsnorm(x) (the block's output
-        normalized again where the config has post norms)."""
+        normalized again where the config has post norms). ``dw``: q/k/v as one product."""
         cfg = self.config
         n1, c_norm = self._norm_forward(x, self._p(i, "attn_norm.weight"))
-        if cfg.fused:       # one q/k/v matrix: its output split into views (Phi-3)
-            qkv, c_q = self._projection_forward(i, "attn_qkv", n1)
+        if cfg.fused or dw is not None:  # one q/k/v matrix: its output split into views (Phi-3)
+            if dw is None:
+                qkv, c_q = self._projection_forward(i, "attn_qkv", n1)
+            else:
+                qkv, c_q = ops.linear_forward(n1, *dw.qkv[i])
             q, k, v = (qkv[..., :cfg.q_size], qkv[..., cfg.q_size:cfg.q_size + cfg.kv_size],
                        qkv[..., cfg.q_size + cfg.kv_size:])
             c_k = c_v = None
@@ -278,11 +313,16 @@ class Model:
         return dx
 
     # ------------------------------------------------------------------ MLP block
-    def _mlp_forward(self, i: int, x: Array) -> tuple[Array, tuple]:
-        """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act."""
+    def _mlp_forward(self, i: int, x: Array, dw: Optional[DecodeWeights] = None
+                     ) -> tuple[Array, tuple]:
+        """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act.
+        ``dw``: gate/up as one product."""
         n2, c_norm = self._norm_forward(x, self._p(i, "ffn_norm.weight"))
-        if self.config.fused:   # one gate/up matrix: gate is the first half of its output
-            gate_up, c_gate = self._projection_forward(i, "ffn_up", n2)
+        if self.config.fused or dw is not None:  # one gate/up matrix: gate is its first half
+            if dw is None:
+                gate_up, c_gate = self._projection_forward(i, "ffn_up", n2)
+            else:
+                gate_up, c_gate = ops.linear_forward(n2, *dw.gate_up[i])
             f = self.config.intermediate_size
             gate, up, c_up = gate_up[..., :f], gate_up[..., f:], None
         else:
@@ -309,7 +349,8 @@ class Model:
 
     # ------------------------------------------------------------------ trunk
     def _trunk_forward(self, ids: Array, start: int, kv: Optional[KVCache],
-                       caches: Optional[list], hidden: Optional[list]) -> Array:
+                       caches: Optional[list], hidden: Optional[list],
+                       dw: Optional[DecodeWeights] = None) -> Array:
         """embed -> layers -> final norm, for positions start .. start + T - 1.
         ``caches``: a list to receive every backward cache (training) or None (inference);
         ``hidden``: a list to receive the embedding output, every layer's output and the
@@ -322,8 +363,8 @@ class Model:
         if hidden is not None:
             hidden.append(x)
         for i in range(self.config.num_layers):
-            x, c_attn = self._attention_forward(i, x, *ropes[i], kv)
-            x, c_mlp = self._mlp_forward(i, x)
+            x, c_attn = self._attention_forward(i, x, *ropes[i], kv, dw)
+            x, c_mlp = self._mlp_forward(i, x, dw)
             if caches is not None:
                 layer_caches.append((c_attn, c_mlp))
             if hidden is not None:
@@ -406,11 +447,21 @@ class Model:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` positions."""
         return KVCache(self.config, batch, capacity, self.backend, self.dtype)
 
-    def forward_step(self, ids: Any, cache: KVCache, last_only: bool = False) -> Array:
+    def decode_weights(self) -> Optional[DecodeWeights]:
+        """Fused q/k/v and gate/up matrices of the current parameters for `forward_step`
+        (None where the family stores them fused already). Build them again after any change
+        of the parameters: they are copies."""
+        return None if self.config.fused else DecodeWeights(self)
+
+    def forward_step(self, ids: Any, cache: KVCache, last_only: bool = False,
+                     weights: Optional[DecodeWeights] = None) -> Array:
         """Logits for ``ids`` (batch, T) that follow the ``cache.length`` positions already
         in ``cache``, which is then extended by T. A prompt at once (prefill), then one token
         at a time, gives the logits of `forward` on the whole sequence. ``last_only``:
-        return only the last position's logits, (batch, 1, vocab)."""
+        return only the last position's logits, (batch, 1, vocab). ``weights``: from
+        `decode_weights` of this model (the same numbers in fewer, larger products)."""
+        if weights is not None and weights.params is not self.params:
+            raise AprError("forward_step: the decode weights were built for another model")
         ids = self._ids(ids)
         b, t = ids.shape
         if b != cache.batch:
@@ -418,7 +469,7 @@ class Model:
         if cache.length + t > cache.capacity:
             raise AprError(f"forward_step: {cache.length} cached + {t} new positions exceed "
                            f"the KV cache capacity {cache.capacity}")
-        x = self._trunk_forward(ids, cache.length, cache, None, None)
+        x = self._trunk_forward(ids, cache.length, cache, None, None, weights)
         cache.length += t
         if last_only:
             x = x[:, -1:]
