@@ -91,6 +91,7 @@ def main() -> None:
         "ours_decode_tok_s": round(ours_decode, 1), "llama_cpp_decode_tok_s": round(llama_decode, 1),
         "ratio": round(ours_decode / llama_decode, 3),
         "ours_prefill_tok_s": round(max(r.prefill_tokens_per_second for r in ours), 1),
+        "ours_decode_weights_s": round(min(r.setup_seconds for r in ours), 4),
         "llama_cpp_prefill_tok_s": round(max(args.prompt / r["prefill_s"] for r in llama_runs[1:]), 1),
     }
     print(json.dumps(result, indent=2))

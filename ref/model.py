@@ -68,14 +68,18 @@ class KVCache:
 # --------------------------------------------------------------------------- decode weights
 
 class DecodeWeights:
-    """The projections that read the same input, as one matrix per layer, for inference:
-    ``qkv[i]`` = (the rows of q_proj, k_proj, v_proj, and their biases concatenated where the
-    config has them) and ``gate_up[i]`` = (the rows of gate_proj then up_proj, and biases).
-    One matrix-vector product then replaces three (two), which is what a decode step is made
-    of. These are copies: they hold the parameters of the moment `Model.decode_weights` built
+    """The projections of a decode step that read the same input, as one matrix each and
+    transposed, for inference: ``qkv[i]`` holds the columns of q_proj, k_proj, v_proj (a
+    family that stores them fused, Phi-3, has them so already), ``gate_up[i]`` those of
+    gate_proj then up_proj, ``head`` the output projection; each (in_features,
+    out_features) and C-contiguous, so a single position's x @ W^T is ``x @ wt``, BLAS's
+    row-major matrix-vector product, which streams these wide matrices faster than the dot
+    products of the HF layout (o_proj and down_proj, 512 or so rows, are read faster as they
+    are stored, and are). Each layer entry is (wt, bias or None).
+
+    These are copies: they hold the parameters of the moment `Model.decode_weights` built
     them, so they are built per use (``generate`` builds them once per call) and never kept
-    across a change of the parameters. A family whose checkpoints already store q/k/v and
-    gate/up fused (Phi-3) has nothing to build: its own matrices are used."""
+    across a change of the parameters."""
 
     def __init__(self, model: "Model"):
         xp = model.backend.xp
@@ -89,11 +93,27 @@ class DecodeWeights:
             else:                       # a bias on some of them only: zeros for the others
                 bias = xp.concatenate([xp.zeros(w.shape[0], dtype=w.dtype) if b is None else b
                                        for w, b in zip(ws, bs)])
-            return xp.concatenate(ws, axis=0), bias
+            wt = xp.empty((ws[0].shape[1], sum(w.shape[0] for w in ws)), dtype=ws[0].dtype)
+            start = 0                   # (C order: concatenate would keep the inputs' F order)
+            for w in ws:
+                wt[:, start:start + w.shape[0]] = w.T
+                start += w.shape[0]
+            return wt, bias
 
-        n = model.config.num_layers
-        self.qkv = [cat(i, ("attn_q", "attn_k", "attn_v")) for i in range(n)]
-        self.gate_up = [cat(i, ("ffn_gate", "ffn_up")) for i in range(n)]
+        n, fused = model.config.num_layers, model.config.fused
+        self.qkv = [cat(i, ("attn_qkv",) if fused else ("attn_q", "attn_k", "attn_v"))
+                    for i in range(n)]
+        self.gate_up = [cat(i, ("ffn_up",) if fused else ("ffn_gate", "ffn_up")) for i in range(n)]
+        self.head = xp.ascontiguousarray(model.lm_head.T)
+
+    @staticmethod
+    def linear(x: Array, weight: tuple[Array, Optional[Array]]) -> Array:
+        """x @ wt + b for one (wt, b) entry: the value of `ops.linear_forward` (x @ W^T + b)."""
+        wt, bias = weight
+        y = x.reshape(-1, x.shape[-1]) @ wt
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], wt.shape[1])
 
 
 # --------------------------------------------------------------------------- model
@@ -114,6 +134,7 @@ class Model:
         self.backend = backend or cpu_backend()
         self.dtype = np.dtype(dtype)
         self.params: dict[str, Array] = self._check_params(params)
+        self._names: dict[tuple[int, str], Optional[str]] = {}    # (layer, kind) -> name
 
     @classmethod
     def init_random(cls, config: ModelConfig, seed: int = 0, backend: Optional[Backend] = None,
@@ -169,9 +190,12 @@ class Model:
     def _p(self, i: int, kind: str) -> Optional[Array]:
         """Layer i's parameter of ``kind`` (`apr.names.TENSOR_KINDS`); None for one the
         config does not have (a bias, a q/k norm)."""
-        if kind not in names.kinds_for(self.config.family):
-            return None
-        return self.params.get(names.tensor_name(kind, i, self.config.family))
+        key = (i, kind)
+        if key not in self._names:      # the name only: the array is looked up every time
+            self._names[key] = (names.tensor_name(kind, i, self.config.family)
+                                if kind in names.kinds_for(self.config.family) else None)
+        name = self._names[key]
+        return None if name is None else self.params.get(name)
 
     def _ids(self, ids: Any) -> Array:
         """Token ids as a (batch, T) integer array on the backend, each in [0, vocab_size)."""
@@ -244,14 +268,15 @@ class Model:
                            kv: Optional[KVCache], dw: Optional[DecodeWeights] = None
                            ) -> tuple[Array, tuple]:
         """x + o_proj(attention(rope(q), rope(k), v)) over rmsnorm(x) (the block's output
-        normalized again where the config has post norms). ``dw``: q/k/v as one product."""
+        normalized again where the config has post norms). ``dw``: the decode weights to use
+        (no backward cache then)."""
         cfg = self.config
         n1, c_norm = self._norm_forward(x, self._p(i, "attn_norm.weight"))
         if cfg.fused or dw is not None:  # one q/k/v matrix: its output split into views (Phi-3)
             if dw is None:
                 qkv, c_q = self._projection_forward(i, "attn_qkv", n1)
             else:
-                qkv, c_q = ops.linear_forward(n1, *dw.qkv[i])
+                qkv, c_q = dw.linear(n1, dw.qkv[i]), None
             q, k, v = (qkv[..., :cfg.q_size], qkv[..., cfg.q_size:cfg.q_size + cfg.kv_size],
                        qkv[..., cfg.q_size + cfg.kv_size:])
             c_k = c_v = None
@@ -316,13 +341,13 @@ class Model:
     def _mlp_forward(self, i: int, x: Array, dw: Optional[DecodeWeights] = None
                      ) -> tuple[Array, tuple]:
         """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act.
-        ``dw``: gate/up as one product."""
+        ``dw``: the decode weights to use (no backward cache then)."""
         n2, c_norm = self._norm_forward(x, self._p(i, "ffn_norm.weight"))
         if self.config.fused or dw is not None:  # one gate/up matrix: gate is its first half
             if dw is None:
                 gate_up, c_gate = self._projection_forward(i, "ffn_up", n2)
             else:
-                gate_up, c_gate = ops.linear_forward(n2, *dw.gate_up[i])
+                gate_up, c_gate = dw.linear(n2, dw.gate_up[i]), None
             f = self.config.intermediate_size
             gate, up, c_up = gate_up[..., :f], gate_up[..., f:], None
         else:
@@ -390,9 +415,12 @@ class Model:
         d_embed = ops.embedding_backward(dx, c_embed)
         grads[EMBED] = grads[EMBED] + d_embed if EMBED in grads else d_embed
 
-    def _head_forward(self, x: Array) -> tuple[Array, tuple]:
+    def _head_forward(self, x: Array, dw: Optional[DecodeWeights] = None) -> tuple[Array, tuple]:
         """The output projection, soft-capped where the config says (Gemma 2)."""
-        logits, c_head = ops.linear_forward(x, self.lm_head)
+        if dw is None:
+            logits, c_head = ops.linear_forward(x, self.lm_head)
+        else:
+            logits, c_head = dw.linear(x, (dw.head, None)), None
         cap = self.config.final_logit_softcapping
         if not cap:
             return logits, (c_head, None)
@@ -447,11 +475,10 @@ class Model:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` positions."""
         return KVCache(self.config, batch, capacity, self.backend, self.dtype)
 
-    def decode_weights(self) -> Optional[DecodeWeights]:
-        """Fused q/k/v and gate/up matrices of the current parameters for `forward_step`
-        (None where the family stores them fused already). Build them again after any change
-        of the parameters: they are copies."""
-        return None if self.config.fused else DecodeWeights(self)
+    def decode_weights(self) -> DecodeWeights:
+        """The current parameters in the decode layout (`DecodeWeights`) for `forward_step`.
+        Build them again after any change of the parameters: they are copies."""
+        return DecodeWeights(self)
 
     def forward_step(self, ids: Any, cache: KVCache, last_only: bool = False,
                      weights: Optional[DecodeWeights] = None) -> Array:
@@ -473,5 +500,5 @@ class Model:
         cache.length += t
         if last_only:
             x = x[:, -1:]
-        logits, _ = self._head_forward(x)
+        logits, _ = self._head_forward(x, weights)
         return logits
