@@ -68,14 +68,13 @@ class KVCache:
 # --------------------------------------------------------------------------- decode weights
 
 class DecodeWeights:
-    """The projections of a decode step that read the same input, as one matrix each and
-    transposed, for inference: ``qkv[i]`` holds the columns of q_proj, k_proj, v_proj (a
-    family that stores them fused, Phi-3, has them so already), ``gate_up[i]`` those of
-    gate_proj then up_proj, ``head`` the output projection; each (in_features,
-    out_features) and C-contiguous, so a single position's x @ W^T is ``x @ wt``, BLAS's
-    row-major matrix-vector product, which streams these wide matrices faster than the dot
-    products of the HF layout (o_proj and down_proj, 512 or so rows, are read faster as they
-    are stored, and are). Each layer entry is (wt, bias or None).
+    """Every projection of a decode step, transposed, for inference: (in_features,
+    out_features) and C-contiguous, so that a single position's x @ W^T is ``x @ wt``, BLAS's
+    row-major matrix-vector product, which streams the matrix faster than the dot products of
+    the HF layout; and the projections that read the same input concatenated into one matrix:
+    ``qkv[i]`` holds the columns of q_proj, k_proj, v_proj (a family that stores them fused,
+    Phi-3, has them so already), ``gate_up[i]`` those of gate_proj then up_proj; ``o[i]``,
+    ``down[i]``, and ``head`` the output projection. Each layer entry is (wt, bias or None).
 
     These are copies: they hold the parameters of the moment `Model.decode_weights` built
     them, so they are built per use (``generate`` builds them once per call) and never kept
@@ -104,6 +103,8 @@ class DecodeWeights:
         self.qkv = [cat(i, ("attn_qkv",) if fused else ("attn_q", "attn_k", "attn_v"))
                     for i in range(n)]
         self.gate_up = [cat(i, ("ffn_up",) if fused else ("ffn_gate", "ffn_up")) for i in range(n)]
+        self.o = [cat(i, ("attn_output",)) for i in range(n)]
+        self.down = [cat(i, ("ffn_down",)) for i in range(n)]
         self.head = xp.ascontiguousarray(model.lm_head.T)
 
     @staticmethod
@@ -293,7 +294,10 @@ class Model:
             k, v = kv.append(i, k, v)
         a, c_att = ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
                                          cfg.attn_logit_softcapping)
-        out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
+        if dw is None:
+            out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
+        else:
+            out, c_o = dw.linear(self._merge_heads(a), dw.o[i]), None
         out, c_post = self._post_norm_forward(i, "attn_post_norm.weight", out)
         return x + out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post)
 
@@ -354,7 +358,10 @@ class Model:
             gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
             up, c_up = self._projection_forward(i, "ffn_up", n2)
         m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
-        out, c_down = self._projection_forward(i, "ffn_down", m)
+        if dw is None:
+            out, c_down = self._projection_forward(i, "ffn_down", m)
+        else:
+            out, c_down = dw.linear(m, dw.down[i]), None
         out, c_post = self._post_norm_forward(i, "ffn_post_norm.weight", out)
         return x + out, (c_norm, c_gate, c_up, c_act, c_down, c_post)
 
