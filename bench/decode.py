@@ -1,10 +1,12 @@
 """Benchmark: decode tokens/s of the reference model (the `bench` command's loop: greedy,
 KV cache, float32, NumPy) against llama.cpp on the F32 GGUF of the same model, same threads.
 
-    python bench/decode.py [--preset qwen2-25m] [--threads 2] [--prompt 64] [--gen 64]
+    python bench/decode.py [--preset qwen2-25m] [--threads 2] [--prompt 64] [--gen 64] [--profile]
 
 llama.cpp runs in a child process (llama-cpp-python), feeding one token per eval() after the
 same prompt, so both sides do the same work: a prefill and then single-token steps.
+``--profile``: afterwards, one more of our runs under pyinstrument (if installed), its call
+tree printed to stderr.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="profile one more run of ours")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     import numpy as np
@@ -81,6 +84,13 @@ def main() -> None:
             r = generate(model, prompt, args.gen)
             if i:
                 ours.append(r)
+        if args.profile:
+            from pyinstrument import Profiler
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+            generate(model, prompt, args.gen)
+            profiler.stop()
+            print(profiler.output_text(unicode=True, color=False), file=sys.stderr)
     ours_decode = max(r.decode_tokens_per_second for r in ours)
     llama_decode = max(args.gen / r["decode_s"] for r in llama_runs[1:])
     result = {
