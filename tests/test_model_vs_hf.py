@@ -282,6 +282,15 @@ def test_kv_cache_last_only_and_float32():
     assert first.shape == (B, 1, VOCAB) and first.dtype == np.float32
     rest = [model.forward_step(ids[:, t:t + 1], cache) for t in range(8, T)]
     assert rel_err(np.concatenate([first] + rest, axis=1), full[:, 7:]) <= 1e-5
+    # the same through the decode weights (float32); another model's are refused
+    weights = model.decode_weights()
+    cache = model.new_kv_cache(B, T + 4)
+    first = model.forward_step(ids[:, :8], cache, last_only=True, weights=weights)
+    rest = [model.forward_step(ids[:, t:t + 1], cache, weights=weights) for t in range(8, T)]
+    assert rel_err(np.concatenate([first] + rest, axis=1), full[:, 7:]) <= 1e-5
+    other = Model(cfg, params_of(hf, cfg), dtype=np.float32)
+    with pytest.raises(AprError, match="another model"):
+        other.forward_step(ids[:, :1], other.new_kv_cache(B, T), weights=weights)
 
 
 # --------------------------------------------------------------------------- rotary order
