@@ -5,9 +5,10 @@ further token is one `Model.forward_step` of a single position. Both read the we
 decode layout (`Model.decode_weights`: transposed, q/k/v and gate/up as one matrix each), built
 from the parameters at the start of each call (``setup_seconds``), so never older than them.
 Sampling happens on the host with a seeded ``numpy.random.Generator``, so a seed gives the
-same tokens on every backend (up to ties in the logits). Timings are taken after the logits reach the host, so GPU work is
-included in full: ``prefill_seconds`` is the time to the first token's logits, and
-``decode_seconds[j]`` the time of the j-th single-token step (its forward and its sampling).
+same tokens on every backend (up to ties in the logits). Timings are taken after the logits
+reach the host, so GPU work is included in full: ``prefill_seconds`` is the time to the first
+token's logits, and ``decode_seconds[j]`` the time of the j-th single-token step (its forward
+and its sampling).
 """
 from __future__ import annotations
 
