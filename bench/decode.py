@@ -1,10 +1,12 @@
 """Benchmark: decode tokens/s of the reference model (the `bench` command's loop: greedy,
 KV cache, float32, NumPy) against llama.cpp on the F32 GGUF of the same model, same threads.
 
-    python bench/decode.py [--preset qwen2-25m] [--threads 2] [--prompt 64] [--gen 64]
+    python bench/decode.py [--preset qwen2-25m] [--threads 2] [--prompt 64] [--gen 64] [--profile]
 
 llama.cpp runs in a child process (llama-cpp-python), feeding one token per eval() after the
 same prompt, so both sides do the same work: a prefill and then single-token steps.
+``--profile``: afterwards, one more of our runs under pyinstrument (if installed), its call
+tree printed to stderr.
 """
 from __future__ import annotations
 
@@ -41,20 +43,20 @@ print(json.dumps(runs))
 
 
 def products_only_tok_s(model, steps: int = 64, repeats: int = 5) -> float:
-    """Tokens/s of a decode step that is nothing but its matrix-vector products: each weight
-    matrix of the model (and the output projection) times one activation vector, in a loop,
-    the way the model multiplies them (x @ W.T). A bound on what any NumPy decode of this
-    model can reach at these threads, whatever its Python and elementwise work."""
+    """Tokens/s of a decode step that is nothing but its matrix-vector products: the model's
+    decode weights (`Model.decode_weights`: 4 matrices per layer and the head) each times one
+    activation vector, in a loop, as a decode step multiplies them, and nothing else. A bound
+    on what this NumPy decode can reach at these threads, whatever its other work costs."""
     import numpy as np
-    mats = [w for w in model.params.values() if w.ndim == 2 and w is not model.params.get("model.embed_tokens.weight")]
-    mats.append(model.lm_head)
-    xs = {w.shape[1]: np.ones((1, 1, w.shape[1]), w.dtype) for w in mats}
+    w = model.decode_weights()
+    mats = [wt for entries in (w.qkv, w.gate_up, w.o, w.down) for wt, _ in entries] + [w.head]
+    xs = {m.shape[0]: np.ones((1, m.shape[0]), m.dtype) for m in mats}
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(steps):
-            for w in mats:
-                xs[w.shape[1]] @ w.T
+            for m in mats:
+                xs[m.shape[0]] @ m
         best = min(best, (time.perf_counter() - t) / steps)
     return 1.0 / best
 
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="profile one more run of ours")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     import numpy as np
@@ -101,6 +104,13 @@ def main() -> None:
             if i:
                 ours.append(r)
         products = products_only_tok_s(model)
+        if args.profile:
+            from pyinstrument import Profiler
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+            generate(model, prompt, args.gen)
+            profiler.stop()
+            print(profiler.output_text(unicode=True, color=False), file=sys.stderr)
     ours_decode = max(r.decode_tokens_per_second for r in ours)
     llama_decode = max(args.gen / r["decode_s"] for r in llama_runs[1:])
     result = {
@@ -113,6 +123,7 @@ def main() -> None:
         "products_only_tok_s": round(products, 1),
         "products_only_ratio": round(products / llama_decode, 3),
         "ours_prefill_tok_s": round(max(r.prefill_tokens_per_second for r in ours), 1),
+        "ours_decode_weights_s": round(min(r.setup_seconds for r in ours), 4),
         "llama_cpp_prefill_tok_s": round(max(args.prompt / r["prefill_s"] for r in llama_runs[1:]), 1),
     }
     print(json.dumps(result, indent=2))

@@ -1,11 +1,14 @@
 """Text generation with a KV cache: greedy, temperature, top-k and top-p sampling.
 
 The prompt is run once (prefill), which gives the logits of the first new token; every
-further token is one `Model.forward_step` of a single position. Sampling happens on the host
-with a seeded ``numpy.random.Generator``, so a seed gives the same tokens on every backend
-(up to ties in the logits). Timings are taken after the logits reach the host, so GPU work is
-included in full: ``prefill_seconds`` is the time to the first token's logits, and
-``decode_seconds[j]`` the time of the j-th single-token step (its forward and its sampling).
+further token is one `Model.forward_step` of a single position. Both read the weights in the
+decode layout (`Model.decode_weights`: transposed, q/k/v and gate/up as one matrix each), built
+from the parameters at the start of each call (``setup_seconds``), so never older than them.
+Sampling happens on the host with a seeded ``numpy.random.Generator``, so a seed gives the
+same tokens on every backend (up to ties in the logits). Timings are taken after the logits
+reach the host, so GPU work is included in full: ``prefill_seconds`` is the time to the first
+token's logits, and ``decode_seconds[j]`` the time of the j-th single-token step (its forward
+and its sampling).
 """
 from __future__ import annotations
 
@@ -19,6 +22,12 @@ from apr.errors import AprError
 
 from .model import Model
 
+# Generations of at least this many new tokens read the weights in the decode layout
+# (`Model.decode_weights`). Measured on qwen2-25m (bench/decode.py, 2026-12-04): the build took
+# 0.10 s and saved 1.6 ms per token at 1 thread; both scale with the weights' bytes, so the
+# break-even, about 60 tokens, does not depend on the model's size.
+DECODE_LAYOUT_MIN_TOKENS = 64
+
 STOP_EOS = "eos"
 STOP_MAX_TOKENS = "max_new_tokens"
 
@@ -30,6 +39,7 @@ class GenerationResult:
     stop_reason: str                    # "eos" or "max_new_tokens"
     prefill_seconds: float              # prompt forward pass up to the first token's logits
     decode_seconds: list[float] = field(default_factory=list)  # one per single-token step
+    setup_seconds: float = 0.0          # building the decode weights, before the prefill
 
     @property
     def ids(self) -> list[int]:
@@ -49,6 +59,7 @@ class GenerationResult:
         return {
             "prompt_tokens": len(self.prompt_ids), "new_tokens": len(self.new_ids),
             "new_ids": self.new_ids, "stop_reason": self.stop_reason,
+            "setup_seconds": self.setup_seconds,
             "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
             "prefill_tokens_per_second": self.prefill_tokens_per_second,
             "decode_tokens_per_second": self.decode_tokens_per_second,
@@ -115,9 +126,18 @@ def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
     if max_new_tokens == 0:
         return GenerationResult(prompt, [], STOP_MAX_TOKENS, 0.0, [])
 
+    t0 = time.perf_counter()
+    # built per call, so never older than the parameters; only for a generation long enough
+    # to repay the build (a copy of every weight matrix: it costs about as much as
+    # DECODE_LAYOUT_MIN_TOKENS single-token steps save), and not under bf16 products,
+    # which the decode layout does not round
+    use = max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS and getattr(model, "matmul", None) is None
+    weights = model.decode_weights() if use else None
+    setup_seconds = time.perf_counter() - t0
     cache = model.new_kv_cache(1, len(prompt) + max_new_tokens)
     t0 = time.perf_counter()
-    logits = backend.to_numpy(model.forward_step(np.array([prompt]), cache, last_only=True))[0, -1]
+    logits = backend.to_numpy(model.forward_step(np.array([prompt]), cache, last_only=True,
+                                                 weights=weights))[0, -1]
     token = sample_token(logits, rng, temperature, top_k, top_p)
     prefill_seconds = time.perf_counter() - t0
 
@@ -125,9 +145,10 @@ def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
     decode_seconds: list[float] = []
     while token not in stop and len(new_ids) < max_new_tokens:
         t0 = time.perf_counter()
-        logits = backend.to_numpy(model.forward_step(np.array([[token]]), cache))[0, -1]
+        logits = backend.to_numpy(model.forward_step(np.array([[token]]), cache,
+                                                     weights=weights))[0, -1]
         token = sample_token(logits, rng, temperature, top_k, top_p)
         decode_seconds.append(time.perf_counter() - t0)
         new_ids.append(token)
     reason = STOP_EOS if token in stop else STOP_MAX_TOKENS
-    return GenerationResult(prompt, new_ids, reason, prefill_seconds, decode_seconds)
+    return GenerationResult(prompt, new_ids, reason, prefill_seconds, decode_seconds, setup_seconds)

@@ -65,6 +65,58 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+# --------------------------------------------------------------------------- decode weights
+
+class DecodeWeights:
+    """Every projection of a decode step, transposed, for inference: (in_features,
+    out_features) and C-contiguous, so that a single position's x @ W^T is ``x @ wt``, BLAS's
+    row-major matrix-vector product, which streams the matrix faster than the dot products of
+    the HF layout; and the projections that read the same input concatenated into one matrix:
+    ``qkv[i]`` holds the columns of q_proj, k_proj, v_proj (a family that stores them fused,
+    Phi-3, has them so already), ``gate_up[i]`` those of gate_proj then up_proj; ``o[i]``,
+    ``down[i]``, and ``head`` the output projection. Each layer entry is (wt, bias or None).
+
+    These are copies: they hold the parameters of the moment `Model.decode_weights` built
+    them, so they are built per use (``generate`` builds them once per call) and never kept
+    across a change of the parameters."""
+
+    def __init__(self, model: "Model"):
+        xp = model.backend.xp
+        self.params = model.params      # the dict they were built from (checked on use)
+
+        def cat(i: int, kinds: tuple[str, ...]) -> tuple[Array, Optional[Array]]:
+            ws = [model._p(i, k + ".weight") for k in kinds]
+            bs = [model._p(i, k + ".bias") for k in kinds]
+            if all(b is None for b in bs):
+                bias = None
+            else:                       # a bias on some of them only: zeros for the others
+                bias = xp.concatenate([xp.zeros(w.shape[0], dtype=w.dtype) if b is None else b
+                                       for w, b in zip(ws, bs)])
+            wt = xp.empty((ws[0].shape[1], sum(w.shape[0] for w in ws)), dtype=ws[0].dtype)
+            start = 0                   # (C order: concatenate would keep the inputs' F order)
+            for w in ws:
+                wt[:, start:start + w.shape[0]] = w.T
+                start += w.shape[0]
+            return wt, bias
+
+        n, fused = model.config.num_layers, model.config.fused
+        self.qkv = [cat(i, ("attn_qkv",) if fused else ("attn_q", "attn_k", "attn_v"))
+                    for i in range(n)]
+        self.gate_up = [cat(i, ("ffn_up",) if fused else ("ffn_gate", "ffn_up")) for i in range(n)]
+        self.o = [cat(i, ("attn_output",)) for i in range(n)]
+        self.down = [cat(i, ("ffn_down",)) for i in range(n)]
+        self.head = xp.ascontiguousarray(model.lm_head.T)
+
+    @staticmethod
+    def linear(x: Array, weight: tuple[Array, Optional[Array]]) -> Array:
+        """x @ wt + b for one (wt, b) entry: the value of `ops.linear_forward` (x @ W^T + b)."""
+        wt, bias = weight
+        y = x.reshape(-1, x.shape[-1]) @ wt
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], wt.shape[1])
+
+
 # --------------------------------------------------------------------------- model
 
 class Model:
@@ -83,7 +135,7 @@ class Model:
         self.backend = backend or cpu_backend()
         self.dtype = np.dtype(dtype)
         self.params: dict[str, Array] = self._check_params(params)
-        self._param_names: dict[tuple[int, str], Optional[str]] = {}
+        self._names: dict[tuple[int, str], Optional[str]] = {}    # (layer, kind) -> name
 
     @classmethod
     def init_random(cls, config: ModelConfig, seed: int = 0, backend: Optional[Backend] = None,
@@ -140,10 +192,10 @@ class Model:
         """Layer i's parameter of ``kind`` (`apr.names.TENSOR_KINDS`); None for one the
         config does not have (a bias, a q/k norm)."""
         key = (i, kind)
-        name = self._param_names.get(key, False)
-        if name is False:               # the name is a function of the config: found once
-            name = self._param_names[key] = (names.tensor_name(kind, i, self.config.family)
-                                             if kind in names.kinds_for(self.config.family) else None)
+        if key not in self._names:      # the name only: the array is looked up every time
+            self._names[key] = (names.tensor_name(kind, i, self.config.family)
+                                if kind in names.kinds_for(self.config.family) else None)
+        name = self._names[key]
         return None if name is None else self.params.get(name)
 
     def _ids(self, ids: Any) -> Array:
@@ -214,13 +266,18 @@ class Model:
 
     # ------------------------------------------------------------------ attention block
     def _attention_forward(self, i: int, x: Array, cos: Array, sin: Array,
-                           kv: Optional[KVCache]) -> tuple[Array, tuple]:
+                           kv: Optional[KVCache], dw: Optional[DecodeWeights] = None
+                           ) -> tuple[Array, tuple]:
         """x + o_proj(attention(rope(q), rope(k), v)) over rmsnorm(x) (the block's output
-        normalized again where the config has post norms)."""
+        normalized again where the config has post norms). ``dw``: the decode weights to use
+        (no backward cache then)."""
         cfg = self.config
         n1, c_norm = self._norm_forward(x, self._p(i, "attn_norm.weight"))
-        if cfg.fused:       # one q/k/v matrix: its output split into views (Phi-3)
-            qkv, c_q = self._projection_forward(i, "attn_qkv", n1)
+        if cfg.fused or dw is not None:  # one q/k/v matrix: its output split into views (Phi-3)
+            if dw is None:
+                qkv, c_q = self._projection_forward(i, "attn_qkv", n1)
+            else:
+                qkv, c_q = dw.linear(n1, dw.qkv[i]), None
             q, k, v = (qkv[..., :cfg.q_size], qkv[..., cfg.q_size:cfg.q_size + cfg.kv_size],
                        qkv[..., cfg.q_size + cfg.kv_size:])
             c_k = c_v = None
@@ -237,7 +294,10 @@ class Model:
             k, v = kv.append(i, k, v)
         a, c_att = ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
                                          cfg.attn_logit_softcapping)
-        out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
+        if dw is None:
+            out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
+        else:
+            out, c_o = dw.linear(self._merge_heads(a), dw.o[i]), None
         out, c_post = self._post_norm_forward(i, "attn_post_norm.weight", out)
         return x + out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post)
 
@@ -282,18 +342,26 @@ class Model:
         return dx
 
     # ------------------------------------------------------------------ MLP block
-    def _mlp_forward(self, i: int, x: Array) -> tuple[Array, tuple]:
-        """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act."""
+    def _mlp_forward(self, i: int, x: Array, dw: Optional[DecodeWeights] = None
+                     ) -> tuple[Array, tuple]:
+        """x + down_proj(act(gate_proj(n)) * up_proj(n)),  n = rmsnorm(x), act = config.hidden_act.
+        ``dw``: the decode weights to use (no backward cache then)."""
         n2, c_norm = self._norm_forward(x, self._p(i, "ffn_norm.weight"))
-        if self.config.fused:   # one gate/up matrix: gate is the first half of its output
-            gate_up, c_gate = self._projection_forward(i, "ffn_up", n2)
+        if self.config.fused or dw is not None:  # one gate/up matrix: gate is its first half
+            if dw is None:
+                gate_up, c_gate = self._projection_forward(i, "ffn_up", n2)
+            else:
+                gate_up, c_gate = dw.linear(n2, dw.gate_up[i]), None
             f = self.config.intermediate_size
             gate, up, c_up = gate_up[..., :f], gate_up[..., f:], None
         else:
             gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
             up, c_up = self._projection_forward(i, "ffn_up", n2)
         m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
-        out, c_down = self._projection_forward(i, "ffn_down", m)
+        if dw is None:
+            out, c_down = self._projection_forward(i, "ffn_down", m)
+        else:
+            out, c_down = dw.linear(m, dw.down[i]), None
         out, c_post = self._post_norm_forward(i, "ffn_post_norm.weight", out)
         return x + out, (c_norm, c_gate, c_up, c_act, c_down, c_post)
 
@@ -313,7 +381,8 @@ class Model:
 
     # ------------------------------------------------------------------ trunk
     def _trunk_forward(self, ids: Array, start: int, kv: Optional[KVCache],
-                       caches: Optional[list], hidden: Optional[list]) -> Array:
+                       caches: Optional[list], hidden: Optional[list],
+                       dw: Optional[DecodeWeights] = None) -> Array:
         """embed -> layers -> final norm, for positions start .. start + T - 1.
         ``caches``: a list to receive every backward cache (training) or None (inference);
         ``hidden``: a list to receive the embedding output, every layer's output and the
@@ -326,8 +395,8 @@ class Model:
         if hidden is not None:
             hidden.append(x)
         for i in range(self.config.num_layers):
-            x, c_attn = self._attention_forward(i, x, *ropes[i], kv)
-            x, c_mlp = self._mlp_forward(i, x)
+            x, c_attn = self._attention_forward(i, x, *ropes[i], kv, dw)
+            x, c_mlp = self._mlp_forward(i, x, dw)
             if caches is not None:
                 layer_caches.append((c_attn, c_mlp))
             if hidden is not None:
@@ -353,9 +422,12 @@ class Model:
         d_embed = ops.embedding_backward(dx, c_embed)
         grads[EMBED] = grads[EMBED] + d_embed if EMBED in grads else d_embed
 
-    def _head_forward(self, x: Array) -> tuple[Array, tuple]:
+    def _head_forward(self, x: Array, dw: Optional[DecodeWeights] = None) -> tuple[Array, tuple]:
         """The output projection, soft-capped where the config says (Gemma 2)."""
-        logits, c_head = ops.linear_forward(x, self.lm_head)
+        if dw is None:
+            logits, c_head = ops.linear_forward(x, self.lm_head)
+        else:
+            logits, c_head = dw.linear(x, (dw.head, None)), None
         cap = self.config.final_logit_softcapping
         if not cap:
             return logits, (c_head, None)
@@ -410,11 +482,20 @@ class Model:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` positions."""
         return KVCache(self.config, batch, capacity, self.backend, self.dtype)
 
-    def forward_step(self, ids: Any, cache: KVCache, last_only: bool = False) -> Array:
+    def decode_weights(self) -> DecodeWeights:
+        """The current parameters in the decode layout (`DecodeWeights`) for `forward_step`.
+        Build them again after any change of the parameters: they are copies."""
+        return DecodeWeights(self)
+
+    def forward_step(self, ids: Any, cache: KVCache, last_only: bool = False,
+                     weights: Optional[DecodeWeights] = None) -> Array:
         """Logits for ``ids`` (batch, T) that follow the ``cache.length`` positions already
         in ``cache``, which is then extended by T. A prompt at once (prefill), then one token
         at a time, gives the logits of `forward` on the whole sequence. ``last_only``:
-        return only the last position's logits, (batch, 1, vocab)."""
+        return only the last position's logits, (batch, 1, vocab). ``weights``: from
+        `decode_weights` of this model (the same numbers in fewer, larger products)."""
+        if weights is not None and weights.params is not self.params:
+            raise AprError("forward_step: the decode weights were built for another model")
         ids = self._ids(ids)
         b, t = ids.shape
         if b != cache.batch:
@@ -422,9 +503,9 @@ class Model:
         if cache.length + t > cache.capacity:
             raise AprError(f"forward_step: {cache.length} cached + {t} new positions exceed "
                            f"the KV cache capacity {cache.capacity}")
-        x = self._trunk_forward(ids, cache.length, cache, None, None)
+        x = self._trunk_forward(ids, cache.length, cache, None, None, weights)
         cache.length += t
         if last_only:
             x = x[:, -1:]
-        logits, _ = self._head_forward(x)
+        logits, _ = self._head_forward(x, weights)
         return logits

@@ -51,7 +51,9 @@ def embedding_backward(dout: Array, cache: tuple) -> Array:
 def rmsnorm_forward(x: Array, weight: Array, eps: float) -> tuple[Array, tuple]:
     """y = w * x / sqrt(mean(x^2) + eps), over the last axis.  Cache: x_hat = x * rstd, rstd."""
     xp = array_module(x)
-    rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+    ms = (x * x).sum(axis=-1, keepdims=True)
+    ms /= x.shape[-1]                   # the mean, as xp.mean computes it, without its overhead
+    rstd = 1.0 / xp.sqrt(ms + eps)
     x_hat = x * rstd
     return x_hat * weight, (x_hat, rstd, weight)
 
@@ -184,7 +186,7 @@ def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: floa
     capped = None
     if softcap:
         scores, capped = softcap_forward(scores, softcap)
-    if t > 1 or 0 < window < s:        # one query at the end sees every key: nothing to mask
+    if t > 1 or (window and s > window):    # else every key is visible: the mask is all 0
         scores += causal_mask(t, s, xp, scores.dtype, window)
     probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
     out = (probs @ v).reshape(b, h, t, d)

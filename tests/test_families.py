@@ -166,6 +166,12 @@ def test_family_against_transformers(case, hf_exact64):  # noqa: F811
     steps = [model.forward_step(ids[:, :5], cache)]
     steps += [model.forward_step(ids[:, t:t + 1], cache) for t in range(5, T)]
     assert rel_err(np.concatenate(steps, axis=1), logits) <= 1e-12
+    # the same with the decode weights (transposed; q/k/v and gate/up as one product each)
+    weights = model.decode_weights()
+    cache = model.new_kv_cache(B, T)
+    steps = [model.forward_step(ids[:, :5], cache, weights=weights)]
+    steps += [model.forward_step(ids[:, t:t + 1], cache, weights=weights) for t in range(5, T)]
+    assert rel_err(np.concatenate(steps, axis=1), logits) <= 1e-12
 
 
 @pytest.mark.parametrize("name", sorted(ROPES))

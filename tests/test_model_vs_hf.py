@@ -282,6 +282,15 @@ def test_kv_cache_last_only_and_float32():
     assert first.shape == (B, 1, VOCAB) and first.dtype == np.float32
     rest = [model.forward_step(ids[:, t:t + 1], cache) for t in range(8, T)]
     assert rel_err(np.concatenate([first] + rest, axis=1), full[:, 7:]) <= 1e-5
+    # the same through the decode weights (float32); another model's are refused
+    weights = model.decode_weights()
+    cache = model.new_kv_cache(B, T + 4)
+    first = model.forward_step(ids[:, :8], cache, last_only=True, weights=weights)
+    rest = [model.forward_step(ids[:, t:t + 1], cache, weights=weights) for t in range(8, T)]
+    assert rel_err(np.concatenate([first] + rest, axis=1), full[:, 7:]) <= 1e-5
+    other = Model(cfg, params_of(hf, cfg), dtype=np.float32)
+    with pytest.raises(AprError, match="another model"):
+        other.forward_step(ids[:, :1], other.new_kv_cache(B, T), weights=weights)
 
 
 # --------------------------------------------------------------------------- rotary order
@@ -430,6 +439,30 @@ def test_greedy_generation_matches_full_forward():
     # top-k 1 and a tiny top-p are greedy whatever the temperature and seed
     assert generate(model, prompt, 6, temperature=1.5, top_k=1, seed=3).new_ids == result.new_ids[:6]
     assert generate(model, prompt, 6, temperature=1.5, top_p=1e-9, seed=4).new_ids == result.new_ids[:6]
+
+
+def test_long_generation_reads_the_decode_layout_and_decodes_alike(monkeypatch):
+    """From DECODE_LAYOUT_MIN_TOKENS new tokens on, generate reads the weights in the decode
+    layout (built once per call); the tokens are the full forward's either way, and under
+    bf16 products (which that layout does not round) it is never used."""
+    from ref import generate as gen
+    case = CASES[3]
+    cfg, hf = our_config(case), build_hf(case)
+    model = Model(cfg, params_of(hf, cfg), dtype=np.float64)
+    built = []
+    real = model.decode_weights
+    monkeypatch.setattr(model, "decode_weights", lambda: built.append(1) or real())
+    prompt = [5, 17, 3, 80, 41]
+    n = gen.DECODE_LAYOUT_MIN_TOKENS
+    short = generate(model, prompt, n - 1)
+    assert built == []
+    long = generate(model, prompt, n)
+    assert built == [1] and long.setup_seconds > 0
+    assert long.new_ids[:n - 1] == short.new_ids
+    assert long.new_ids[-8:] == greedy_by_full_forward(model, prompt + long.new_ids[:-8], 8)
+    model.matmul = "bf16"
+    generate(model, prompt, n)
+    assert built == [1]
 
 
 def test_sampling_is_seeded_and_distributed():
