@@ -51,7 +51,12 @@ def embedding_backward(dout: Array, cache: tuple) -> Array:
 def rmsnorm_forward(x: Array, weight: Array, eps: float) -> tuple[Array, tuple]:
     """y = w * x / sqrt(mean(x^2) + eps), over the last axis.  Cache: x_hat = x * rstd, rstd."""
     xp = array_module(x)
-    rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+    sq = x * x
+    rstd = sq.mean(axis=-1, keepdims=True)
+    del sq
+    rstd += eps
+    xp.sqrt(rstd, out=rstd)
+    xp.divide(1.0, rstd, out=rstd)
     x_hat = x * rstd
     return x_hat * weight, (x_hat, rstd, weight)
 
@@ -62,10 +67,15 @@ def rmsnorm_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
     x_hat, rstd, weight = cache
     xp = array_module(dout)
     g = dout * weight
-    dx = rstd * (g - x_hat * xp.mean(g * x_hat, axis=-1, keepdims=True))
+    gx = g * x_hat
+    m = gx.mean(axis=-1, keepdims=True)
     c = x_hat.shape[-1]
-    dweight = (dout.reshape(-1, c) * x_hat.reshape(-1, c)).sum(axis=0)
-    return dx, dweight
+    xp.multiply(dout, x_hat, out=gx)
+    dweight = gx.reshape(-1, c).sum(axis=0)
+    xp.multiply(x_hat, m, out=gx)
+    g -= gx
+    g *= rstd
+    return g, dweight
 
 
 # --------------------------------------------------------------------------- linear
@@ -178,16 +188,15 @@ def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: floa
     kv_heads, s = k.shape[1], k.shape[2]
     g = h // kv_heads
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg = q.reshape(b, kv_heads, g * t, d)
+    qg = q.reshape(b, kv_heads, g * t, d) * q.dtype.type(scale)   # scaled here: T x D, not T x S
     scores = (qg @ k.swapaxes(-1, -2)).reshape(b, kv_heads, g, t, s)
-    scores *= scale
     capped = None
     if softcap:
         scores, capped = softcap_forward(scores, softcap)
     scores += causal_mask(t, s, xp, scores.dtype, window)
     probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
     out = (probs @ v).reshape(b, h, t, d)
-    return out, (qg, k, v, probs, scale, capped)
+    return out, (qg, k, v, probs, scale, capped, out)
 
 
 def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
@@ -195,20 +204,22 @@ def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
         dV = P^T dout,   dP = dout V^T,   dS = P * (dP - rowsum(dP * P)),
         (through the soft-cap: dS = dS * (1 - tanh^2)),
         dq = dS K * scale,   dK = dS^T q * scale
-    dK and dV sum over the G query heads that share each K/V head (the stacked rows)."""
-    qg, k, v, probs, scale, capped = cache
+    dK and dV sum over the G query heads that share each K/V head (the stacked rows).
+    rowsum(dP * P) = rowsum(dout * (P V)) = rowsum(dout * out): a sum over D, not over S."""
+    qs, k, v, probs, scale, capped, out = cache      # qs = q * scale
     b, h, t, d = dout.shape
     kv_heads = k.shape[1]
     dout_g = dout.reshape(b, kv_heads, -1, d)
     dv = probs.swapaxes(-1, -2) @ dout_g
-    dprobs = dout_g @ v.swapaxes(-1, -2)
-    dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+    dscores = dout_g @ v.swapaxes(-1, -2)                                 # dP
+    dscores -= (dout * out).sum(axis=-1).reshape(b, kv_heads, -1, 1)
+    dscores *= probs
     if capped is not None:
         dscores = softcap_backward(dscores.reshape(capped[0].shape), capped).reshape(dscores.shape)
-    dscores *= scale
-    dq = (dscores @ k).reshape(b, h, t, d)
-    dk = dscores.swapaxes(-1, -2) @ qg
-    return dq, dk, dv
+    dq = dscores @ k
+    dq *= dq.dtype.type(scale)
+    dk = dscores.swapaxes(-1, -2) @ qs
+    return dq.reshape(b, h, t, d), dk, dv
 
 
 # --------------------------------------------------------------------------- soft-capping
@@ -240,7 +251,10 @@ def _softmax_inplace(x: Array) -> Array:
 def sigmoid(z: Array) -> Array:
     """1 / (1 + exp(-z)) = (1 + tanh(z / 2)) / 2: the tanh form cannot overflow for any z."""
     xp = array_module(z)
-    return 0.5 + 0.5 * xp.tanh(0.5 * z)
+    s = xp.tanh(0.5 * z)
+    s *= 0.5
+    s += 0.5
+    return s
 
 
 @dataclass(frozen=True)
@@ -336,13 +350,29 @@ ACTIVATIONS: dict[str, Activation] = {
 def gated_mlp_forward(gate: Array, up: Array, act: str = "silu") -> tuple[Array, tuple]:
     """out = act(gate) * up   (SwiGLU for silu, GeGLU for the gelus)."""
     a = ACTIVATIONS[act]
-    return a.f(gate) * up, (gate, up, a)
+    if a is _SILU:      # silu(z) = z sig(z): sig(gate) is kept for the backward
+        sig = sigmoid(gate)
+        out = gate * sig
+        out *= up
+        return out, (gate, up, a, sig)
+    return a.f(gate) * up, (gate, up, a, None)
 
 
 def gated_mlp_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
-    """dup = dout * act(gate);   dgate = dout * up * act'(gate)."""
-    gate, up, a = cache
-    return dout * up * a.df(gate), dout * a.f(gate)
+    """dup = dout * act(gate);   dgate = dout * up * act'(gate)
+    (for silu, with s = sig(gate) from the forward: act = gate s, act' = s (1 + gate (1 - s)))."""
+    gate, up, a, sig = cache
+    if sig is None:
+        return dout * up * a.df(gate), dout * a.f(gate)
+    dgate = 1.0 - sig
+    dgate *= gate
+    dgate += 1.0
+    dgate *= sig
+    dgate *= up
+    dgate *= dout
+    dup = gate * sig
+    dup *= dout
+    return dgate, dup
 
 
 # --------------------------------------------------------------------------- cross-entropy
