@@ -160,16 +160,34 @@ def rope_backward(dout: Array, cache: tuple) -> Array:
 
 # --------------------------------------------------------------------------- attention
 
-def causal_mask(t: int, s: int, xp: Any, dtype: Any, window: int = 0) -> Array:
+def causal_mask(t: int, s: int, xp: Any, dtype: Any, window: int = 0, first: int | None = None,
+                key_first: int = 0, keys: int | None = None) -> Array:
     """(T, S) additive mask: 0 where query t (at absolute position S - T + t) may see key s,
     i.e. s <= S - T + t, and -inf elsewhere. With a sliding ``window`` > 0 the query also
     sees only the ``window`` most recent positions, its own included: S - T + t - s < window
-    (HF's sliding-window mask)."""
-    rel = (s - t) + xp.arange(t)[:, None] - xp.arange(s)[None, :]   # query pos - key pos
+    (HF's sliding-window mask). A block of it: ``first`` the absolute position of the first
+    query (S - T unless given), keys key_first .. key_first + keys - 1 (all S unless given)."""
+    first = s - t if first is None else first
+    keys = s if keys is None else keys
+    rel = (first - key_first) + xp.arange(t)[:, None] - xp.arange(keys)[None, :]  # query - key pos
     allowed = rel >= 0
     if window:
         allowed &= rel < window
     return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
+
+
+ATTENTION_BLOCK = 64   # query rows per block: key blocks wholly masked for it are skipped
+
+
+def _query_blocks(t: int, s: int, window: int) -> list[tuple[int, int, int, int]]:
+    """(t0, t1, k0, k1) per block of queries t0 .. t1-1: keys k0 .. k1-1 are all it can see
+    (the causal limit on the right, the sliding window on the left)."""
+    blocks = []
+    for t0 in range(0, t, ATTENTION_BLOCK):
+        t1 = min(t, t0 + ATTENTION_BLOCK)
+        k0 = max(0, s - t + t0 - window + 1) if window else 0
+        blocks.append((t0, t1, k0, s - t + t1))
+    return blocks
 
 
 def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: float | None = None,
@@ -180,23 +198,32 @@ def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: floa
         S = q k^T * scale  (scale: 1/sqrt(D) unless given),
         S = c tanh(S / c)  (with a soft-cap c, as Gemma 2),
         P = softmax(S + mask),   out = P v         -> (B, H, T, D).
-    The G query heads of one K/V head are stacked along the rows (B, K, G*T, D), so each
-    group is one matmul against its shared K/V, with no copy of K or V. The mask is
-    constant, so the backward is the same with or without a window."""
+    The queries go in blocks of `ATTENTION_BLOCK` positions, each against only the keys it
+    can see (so the masked corner of the T x S scores is never computed). In a block the G
+    query heads of one K/V head are stacked along the rows (B, K, G*Tb, D), so each group is
+    one matmul against its shared K/V. The mask is constant, so the backward is the same
+    with or without a window."""
     xp = array_module(q)
     b, h, t, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     g = h // kv_heads
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg = q.reshape(b, kv_heads, g * t, d) * q.dtype.type(scale)   # scaled here: T x D, not T x S
-    scores = (qg @ k.swapaxes(-1, -2)).reshape(b, kv_heads, g, t, s)
-    capped = None
-    if softcap:
-        scores, capped = softcap_forward(scores, softcap)
-    scores += causal_mask(t, s, xp, scores.dtype, window)
-    probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
-    out = (probs @ v).reshape(b, h, t, d)
-    return out, (qg, k, v, probs, scale, capped, out)
+    qs = (q * q.dtype.type(scale)).reshape(b, kv_heads, g, t, d)   # scaled here: T x D, not T x S
+    out = xp.empty((b, kv_heads, g, t, d), dtype=xp.result_type(q, v))
+    blocks = []
+    for t0, t1, k0, k1 in _query_blocks(t, s, window):
+        tb = t1 - t0
+        qb = qs[:, :, :, t0:t1].reshape(b, kv_heads, g * tb, d)
+        scores = (qb @ k[:, :, k0:k1].swapaxes(-1, -2)).reshape(b, kv_heads, g, tb, k1 - k0)
+        capped = None
+        if softcap:
+            scores, capped = softcap_forward(scores, softcap)
+        scores += causal_mask(tb, s, xp, scores.dtype, window, s - t + t0, k0, k1 - k0)
+        probs = _softmax_inplace(scores).reshape(b, kv_heads, g * tb, k1 - k0)
+        out[:, :, :, t0:t1] = (probs @ v[:, :, k0:k1]).reshape(b, kv_heads, g, tb, d)
+        blocks.append((t0, t1, k0, k1, qb, probs, capped))
+    out = out.reshape(b, h, t, d)
+    return out, (k, v, scale, blocks, out)
 
 
 def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
@@ -204,21 +231,32 @@ def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
         dV = P^T dout,   dP = dout V^T,   dS = P * (dP - rowsum(dP * P)),
         (through the soft-cap: dS = dS * (1 - tanh^2)),
         dq = dS K * scale,   dK = dS^T q * scale
-    dK and dV sum over the G query heads that share each K/V head (the stacked rows).
-    rowsum(dP * P) = rowsum(dout * (P V)) = rowsum(dout * out): a sum over D, not over S."""
-    qs, k, v, probs, scale, capped, out = cache      # qs = q * scale
+    dK and dV sum over the G query heads that share each K/V head (the stacked rows) and
+    over the query blocks. rowsum(dP * P) = rowsum(dout * (P V)) = rowsum(dout * out): a
+    sum over D, not over S."""
+    k, v, scale, blocks, out = cache
+    xp = array_module(dout)
     b, h, t, d = dout.shape
     kv_heads = k.shape[1]
-    dout_g = dout.reshape(b, kv_heads, -1, d)
-    dv = probs.swapaxes(-1, -2) @ dout_g
-    dscores = dout_g @ v.swapaxes(-1, -2)                                 # dP
-    dscores -= (dout * out).sum(axis=-1).reshape(b, kv_heads, -1, 1)
-    dscores *= probs
-    if capped is not None:
-        dscores = softcap_backward(dscores.reshape(capped[0].shape), capped).reshape(dscores.shape)
-    dq = dscores @ k
-    dq *= dq.dtype.type(scale)
-    dk = dscores.swapaxes(-1, -2) @ qs
+    g = h // kv_heads
+    dout5 = dout.reshape(b, kv_heads, g, t, d)
+    rowdot = (dout * out).sum(axis=-1).reshape(b, kv_heads, g, t, 1)
+    dq = xp.empty((b, kv_heads, g, t, d), dtype=xp.result_type(dout, k))
+    dk = xp.zeros(k.shape, dtype=dq.dtype)
+    dv = xp.zeros(v.shape, dtype=dq.dtype)
+    for t0, t1, k0, k1, qb, probs, capped in blocks:
+        tb = t1 - t0
+        db = dout5[:, :, :, t0:t1].reshape(b, kv_heads, g * tb, d)
+        dv[:, :, k0:k1] += probs.swapaxes(-1, -2) @ db
+        dscores = db @ v[:, :, k0:k1].swapaxes(-1, -2)                       # dP
+        dscores -= rowdot[:, :, :, t0:t1].reshape(b, kv_heads, g * tb, 1)
+        dscores *= probs
+        if capped is not None:
+            dscores = softcap_backward(dscores.reshape(capped[0].shape), capped).reshape(dscores.shape)
+        dqb = dscores @ k[:, :, k0:k1]
+        dqb *= dqb.dtype.type(scale)
+        dq[:, :, :, t0:t1] = dqb.reshape(b, kv_heads, g, tb, d)
+        dk[:, :, k0:k1] += dscores.swapaxes(-1, -2) @ qb                     # qb = q * scale
     return dq.reshape(b, h, t, d), dk, dv
 
 
