@@ -176,7 +176,7 @@ def causal_mask(t: int, s: int, xp: Any, dtype: Any, window: int = 0, first: int
     return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
 
 
-ATTENTION_BLOCK = 64   # query rows per block: key blocks wholly masked for it are skipped
+ATTENTION_BLOCK = 32   # query rows per block: key blocks wholly masked for it are skipped
 
 
 def _query_blocks(t: int, s: int, window: int) -> list[tuple[int, int, int, int]]:
