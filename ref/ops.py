@@ -51,9 +51,13 @@ def embedding_backward(dout: Array, cache: tuple) -> Array:
 def rmsnorm_forward(x: Array, weight: Array, eps: float) -> tuple[Array, tuple]:
     """y = w * x / sqrt(mean(x^2) + eps), over the last axis.  Cache: x_hat = x * rstd, rstd."""
     xp = array_module(x)
-    ms = (x * x).sum(axis=-1, keepdims=True)
-    ms /= x.shape[-1]                   # the mean, as xp.mean computes it, without its overhead
-    rstd = 1.0 / xp.sqrt(ms + eps)
+    sq = x * x
+    rstd = sq.sum(axis=-1, keepdims=True)
+    del sq
+    rstd /= x.shape[-1]                 # the mean, as xp.mean computes it, without its overhead
+    rstd += eps
+    xp.sqrt(rstd, out=rstd)
+    xp.divide(1.0, rstd, out=rstd)
     x_hat = x * rstd
     return x_hat * weight, (x_hat, rstd, weight)
 
@@ -64,10 +68,15 @@ def rmsnorm_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
     x_hat, rstd, weight = cache
     xp = array_module(dout)
     g = dout * weight
-    dx = rstd * (g - x_hat * xp.mean(g * x_hat, axis=-1, keepdims=True))
+    gx = g * x_hat
+    m = gx.mean(axis=-1, keepdims=True)
     c = x_hat.shape[-1]
-    dweight = (dout.reshape(-1, c) * x_hat.reshape(-1, c)).sum(axis=0)
-    return dx, dweight
+    xp.multiply(dout, x_hat, out=gx)
+    dweight = gx.reshape(-1, c).sum(axis=0)
+    xp.multiply(x_hat, m, out=gx)
+    g -= gx
+    g *= rstd
+    return g, dweight
 
 
 # --------------------------------------------------------------------------- linear
@@ -152,16 +161,34 @@ def rope_backward(dout: Array, cache: tuple) -> Array:
 
 # --------------------------------------------------------------------------- attention
 
-def causal_mask(t: int, s: int, xp: Any, dtype: Any, window: int = 0) -> Array:
+def causal_mask(t: int, s: int, xp: Any, dtype: Any, window: int = 0, first: int | None = None,
+                key_first: int = 0, keys: int | None = None) -> Array:
     """(T, S) additive mask: 0 where query t (at absolute position S - T + t) may see key s,
     i.e. s <= S - T + t, and -inf elsewhere. With a sliding ``window`` > 0 the query also
     sees only the ``window`` most recent positions, its own included: S - T + t - s < window
-    (HF's sliding-window mask)."""
-    rel = (s - t) + xp.arange(t)[:, None] - xp.arange(s)[None, :]   # query pos - key pos
+    (HF's sliding-window mask). A block of it: ``first`` the absolute position of the first
+    query (S - T unless given), keys key_first .. key_first + keys - 1 (all S unless given)."""
+    first = s - t if first is None else first
+    keys = s if keys is None else keys
+    rel = (first - key_first) + xp.arange(t)[:, None] - xp.arange(keys)[None, :]  # query - key pos
     allowed = rel >= 0
     if window:
         allowed &= rel < window
     return xp.where(allowed, 0.0, -xp.inf).astype(dtype)
+
+
+ATTENTION_BLOCK = 32   # query rows per block: key blocks wholly masked for it are skipped
+
+
+def _query_blocks(t: int, s: int, window: int) -> list[tuple[int, int, int, int]]:
+    """(t0, t1, k0, k1) per block of queries t0 .. t1-1: keys k0 .. k1-1 are all it can see
+    (the causal limit on the right, the sliding window on the left)."""
+    blocks = []
+    for t0 in range(0, t, ATTENTION_BLOCK):
+        t1 = min(t, t0 + ATTENTION_BLOCK)
+        k0 = max(0, s - t + t0 - window + 1) if window else 0
+        blocks.append((t0, t1, k0, s - t + t1))
+    return blocks
 
 
 def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: float | None = None,
@@ -172,25 +199,33 @@ def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: floa
         S = q k^T * scale  (scale: 1/sqrt(D) unless given),
         S = c tanh(S / c)  (with a soft-cap c, as Gemma 2),
         P = softmax(S + mask),   out = P v         -> (B, H, T, D).
-    The G query heads of one K/V head are stacked along the rows (B, K, G*T, D), so each
-    group is one matmul against its shared K/V, with no copy of K or V. The mask is
-    constant, so the backward is the same with or without a window."""
+    The queries go in blocks of `ATTENTION_BLOCK` positions, each against only the keys it
+    can see (so the masked corner of the T x S scores is never computed). In a block the G
+    query heads of one K/V head are stacked along the rows (B, K, G*Tb, D), so each group is
+    one matmul against its shared K/V. The mask is constant, so the backward is the same
+    with or without a window."""
     xp = array_module(q)
     b, h, t, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     g = h // kv_heads
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qg = q.reshape(b, kv_heads, g * t, d)
-    scores = (qg @ k.swapaxes(-1, -2)).reshape(b, kv_heads, g, t, s)
-    scores *= scale
-    capped = None
-    if softcap:
-        scores, capped = softcap_forward(scores, softcap)
-    if t > 1 or (window and s > window):    # else every key is visible: the mask is all 0
-        scores += causal_mask(t, s, xp, scores.dtype, window)
-    probs = _softmax_inplace(scores).reshape(b, kv_heads, g * t, s)
-    out = (probs @ v).reshape(b, h, t, d)
-    return out, (qg, k, v, probs, scale, capped)
+    qs = (q * q.dtype.type(scale)).reshape(b, kv_heads, g, t, d)   # scaled here: T x D, not T x S
+    out = xp.empty((b, kv_heads, g, t, d), dtype=xp.result_type(q, v))
+    blocks = []
+    for t0, t1, k0, k1 in _query_blocks(t, s, window):
+        tb = t1 - t0
+        qb = qs[:, :, :, t0:t1].reshape(b, kv_heads, g * tb, d)
+        scores = (qb @ k[:, :, k0:k1].swapaxes(-1, -2)).reshape(b, kv_heads, g, tb, k1 - k0)
+        capped = None
+        if softcap:
+            scores, capped = softcap_forward(scores, softcap)
+        if tb > 1:      # one query sees every key of its block (k0 is its window's edge)
+            scores += causal_mask(tb, s, xp, scores.dtype, window, s - t + t0, k0, k1 - k0)
+        probs = _softmax_inplace(scores).reshape(b, kv_heads, g * tb, k1 - k0)
+        out[:, :, :, t0:t1] = (probs @ v[:, :, k0:k1]).reshape(b, kv_heads, g, tb, d)
+        blocks.append((t0, t1, k0, k1, qb, probs, capped))
+    out = out.reshape(b, h, t, d)
+    return out, (k, v, scale, blocks, out)
 
 
 def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
@@ -198,20 +233,33 @@ def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
         dV = P^T dout,   dP = dout V^T,   dS = P * (dP - rowsum(dP * P)),
         (through the soft-cap: dS = dS * (1 - tanh^2)),
         dq = dS K * scale,   dK = dS^T q * scale
-    dK and dV sum over the G query heads that share each K/V head (the stacked rows)."""
-    qg, k, v, probs, scale, capped = cache
+    dK and dV sum over the G query heads that share each K/V head (the stacked rows) and
+    over the query blocks. rowsum(dP * P) = rowsum(dout * (P V)) = rowsum(dout * out): a
+    sum over D, not over S."""
+    k, v, scale, blocks, out = cache
+    xp = array_module(dout)
     b, h, t, d = dout.shape
     kv_heads = k.shape[1]
-    dout_g = dout.reshape(b, kv_heads, -1, d)
-    dv = probs.swapaxes(-1, -2) @ dout_g
-    dprobs = dout_g @ v.swapaxes(-1, -2)
-    dscores = probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
-    if capped is not None:
-        dscores = softcap_backward(dscores.reshape(capped[0].shape), capped).reshape(dscores.shape)
-    dscores *= scale
-    dq = (dscores @ k).reshape(b, h, t, d)
-    dk = dscores.swapaxes(-1, -2) @ qg
-    return dq, dk, dv
+    g = h // kv_heads
+    dout5 = dout.reshape(b, kv_heads, g, t, d)
+    rowdot = (dout * out).sum(axis=-1).reshape(b, kv_heads, g, t, 1)
+    dq = xp.empty((b, kv_heads, g, t, d), dtype=xp.result_type(dout, k))
+    dk = xp.zeros(k.shape, dtype=dq.dtype)
+    dv = xp.zeros(v.shape, dtype=dq.dtype)
+    for t0, t1, k0, k1, qb, probs, capped in blocks:
+        tb = t1 - t0
+        db = dout5[:, :, :, t0:t1].reshape(b, kv_heads, g * tb, d)
+        dv[:, :, k0:k1] += probs.swapaxes(-1, -2) @ db
+        dscores = db @ v[:, :, k0:k1].swapaxes(-1, -2)                       # dP
+        dscores -= rowdot[:, :, :, t0:t1].reshape(b, kv_heads, g * tb, 1)
+        dscores *= probs
+        if capped is not None:
+            dscores = softcap_backward(dscores.reshape(capped[0].shape), capped).reshape(dscores.shape)
+        dqb = dscores @ k[:, :, k0:k1]
+        dqb *= dqb.dtype.type(scale)
+        dq[:, :, :, t0:t1] = dqb.reshape(b, kv_heads, g, tb, d)
+        dk[:, :, k0:k1] += dscores.swapaxes(-1, -2) @ qb                     # qb = q * scale
+    return dq.reshape(b, h, t, d), dk, dv
 
 
 # --------------------------------------------------------------------------- soft-capping
@@ -243,11 +291,10 @@ def _softmax_inplace(x: Array) -> Array:
 def sigmoid(z: Array) -> Array:
     """1 / (1 + exp(-z)) = (1 + tanh(z / 2)) / 2: the tanh form cannot overflow for any z."""
     xp = array_module(z)
-    t = z * 0.5                 # one temporary, updated in place (a step's largest arrays)
-    xp.tanh(t, out=t)
-    t *= 0.5
-    t += 0.5
-    return t
+    s = xp.tanh(0.5 * z)
+    s *= 0.5
+    s += 0.5
+    return s
 
 
 @dataclass(frozen=True)
@@ -354,16 +401,29 @@ ACTIVATIONS: dict[str, Activation] = {
 def gated_mlp_forward(gate: Array, up: Array, act: str = "silu") -> tuple[Array, tuple]:
     """out = act(gate) * up   (SwiGLU for silu, GeGLU for the gelus)."""
     a = ACTIVATIONS[act]
-    f_gate = a.f(gate)
-    return f_gate * up, (gate, up, a, f_gate)
+    if a is _SILU:      # silu(z) = z sig(z): sig(gate) is kept for the backward
+        sig = sigmoid(gate)
+        out = gate * sig
+        out *= up
+        return out, (gate, up, a, sig)
+    return a.f(gate) * up, (gate, up, a, None)
 
 
 def gated_mlp_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
-    """dup = dout * act(gate) (kept from the forward);   dgate = dout * up * act'(gate)."""
-    gate, up, a, f_gate = cache
-    dgate = dout * up
-    dgate *= a.df(gate)
-    return dgate, dout * f_gate
+    """dup = dout * act(gate);   dgate = dout * up * act'(gate)
+    (for silu, with s = sig(gate) from the forward: act = gate s, act' = s (1 + gate (1 - s)))."""
+    gate, up, a, sig = cache
+    if sig is None:
+        return dout * up * a.df(gate), dout * a.f(gate)
+    dgate = 1.0 - sig
+    dgate *= gate
+    dgate += 1.0
+    dgate *= sig
+    dgate *= up
+    dgate *= dout
+    dup = gate * sig
+    dup *= dout
+    return dgate, dup
 
 
 # --------------------------------------------------------------------------- cross-entropy

@@ -266,6 +266,41 @@ def test_sliding_window_attention(seed, kv, group, t, past, window):
              lambda q, k, v: torch_attention(q, k, v, window), rng, options=(window,))
 
 
+def torch_attention_full(q, k, v, window=0, scale=None, softcap=None):
+    """The whole T x S scores at once, with GQA by repeating K/V, a scale and a soft-cap."""
+    t, s, d = q.shape[2], k.shape[2], q.shape[3]
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scores = q @ k.transpose(-1, -2) * (d ** -0.5 if scale is None else scale)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    rel = (s - t) + torch.arange(t)[:, None] - torch.arange(s)[None, :]
+    allowed = (rel >= 0) & ((rel < window) if window else True)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@EXAMPLES
+@given(seed=seeds, block=st.integers(1, 3), kv=st.integers(1, 2), group=st.integers(1, 2),
+       t=st.integers(1, 7), past=st.integers(0, 4), window=st.integers(0, 4),
+       scale=st.sampled_from([None, 0.3]), softcap=st.sampled_from([None, 1.5]))
+def test_attention_in_query_blocks(seed, block, kv, group, t, past, window, scale, softcap):
+    """Blocks of 1-3 query positions (several per call, each against only the keys it sees)
+    give the gradients of the whole-matrix attention."""
+    rng = np.random.default_rng(seed)
+    s = t + past
+    inputs = {"q": rng.standard_normal((2, kv * group, t, 4)),
+              "k": rng.standard_normal((2, kv, s, 4)),
+              "v": rng.standard_normal((2, kv, s, 4))}
+    saved = ops.ATTENTION_BLOCK
+    ops.ATTENTION_BLOCK = block
+    try:
+        check_op(ops.attention_forward, ops.attention_backward, inputs,
+                 lambda q, k, v: torch_attention_full(q, k, v, window, scale, softcap), rng,
+                 options=(window, scale, softcap))
+    finally:
+        ops.ATTENTION_BLOCK = saved
+
+
 def test_sliding_window_forgets_old_positions():
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 1, 6, 4)) for _ in range(3))
