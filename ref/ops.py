@@ -289,12 +289,19 @@ def _softmax_inplace(x: Array) -> Array:
 # --------------------------------------------------------------------------- gated MLP
 
 def sigmoid(z: Array) -> Array:
-    """1 / (1 + exp(-z)) = (1 + tanh(z / 2)) / 2: the tanh form cannot overflow for any z."""
+    """1 / (1 + exp(-z)), in place on one temporary. For z far below 0, exp(-z) overflows
+    to inf and the result is exactly 0, the correctly rounded value (the overflow is expected
+    and not reported); everywhere else every step keeps its relative precision, which the tanh
+    form (1 + tanh(z / 2)) / 2 loses in the negative tail."""
     xp = array_module(z)
-    s = xp.tanh(0.5 * z)
-    s *= 0.5
-    s += 0.5
-    return s
+    z = xp.asarray(z)
+    out = xp.empty_like(z, dtype=z.dtype if z.dtype.kind == "f" else np.float64)
+    with np.errstate(over="ignore"):
+        xp.negative(z, out=out)
+        xp.exp(out, out=out)
+    out += 1.0
+    xp.reciprocal(out, out=out)
+    return out
 
 
 @dataclass(frozen=True)
