@@ -31,7 +31,7 @@ from apr.config import ModelConfig
 from apr.errors import AprError, ConfigError
 from apr.names import EMBED, FINAL_NORM, LM_HEAD
 
-from . import ops
+from . import ops, precision
 from .backend import Backend, array_module, cpu_backend
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -71,22 +71,29 @@ class Model:
     """Parameters on a backend, in one dtype, and the forward / backward passes over them."""
 
     def __init__(self, config: ModelConfig, params: Mapping[str, Any],
-                 backend: Optional[Backend] = None, dtype: Any = np.float32):
+                 backend: Optional[Backend] = None, dtype: Any = np.float32,
+                 matmul: Optional[str] = None):
         """``params``: array-likes keyed by exactly the names of ``config.tensor_shapes()``,
         each of that shape. With tied embeddings a ``lm_head.weight`` entry is accepted only
         if it equals the embedding (HF state dicts list the shared tensor under both names)
         and is then dropped; otherwise it is a ConfigError, as are missing or unknown names
         and wrong shapes. Arrays are moved to the backend and converted to ``dtype``; one
         that already is a CPU array of ``dtype`` is used as is, not copied (so a memory-mapped
-        tensor stays mapped and read-only, and an array passed in is shared with the caller)."""
+        tensor stays mapped and read-only, and an array passed in is shared with the caller).
+        ``matmul="bf16"``: the linear layers' products take bfloat16 operands with float32
+        accumulation, the parameters staying float32 (`ref.precision`)."""
         self.config = config
         self.backend = backend or cpu_backend()
         self.dtype = np.dtype(dtype)
+        if matmul not in (None, "bf16") or (matmul and self.dtype != np.float32):
+            raise AprError(f"matmul precision {matmul!r} with {self.dtype} parameters: "
+                           "bf16 products need float32 master weights")
+        self.matmul = matmul
         self.params: dict[str, Array] = self._check_params(params)
 
     @classmethod
     def init_random(cls, config: ModelConfig, seed: int = 0, backend: Optional[Backend] = None,
-                    dtype: Any = np.float32) -> "Model":
+                    dtype: Any = np.float32, matmul: Optional[str] = None) -> "Model":
         """HF-like initialization: weights ~ N(0, 0.02^2), norm weights 1, biases 0
         (drawn with numpy's Generator(seed) on the host, so the same on every backend)."""
         rng = np.random.default_rng(seed)
@@ -99,7 +106,7 @@ class Model:
                 params[name] = np.zeros(shape, dtype=dtype)
             else:
                 params[name] = (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(dtype)
-        return cls(config, params, backend, dtype)
+        return cls(config, params, backend, dtype, matmul)
 
     def _check_params(self, params: Mapping[str, Any]) -> dict[str, Array]:
         cfg = self.config
@@ -184,7 +191,8 @@ class Model:
 
     def _projection_forward(self, i: int, proj: str, x: Array) -> tuple[Array, tuple]:
         """linear_forward with layer i's ``proj``.weight and, when the config has it, .bias."""
-        return ops.linear_forward(x, self._p(i, proj + ".weight"), self._p(i, proj + ".bias"))
+        return precision.linear_forward(x, self._p(i, proj + ".weight"), self._p(i, proj + ".bias"),
+                                        self.matmul)
 
     def _norm_forward(self, x: Array, weight: Array) -> tuple[Array, tuple]:
         """rmsnorm with the weight as the family computes it: w, or (1 + w) in Gemma (the
@@ -272,7 +280,8 @@ class Model:
     def _projection_backward(self, i: int, proj: str, dy: Array, cache: tuple,
                              grads: dict[str, Array]) -> Array:
         """linear_backward of layer i's ``proj``: stores its .weight (and .bias) grads."""
-        dx, grads[self._name(proj + ".weight", i)], dbias = ops.linear_backward(dy, cache)
+        dx, grads[self._name(proj + ".weight", i)], dbias = precision.linear_backward(
+            dy, cache, self.matmul)
         if dbias is not None:
             grads[self._name(proj + ".bias", i)] = dbias
         return dx
@@ -351,7 +360,7 @@ class Model:
 
     def _head_forward(self, x: Array) -> tuple[Array, tuple]:
         """The output projection, soft-capped where the config says (Gemma 2)."""
-        logits, c_head = ops.linear_forward(x, self.lm_head)
+        logits, c_head = precision.linear_forward(x, self.lm_head, None, self.matmul)
         cap = self.config.final_logit_softcapping
         if not cap:
             return logits, (c_head, None)
@@ -362,7 +371,7 @@ class Model:
         c_head, c_cap = cache
         if c_cap is not None:
             dlogits = ops.softcap_backward(dlogits, c_cap)
-        dx, d_head, _ = ops.linear_backward(dlogits, c_head)
+        dx, d_head, _ = precision.linear_backward(dlogits, c_head, self.matmul)
         return dx, d_head
 
     # ------------------------------------------------------------------ public API
