@@ -31,7 +31,7 @@ from apr.config import ModelConfig
 from apr.errors import AprError, ConfigError
 from apr.names import EMBED, FINAL_NORM, LM_HEAD
 
-from . import ops, precision
+from . import kernels, ops, precision
 from .backend import Backend, array_module, cpu_backend
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -89,6 +89,7 @@ class Model:
             raise AprError(f"matmul precision {matmul!r} with {self.dtype} parameters: "
                            "bf16 products need float32 master weights")
         self.matmul = matmul
+        self.ops = kernels.ops_for(self.backend)     # ref.ops, or fused kernels on a GPU
         self.params: dict[str, Array] = self._check_params(params)
 
     @classmethod
@@ -198,7 +199,7 @@ class Model:
         """rmsnorm with the weight as the family computes it: w, or (1 + w) in Gemma (the
         gradient of w is the same)."""
         offset = self.config.norm_offset
-        return ops.rmsnorm_forward(x, weight + offset if offset else weight, self.config.rms_norm_eps)
+        return self.ops.rmsnorm_forward(x, weight + offset if offset else weight, self.config.rms_norm_eps)
 
     def _heads_forward(self, i: int, x: Array, n: int, norm: str) -> tuple[Array, tuple]:
         """(B, T, n*D) -> (B, n, T, D), each head RMS-normalized by layer i's ``norm`` weight
@@ -213,7 +214,7 @@ class Model:
                         grads: dict[str, Array]) -> Array:
         """Backward of `_heads_forward`: (B, n, T, D) -> (B, T, n*D)."""
         if cache is not None:
-            dx, grads[self._name(norm, i)] = ops.rmsnorm_backward(dx, cache)
+            dx, grads[self._name(norm, i)] = self.ops.rmsnorm_backward(dx, cache)
         return self._merge_heads(dx)
 
     # ------------------------------------------------------------------ attention block
@@ -234,8 +235,8 @@ class Model:
             v, c_v = self._projection_forward(i, "attn_v", n1)
         q, c_nq = self._heads_forward(i, q, cfg.num_heads, "attn_q_norm.weight")
         k, c_nk = self._heads_forward(i, k, cfg.num_kv_heads, "attn_k_norm.weight")
-        q, c_rq = ops.rope_forward(q, cos, sin, cfg.rope_type)
-        k, c_rk = ops.rope_forward(k, cos, sin, cfg.rope_type)
+        q, c_rq = self.ops.rope_forward(q, cos, sin, cfg.rope_type)
+        k, c_rk = self.ops.rope_forward(k, cos, sin, cfg.rope_type)
         v = self.backend.xp.ascontiguousarray(self._split_heads(v, cfg.num_kv_heads))
         if kv is not None:
             k, v = kv.append(i, k, v)
@@ -253,7 +254,7 @@ class Model:
                             grads: dict[str, Array]) -> Array:
         if cache is None:
             return dy
-        dout, grads[self._name(kind, i)] = ops.rmsnorm_backward(dy, cache)
+        dout, grads[self._name(kind, i)] = self.ops.rmsnorm_backward(dy, cache)
         return dout
 
     def _attention_backward(self, i: int, dy: Array, cache: tuple,
@@ -264,8 +265,8 @@ class Model:
         dout = self._post_norm_backward(i, "attn_post_norm.weight", dy, c_post, grads)
         da = self._projection_backward(i, "attn_output", dout, c_o, grads)
         dq, dk, dv = ops.attention_backward(self._split_heads(da, cfg.num_heads), c_att)
-        dq = self._heads_backward(i, ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
-        dk = self._heads_backward(i, ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
+        dq = self._heads_backward(i, self.ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
+        dk = self._heads_backward(i, self.ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
         dv = self._merge_heads(dv)
         if cfg.fused:
             dn1 = self._projection_backward(i, "attn_qkv", self.backend.xp.concatenate(
@@ -274,7 +275,7 @@ class Model:
             dn1 = (self._projection_backward(i, "attn_q", dq, c_q, grads)
                    + self._projection_backward(i, "attn_k", dk, c_k, grads)
                    + self._projection_backward(i, "attn_v", dv, c_v, grads))
-        dx, grads[self._name("attn_norm.weight", i)] = ops.rmsnorm_backward(dn1, c_norm)
+        dx, grads[self._name("attn_norm.weight", i)] = self.ops.rmsnorm_backward(dn1, c_norm)
         return dy + dx
 
     def _projection_backward(self, i: int, proj: str, dy: Array, cache: tuple,
@@ -297,7 +298,7 @@ class Model:
         else:
             gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
             up, c_up = self._projection_forward(i, "ffn_up", n2)
-        m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
+        m, c_act = self.ops.gated_mlp_forward(gate, up, self.config.hidden_act)
         out, c_down = self._projection_forward(i, "ffn_down", m)
         out, c_post = self._post_norm_forward(i, "ffn_post_norm.weight", out)
         return x + out, (c_norm, c_gate, c_up, c_act, c_down, c_post)
@@ -306,14 +307,14 @@ class Model:
         c_norm, c_gate, c_up, c_act, c_down, c_post = cache
         dout = self._post_norm_backward(i, "ffn_post_norm.weight", dy, c_post, grads)
         dm = self._projection_backward(i, "ffn_down", dout, c_down, grads)
-        dgate, dup = ops.gated_mlp_backward(dm, c_act)
+        dgate, dup = self.ops.gated_mlp_backward(dm, c_act)
         if self.config.fused:
             dn = self._projection_backward(i, "ffn_up", self.backend.xp.concatenate(
                 [dgate, dup], axis=-1), c_gate, grads)
         else:
             dn = (self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
                   + self._projection_backward(i, "ffn_up", dup, c_up, grads))
-        dx, grads[self._name("ffn_norm.weight", i)] = ops.rmsnorm_backward(dn, c_norm)
+        dx, grads[self._name("ffn_norm.weight", i)] = self.ops.rmsnorm_backward(dn, c_norm)
         return dy + dx
 
     # ------------------------------------------------------------------ trunk
@@ -348,7 +349,7 @@ class Model:
         """Backward through final norm, layers (last to first) and embedding; fills ``grads``
         (adding the embedding gradient to one already there, the tied lm_head's)."""
         c_embed, layer_caches, c_norm = caches
-        dx, grads[FINAL_NORM] = ops.rmsnorm_backward(dx, c_norm)
+        dx, grads[FINAL_NORM] = self.ops.rmsnorm_backward(dx, c_norm)
         for i in reversed(range(self.config.num_layers)):
             c_attn, c_mlp = layer_caches[i]
             dx = self._mlp_backward(i, dx, c_mlp, grads)
@@ -389,7 +390,7 @@ class Model:
         """Mean cross-entropy of the logits for ``ids`` against ``targets`` (same shape,
         already shifted: targets[b, t] is the token that should follow ids[b, t])."""
         logits = self.forward(ids)
-        loss, _ = ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, _ = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
         return float(loss)
 
     def loss_and_grads(self, ids: Any, targets: Any,
@@ -400,10 +401,10 @@ class Model:
         caches: list = []
         x = self._trunk_forward(self._ids(ids), 0, None, caches, None)
         logits, c_head = self._head_forward(x)
-        loss, c_loss = ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, c_loss = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
         del logits
         grads: dict[str, Array] = {}
-        dlogits = ops.cross_entropy_backward(1.0, c_loss)
+        dlogits = self.ops.cross_entropy_backward(1.0, c_loss)
         del c_loss
         dx, d_head = self._head_backward(dlogits, c_head)
         del dlogits
