@@ -110,6 +110,7 @@ def enabled() -> bool:
 # --------------------------------------------------------------------------- CUDA sources
 
 _REDUCE = r"""
+#define NEG_INF __int_as_float(0xff800000)   // no math headers under NVRTC
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -140,7 +141,7 @@ __device__ float block_max(float v, float* buf) {
     if (lane == 0) buf[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = lane < nw ? buf[lane] : -INFINITY;
+        v = lane < nw ? buf[lane] : NEG_INF;
         v = warp_max(v);
         if (lane == 0) buf[32] = v;
     }
@@ -188,7 +189,7 @@ extern "C" __global__ void cross_entropy_fwd(float* z, const long long* target, 
                                              const long long V) {
     __shared__ float buf[33];
     float* zr = z + blockIdx.x * V;
-    float m = -INFINITY;
+    float m = NEG_INF;
     for (long long i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, zr[i]);
     m = block_max(m, buf);
     float s = 0.0f;
