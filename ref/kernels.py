@@ -8,6 +8,7 @@ rotary embedding               ElementwiseKernel (both pair orders) ops.rope_*
 SwiGLU (silu gate)             ElementwiseKernel                   ops.gated_mlp_* for silu
 softmax cross-entropy          RawKernel per row, in place         ops.cross_entropy_*
 AdamW step                     ElementwiseKernel, in place         the loop body of optim.AdamW
+bf16 products (ref.precision)  cuBLAS with TF32 tensor cores       a float32 GEMM (SIMT)
 
 A fused op runs its kernel only when the arrays are CuPy arrays of float32 (laid out as the
 kernel needs) and the kernel passed its self-check: at first use the kernel and the reference
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -622,8 +624,65 @@ adamw_step = Fused("AdamW", adamw_reference, _adamw_kernel, _adamw_sample,
                        a.flags.c_contiguous for a in (p, g, m, v)),
                    outputs=lambda args, result: [args[0], args[2], args[3]])
 
+# --------------------------------------------------------------------------- bf16 products
+
+def _bf16_matmul_reference(a: Array, b: Array) -> Array:
+    """a @ b in float32 (a and b hold bfloat16 values)."""
+    return a @ b
+
+
+@contextmanager
+def _tf32(cp: Any) -> Iterator[None]:
+    """CuPy's float32 2-D matmuls on TF32 tensor cores (cuBLAS COMPUTE_32F_FAST_TF32) inside
+    the block. TF32 keeps 11 significant bits, a bfloat16 value has 8: operands already
+    rounded to bfloat16 pass unchanged, so each product is the exact bfloat16 product and
+    the sums are float32, as in a bfloat16 GEMM."""
+    from cupy._core import _routines_linalg as linalg
+    old = linalg.get_compute_type(cp.float32)
+    linalg.set_compute_type(cp.float32, linalg.COMPUTE_TYPE_TF32)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(cp.float32, old)
+
+
+def _bf16_matmul_kernel(a: Array, b: Array) -> Array:
+    with _tf32(array_module(a)):
+        return a @ b
+
+
+def _bf16_matmul_sample(xp: Any, seed: int) -> tuple:
+    from .precision import round_bf16
+    rng = np.random.default_rng(seed)
+    a = round_bf16(rng.standard_normal((300, 500), dtype=np.float32))
+    b = round_bf16(rng.standard_normal((200, 500), dtype=np.float32)).T
+    return xp.asarray(a), xp.asarray(b)
+
+
+bf16_matmul = Fused("bf16 GEMM on TF32 tensor cores", _bf16_matmul_reference, _bf16_matmul_kernel,
+                    _bf16_matmul_sample, lambda a, b: _f32(a, b) and a.ndim == b.ndim == 2)
+
+
+@contextmanager
+def bf16_products(x: Array) -> Iterator[None]:
+    """Inside the block, float32 2-D matmuls of CuPy arrays run on TF32 tensor cores, if
+    the self-check of `bf16_matmul` passed (else, and for NumPy arrays, nothing changes).
+    Only for operands rounded to bfloat16 (`ref.precision`), where it is exact."""
+    xp = array_module(x)
+    if xp is np or not enabled() or x.dtype != np.float32:
+        yield
+        return
+    if bf16_matmul.ok is None:
+        bf16_matmul.ok = bf16_matmul.self_check(xp)
+    if not bf16_matmul.ok:
+        yield
+        return
+    with _tf32(xp):
+        yield
+
+
 ALL = (rmsnorm_forward, rmsnorm_backward, rope_forward, rope_backward, swiglu_forward,
-       swiglu_backward, cross_entropy_forward, cross_entropy_backward, adamw_step)
+       swiglu_backward, cross_entropy_forward, cross_entropy_backward, adamw_step, bf16_matmul)
 
 
 # --------------------------------------------------------------------------- the model's ops

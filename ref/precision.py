@@ -14,6 +14,9 @@ upper 16 bits, the lower 16 zero). A product of two bfloat16 values has at most 
 significant bits, so it is exact in float32; a float32 GEMM of rounded operands is therefore
 the same math as a bfloat16 GEMM with float32 accumulation, up to the order of summation.
 
+On a GPU the products of the rounded operands run on TF32 tensor cores (`ref.kernels`,
+after a self-check): TF32 keeps 11 significant bits, so the bfloat16 operands pass exactly.
+
 Rounding is round-to-nearest, ties to even, as ``ml_dtypes.bfloat16`` (and a GPU's
 conversion instruction) rounds; NaN stays NaN, values beyond the largest bfloat16 round to
 infinity.
@@ -26,7 +29,7 @@ import numpy as np
 
 from apr.errors import AprError
 
-from . import ops
+from . import kernels, ops
 from .backend import array_module
 
 Array = Any
@@ -73,9 +76,11 @@ def linear_forward(x: Array, weight: Array, bias: Optional[Array] = None,
     """`ops.linear_forward`, with bfloat16 operands when ``precision`` is "bf16" (the bias is
     added in float32). The cache holds the rounded x and W, so the backward's products use
     them."""
-    if precision == "bf16":
-        x, weight = round_bf16(x), round_bf16(weight)
-    return ops.linear_forward(x, weight, bias)
+    if precision != "bf16":
+        return ops.linear_forward(x, weight, bias)
+    x, weight = round_bf16(x), round_bf16(weight)
+    with kernels.bf16_products(x):
+        return ops.linear_forward(x, weight, bias)
 
 
 def linear_backward(dout: Array, cache: tuple,
@@ -85,6 +90,7 @@ def linear_backward(dout: Array, cache: tuple,
     if precision != "bf16":
         return ops.linear_backward(dout, cache)
     x, weight, has_bias = cache
-    dx, dweight, _ = ops.linear_backward(round_bf16(dout), (x, weight, False))
+    with kernels.bf16_products(x):
+        dx, dweight, _ = ops.linear_backward(round_bf16(dout), (x, weight, False))
     dbias = dout.reshape(-1, dout.shape[-1]).sum(axis=0) if has_bias else None
     return dx, dweight, dbias

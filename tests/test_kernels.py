@@ -271,3 +271,51 @@ def test_optimizer_on_device_arrays_goes_through_the_fused_step(fake_cupy, monke
     assert calls == [pytest.approx(1 - 0.1 * 0.1), 1.0]      # decay on the matrix only
     for k in host:
         close(params[k], host[k], rtol=1e-6)
+
+
+def test_bf16_products_run_on_tensor_cores_only_after_the_self_check(fake_cupy, monkeypatch):
+    from contextlib import contextmanager
+    from ref import precision
+    entered = []
+
+    @contextmanager
+    def tf32(cp):
+        entered.append(cp)
+        yield
+
+    monkeypatch.setattr(kernels, "_tf32", tf32)
+    x = RNG.standard_normal((3, 4, 32)).astype(np.float32)
+    w = RNG.standard_normal((16, 32)).astype(np.float32)
+    dy = RNG.standard_normal((3, 4, 16)).astype(np.float32)
+    y0, c0 = precision.linear_forward(x, w, None, "bf16")           # NumPy: never
+    d0 = precision.linear_backward(dy, c0, "bf16")
+    assert entered == [] and kernels.bf16_matmul.ok is None
+    y, c = precision.linear_forward(dev(x), dev(w), None, "bf16")
+    assert kernels.bf16_matmul.ok is True and len(entered) == 2     # self-check, forward
+    d = precision.linear_backward(dev(dy), c, "bf16")
+    assert len(entered) == 3
+    precision.linear_forward(dev(x), dev(w), None, None)             # float32 products: never
+    assert len(entered) == 3
+    close(y, y0, rtol=0, atol=0)
+    for a, b in zip(d[:2], d0[:2]):
+        close(a, b, rtol=0, atol=0)
+
+
+def test_bf16_products_stay_simt_when_the_self_check_fails(fake_cupy, monkeypatch):
+    from contextlib import contextmanager
+    from ref import precision
+    entered = []
+
+    @contextmanager
+    def tf32(cp):
+        entered.append(cp)
+        yield
+
+    monkeypatch.setattr(kernels, "_tf32", tf32)
+    monkeypatch.setattr(kernels.bf16_matmul, "kernel", lambda a, b: (a @ b) * 1.001)
+    x = dev(RNG.standard_normal((5, 32)).astype(np.float32))
+    w = dev(RNG.standard_normal((16, 32)).astype(np.float32))
+    with pytest.warns(RuntimeWarning, match="bf16 GEMM on TF32 tensor cores kernel: self-check failed"):
+        precision.linear_forward(x, w, None, "bf16")
+    precision.linear_forward(x, w, None, "bf16")
+    assert entered == [] and kernels.bf16_matmul.ok is False

@@ -1,7 +1,8 @@
 """The ref/ code on CuPy against the NumPy path (float32; relative 1e-4):
 
 * every fused kernel of `ref.kernels` against its array-code reference, on shapes of a
-  Qwen2-0.5B training step (sequence 1024), and its self-check passes (no fallback);
+  Qwen2-0.5B training step (sequence 1024), and its self-check passes (no fallback), the
+  bf16 products on TF32 tensor cores among them;
 * logits, loss and every gradient of Llama and Qwen2 models on the GPU (with the kernels,
   and without them: plain `ref.ops` on CuPy) against the same model on NumPy;
 * bf16 mixed precision on the GPU against bf16 on the CPU and against float64;
@@ -18,6 +19,7 @@ import pytest
 from apr.config import preset
 from ref import kernels, ops
 from ref.model import Model
+from ref.precision import round_bf16
 
 U = 2.0 ** -8          # bfloat16 unit roundoff
 RTOL = 1e-4
@@ -87,10 +89,11 @@ def _kernel_cases(cp):
         (kernels.cross_entropy_forward, ce_args),
         (kernels.cross_entropy_backward, ce_bwd),
         (kernels.adamw_step, adamw_args),
+        (kernels.bf16_matmul, lambda s: (round_bf16(arr(s, 4096, 896)), round_bf16(arr(s + 1, 4864, 896)).T)),
     ]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(12))
 def test_kernel_against_reference(gpu, report, index):
     cp = gpu.xp
     op, make = _kernel_cases(cp)[index]
@@ -176,6 +179,7 @@ def test_bf16_on_the_gpu(gpu, report, name):
     errs = {"logits vs cpu bf16": rel(logits, want), "logits vs f64": rel(logits, exact.forward(ids)),
             "grads vs cpu bf16": max(rel(host(grads[k]), want_grads[k]) for k in grads)}
     report.setdefault("bf16", {})[name] = errs
+    assert kernels.bf16_matmul.ok is True, kernels.bf16_matmul.failure     # on tensor cores
     assert errs["logits vs cpu bf16"] <= U / 4 and errs["grads vs cpu bf16"] <= U / 4
     assert U / 20 < errs["logits vs f64"] <= 4 * U
     assert abs(loss - want_loss) <= U * abs(want_loss)
