@@ -9,6 +9,8 @@ SwiGLU (silu gate)             ElementwiseKernel                   ops.gated_mlp
 softmax cross-entropy          RawKernel per row, in place         ops.cross_entropy_*
 AdamW step                     ElementwiseKernel, in place         the loop body of optim.AdamW
 bf16 products (ref.precision)  cuBLAS with TF32 tensor cores       a float32 GEMM (SIMT)
+causal GQA attention           RawKernels, online softmax, no      ops.attention_* (opt-in:
+                               (T, S) scores kept (flash-style)    APR_REF_ATTENTION=fused)
 
 A fused op runs its kernel only when the arrays are CuPy arrays of float32 (laid out as the
 kernel needs) and the kernel passed its self-check: at first use the kernel and the reference
@@ -681,8 +683,273 @@ def bf16_products(x: Array) -> Iterator[None]:
         yield
 
 
+# --------------------------------------------------------------------------- attention
+
+ATTENTION_SOURCE = _REDUCE + r"""
+// q, dout, out (B, H, T, D); k, v (B, KH, S, D); lse, dd (B, H, T); contiguous float32.
+// Query t sits at position S - T + t and sees keys lo..hi, hi = S - T + t,
+// lo = max(0, hi - window + 1) with a sliding window, else 0. D = 32 * nd, nd <= 8.
+// One warp per query row (forward, dq) or per key row (dk, dv); 4 warps per block.
+
+extern "C" __global__ void attn_fwd(const float* q, const float* k, const float* v, float* out,
+        float* lse, const int B, const int H, const int KH, const int T, const int S,
+        const int D, const float scale, const int window) {
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31, nd = D >> 5;
+    if (row >= (long long)B * H * T) return;
+    const int t = row % T, h = (row / T) % H;
+    const long long b = row / ((long long)T * H);
+    const long long kvo = (b * KH + h / (H / KH)) * (long long)S * D;
+    float qv[8], acc[8];
+    #pragma unroll
+    for (int i = 0; i < 8; i++) if (i < nd) { qv[i] = q[row * D + lane + 32 * i] * scale; acc[i] = 0.0f; }
+    const int hi = S - T + t, lo = window > 0 ? max(0, hi - window + 1) : 0;
+    float m = NEG_INF, l = 0.0f;
+    for (int s = lo; s <= hi; s++) {
+        const float* ks = k + kvo + (long long)s * D;
+        const float* vs = v + kvo + (long long)s * D;
+        float dot = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 8; i++) if (i < nd) dot += qv[i] * ks[lane + 32 * i];
+        dot = warp_sum(dot);
+        const float mn = fmaxf(m, dot), corr = expf(m - mn), p = expf(dot - mn);
+        l = l * corr + p;
+        #pragma unroll
+        for (int i = 0; i < 8; i++) if (i < nd) acc[i] = acc[i] * corr + p * vs[lane + 32 * i];
+        m = mn;
+    }
+    const float inv = 1.0f / l;
+    #pragma unroll
+    for (int i = 0; i < 8; i++) if (i < nd) out[row * D + lane + 32 * i] = acc[i] * inv;
+    if (lane == 0) lse[row] = m + logf(l);
+}
+
+extern "C" __global__ void attn_bwd_dq(const float* q, const float* k, const float* v,
+        const float* out, const float* dout, const float* lse, float* dd, float* dq,
+        const int B, const int H, const int KH, const int T, const int S, const int D,
+        const float scale, const int window) {
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31, nd = D >> 5;
+    if (row >= (long long)B * H * T) return;
+    const int t = row % T, h = (row / T) % H;
+    const long long b = row / ((long long)T * H);
+    const long long kvo = (b * KH + h / (H / KH)) * (long long)S * D;
+    float qv[8], dov[8], acc[8];
+    float dsum = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < 8; i++) if (i < nd) {
+        const long long j = row * D + lane + 32 * i;
+        qv[i] = q[j] * scale; dov[i] = dout[j]; acc[i] = 0.0f; dsum += dov[i] * out[j];
+    }
+    dsum = warp_sum(dsum);
+    if (lane == 0) dd[row] = dsum;
+    const float L = lse[row];
+    const int hi = S - T + t, lo = window > 0 ? max(0, hi - window + 1) : 0;
+    for (int s = lo; s <= hi; s++) {
+        const float* ks = k + kvo + (long long)s * D;
+        const float* vs = v + kvo + (long long)s * D;
+        float dot = 0.0f, dp = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 8; i++) if (i < nd) { dot += qv[i] * ks[lane + 32 * i]; dp += dov[i] * vs[lane + 32 * i]; }
+        dot = warp_sum(dot);
+        dp = warp_sum(dp);
+        const float ds = expf(dot - L) * (dp - dsum);
+        #pragma unroll
+        for (int i = 0; i < 8; i++) if (i < nd) acc[i] += ds * ks[lane + 32 * i];
+    }
+    #pragma unroll
+    for (int i = 0; i < 8; i++) if (i < nd) dq[row * D + lane + 32 * i] = acc[i] * scale;
+}
+
+extern "C" __global__ void attn_bwd_dkv(const float* q, const float* k, const float* v,
+        const float* dout, const float* lse, const float* dd, float* dk, float* dv,
+        const int B, const int H, const int KH, const int T, const int S, const int D,
+        const float scale, const int window) {
+    const long long krow = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31, nd = D >> 5, G = H / KH;
+    if (krow >= (long long)B * KH * S) return;
+    const int s = krow % S, kh = (krow / S) % KH;
+    const long long b = krow / ((long long)S * KH);
+    float kv[8], vv[8], dka[8], dva[8];
+    #pragma unroll
+    for (int i = 0; i < 8; i++) if (i < nd) {
+        kv[i] = k[krow * D + lane + 32 * i] * scale; vv[i] = v[krow * D + lane + 32 * i];
+        dka[i] = 0.0f; dva[i] = 0.0f;
+    }
+    const int t0 = max(0, s - (S - T));
+    const int t1 = window > 0 ? min(T - 1, s - (S - T) + window - 1) : T - 1;
+    for (int g = 0; g < G; g++) {
+        const long long base = (b * H + (long long)kh * G + g) * T;
+        for (int t = t0; t <= t1; t++) {
+            const long long row = base + t;
+            const float* qr = q + row * D;
+            const float* dor = dout + row * D;
+            float dot = 0.0f, dp = 0.0f;
+            #pragma unroll
+            for (int i = 0; i < 8; i++) if (i < nd) { dot += qr[lane + 32 * i] * kv[i]; dp += dor[lane + 32 * i] * vv[i]; }
+            dot = warp_sum(dot);
+            dp = warp_sum(dp);
+            const float p = expf(dot - lse[row]), ds = p * (dp - dd[row]);
+            #pragma unroll
+            for (int i = 0; i < 8; i++) if (i < nd) {
+                dva[i] += p * dor[lane + 32 * i];
+                dka[i] += ds * qr[lane + 32 * i];
+            }
+        }
+    }
+    #pragma unroll
+    for (int i = 0; i < 8; i++) if (i < nd) {
+        dk[krow * D + lane + 32 * i] = dka[i] * scale;
+        dv[krow * D + lane + 32 * i] = dva[i];
+    }
+}
+"""
+
+FLASH = "flash"      # the first item of the fused attention's cache
+
+
+def _attention_mask(xp: Any, t: int, s: int, window: int) -> Array:
+    """(T, S) boolean: query t (at position S - T + t) sees key s."""
+    rel = (s - t) + xp.arange(t)[:, None] - xp.arange(s)[None, :]
+    seen = rel >= 0
+    if window:
+        seen &= rel < window
+    return seen
+
+
+def attention_forward_reference(q: Array, k: Array, v: Array, window: int = 0,
+                                scale: Optional[float] = None) -> tuple[Array, tuple]:
+    """Causal GQA attention as the kernel computes it: per query row the log-sum-exp
+    L = m + log(sum exp(s - m)) of its visible scores s = (q scale) . k, and
+    out = sum exp(s - L) v. The cache keeps q, k, v, out and L (no probabilities)."""
+    xp = array_module(q)
+    b, h, t, d = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    g = h // kh
+    scale = 1.0 / float(np.sqrt(d)) if scale is None else scale
+    scores = ((q * scale).reshape(b, kh, g * t, d) @ k.swapaxes(-1, -2)).reshape(b, kh, g, t, s)
+    scores = xp.where(_attention_mask(xp, t, s, window), scores, -xp.inf)
+    m = scores.max(axis=-1, keepdims=True)
+    lse = m + xp.log(xp.exp(scores - m).sum(axis=-1, keepdims=True))
+    p = xp.exp(scores - lse).reshape(b, kh, g * t, s)
+    out = (p @ v).reshape(b, h, t, d)
+    return out, (FLASH, q, k, v, out, lse.reshape(b, h, t), scale, window)
+
+
+def attention_backward_reference(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
+    """P = exp(s - L) recomputed; Drow = sum(dout * out); dS = P (dout v^T - Drow);
+    dq = dS k scale, dk = dS^T q scale, dv = P^T dout (summed over each K/V head's group)."""
+    _, q, k, v, out, lse, scale, window = cache
+    xp = array_module(q)
+    b, h, t, d = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    g = h // kh
+    qg = q.reshape(b, kh, g * t, d)
+    scores = ((q * scale).reshape(b, kh, g * t, d) @ k.swapaxes(-1, -2)).reshape(b, kh, g, t, s)
+    p = xp.where(_attention_mask(xp, t, s, window), xp.exp(scores - lse.reshape(b, kh, g, t, 1)), 0.0)
+    p = p.reshape(b, kh, g * t, s)
+    dout_g = dout.reshape(b, kh, g * t, d)
+    drow = (dout * out).sum(axis=-1).reshape(b, kh, g * t, 1)
+    ds = p * (dout_g @ v.swapaxes(-1, -2) - drow)
+    dq = (ds @ k).reshape(b, h, t, d) * scale
+    dk = (ds.swapaxes(-1, -2) @ qg) * scale
+    dv = p.swapaxes(-1, -2) @ dout_g
+    return dq, dk, dv
+
+
+_WARPS = 4
+
+
+def _attention_dims(q, k):
+    b, h, t, d = q.shape
+    return b, h, k.shape[1], t, k.shape[2], d
+
+
+def _attention_forward_kernel(q, k, v, window=0, scale=None):
+    cp = array_module(q)
+    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    b, h, kh, t, s, d = _attention_dims(q, k)
+    scale = 1.0 / float(np.sqrt(d)) if scale is None else scale
+    out = cp.empty_like(q)
+    lse = cp.empty((b, h, t), dtype=cp.float32)
+    rows = b * h * t
+    _raw(cp, ATTENTION_SOURCE, "attn_fwd")(
+        ((rows + _WARPS - 1) // _WARPS,), (32 * _WARPS,),
+        (q, k, v, out, lse, np.int32(b), np.int32(h), np.int32(kh), np.int32(t), np.int32(s),
+         np.int32(d), np.float32(scale), np.int32(window)))
+    return out, (FLASH, q, k, v, out, lse, scale, window)
+
+
+def _attention_backward_kernel(dout, cache):
+    _, q, k, v, out, lse, scale, window = cache
+    cp = array_module(q)
+    dout = cp.ascontiguousarray(dout)
+    b, h, kh, t, s, d = _attention_dims(q, k)
+    dq, dk, dv = cp.empty_like(q), cp.empty_like(k), cp.empty_like(v)
+    dd = cp.empty((b, h, t), dtype=cp.float32)
+    dims = (np.int32(b), np.int32(h), np.int32(kh), np.int32(t), np.int32(s), np.int32(d),
+            np.float32(scale), np.int32(window))
+    rows, krows = b * h * t, b * kh * s
+    _raw(cp, ATTENTION_SOURCE, "attn_bwd_dq")(
+        ((rows + _WARPS - 1) // _WARPS,), (32 * _WARPS,), (q, k, v, out, dout, lse, dd, dq, *dims))
+    _raw(cp, ATTENTION_SOURCE, "attn_bwd_dkv")(
+        ((krows + _WARPS - 1) // _WARPS,), (32 * _WARPS,), (q, k, v, dout, lse, dd, dk, dv, *dims))
+    return dq, dk, dv
+
+
+def _attention_sample(xp: Any, seed: int, window: int = 0) -> tuple:
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((2, 4, 9, 64), dtype=np.float32)
+    k = rng.standard_normal((2, 2, 12, 64), dtype=np.float32)       # S > T: a cached prefix
+    v = rng.standard_normal((2, 2, 12, 64), dtype=np.float32)
+    return xp.asarray(q), xp.asarray(k), xp.asarray(v), window, None
+
+
+def _attention_bwd_sample(xp: Any, seed: int) -> tuple:
+    q, k, v, window, scale = _attention_sample(xp, seed, window=5)
+    _, cache = attention_forward_reference(q, k, v, window, scale)
+    dout = xp.asarray(np.random.default_rng(seed + 1).standard_normal(q.shape, dtype=np.float32))
+    return dout, cache
+
+
+def _attention_eligible(q, k, v, window=0, scale=None, softcap=None) -> bool:
+    d = q.shape[-1]
+    return (not softcap and _f32(q, k, v) and d % 32 == 0 and d <= 256
+            and q.shape[1] % k.shape[1] == 0)
+
+
+attention_fused_forward = Fused("attention forward", attention_forward_reference,
+                                _attention_forward_kernel, _attention_sample,
+                                lambda q, k, v, *rest: _attention_eligible(q, k, v, *rest))
+attention_fused_backward = Fused("attention backward", attention_backward_reference,
+                                 _attention_backward_kernel, _attention_bwd_sample,
+                                 lambda dout, cache: _f32(dout, cache[1]))
+
+
+def attention_enabled() -> bool:
+    """The fused attention is opt-in (APR_REF_ATTENTION=fused) until it has been measured."""
+    return os.environ.get("APR_REF_ATTENTION", "") == "fused"
+
+
+def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: Optional[float] = None,
+                      softcap: Optional[float] = None) -> tuple[Array, tuple]:
+    """`ops.attention_forward`, or (APR_REF_ATTENTION=fused, no soft-cap, float32, head width
+    a multiple of 32) the fused attention whose cache holds no probabilities."""
+    if not attention_enabled() or not _attention_eligible(q, k, v, window, scale, softcap):
+        return ops.attention_forward(q, k, v, window, scale, softcap)
+    return attention_fused_forward(q, k, v, window, scale)
+
+
+def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
+    """The backward that fits the forward's cache."""
+    if cache[0] is FLASH:
+        return attention_fused_backward(dout, cache)
+    return ops.attention_backward(dout, cache)
+
+
 ALL = (rmsnorm_forward, rmsnorm_backward, rope_forward, rope_backward, swiglu_forward,
-       swiglu_backward, cross_entropy_forward, cross_entropy_backward, adamw_step, bf16_matmul)
+       swiglu_backward, cross_entropy_forward, cross_entropy_backward, adamw_step, bf16_matmul,
+       attention_fused_forward, attention_fused_backward)
 
 
 # --------------------------------------------------------------------------- the model's ops
@@ -698,6 +965,8 @@ class FusedOps:
     gated_mlp_backward = staticmethod(swiglu_backward)
     cross_entropy_forward = staticmethod(cross_entropy_forward)
     cross_entropy_backward = staticmethod(cross_entropy_backward)
+    attention_forward = staticmethod(attention_forward)
+    attention_backward = staticmethod(attention_backward)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(ops, name)

@@ -240,7 +240,7 @@ class Model:
         v = self.backend.xp.ascontiguousarray(self._split_heads(v, cfg.num_kv_heads))
         if kv is not None:
             k, v = kv.append(i, k, v)
-        a, c_att = ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
+        a, c_att = self.ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
                                          cfg.attn_logit_softcapping)
         out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
         out, c_post = self._post_norm_forward(i, "attn_post_norm.weight", out)
@@ -264,7 +264,7 @@ class Model:
         c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post = cache
         dout = self._post_norm_backward(i, "attn_post_norm.weight", dy, c_post, grads)
         da = self._projection_backward(i, "attn_output", dout, c_o, grads)
-        dq, dk, dv = ops.attention_backward(self._split_heads(da, cfg.num_heads), c_att)
+        dq, dk, dv = self.ops.attention_backward(self._split_heads(da, cfg.num_heads), c_att)
         dq = self._heads_backward(i, self.ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
         dk = self._heads_backward(i, self.ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
         dv = self._merge_heads(dv)

@@ -112,14 +112,48 @@ def test_adamw_reference_equals_optim():
         close(v[k], opt.exp_avg_sq[k], rtol=1e-6)
 
 
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("s", [9, 12])
+def test_attention_reference_equals_ops(window, s):
+    """GQA (4 query heads on 2 K/V heads), causal, a sliding window, and S > T (a prefix)."""
+    q = RNG.standard_normal((2, 4, 9, 32))
+    k, v = RNG.standard_normal((2, 2, s, 32)), RNG.standard_normal((2, 2, s, 32))
+    dout = RNG.standard_normal(q.shape)
+    out, cache = kernels.attention_forward_reference(q, k, v, window, 0.3)
+    out0, cache0 = ops.attention_forward(q, k, v, window, 0.3)
+    close(out, out0, rtol=1e-12, atol=1e-12)
+    assert cache[0] is kernels.FLASH and cache[5].shape == (2, 4, 9)
+    for got, want in zip(kernels.attention_backward_reference(dout, cache), ops.attention_backward(dout, cache0)):
+        close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_attention_is_opt_in_and_falls_back_where_it_does_not_apply(monkeypatch):
+    q, k, v = (RNG.standard_normal((1, 2, 4, 32)).astype(np.float32) for _ in range(3))
+    assert kernels.attention_forward(q, k, v)[1][0] is not kernels.FLASH        # default: ops
+    monkeypatch.setenv("APR_REF_ATTENTION", "fused")
+    assert kernels.attention_forward(q, k, v)[1][0] is kernels.FLASH
+    assert kernels.attention_forward(q, k, v, 0, None, 50.0)[1][0] is not kernels.FLASH   # soft-cap
+    q16, k16, v16 = (a[..., :16] for a in (q, k, v))                                     # width 16
+    assert kernels.attention_forward(q16, k16, v16)[1][0] is not kernels.FLASH
+    for cache in (kernels.attention_forward(q, k, v)[1], ops.attention_forward(q, k, v)[1]):
+        dq, dk, dv = kernels.attention_backward(np.ones_like(q), cache)          # each its own
+        close(dq, ops.attention_backward(np.ones_like(q), ops.attention_forward(q, k, v)[1])[0],
+              rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["ops", "fused"])
 @pytest.mark.parametrize("arch", ["llama-tiny", "qwen2-tiny"])
-def test_model_through_the_fused_op_set(arch):
+def test_model_through_the_fused_op_set(arch, attention, monkeypatch):
     """The fused op set (references on NumPy) in the whole model: the same loss and gradients
     as ref.ops, so forward and backward caches fit together."""
-    cfg = preset(arch)
+    monkeypatch.setenv("APR_REF_ATTENTION", attention)
+    cfg = preset(arch).replace(hidden_size=128)          # head width 32: the fused attention applies
     plain = Model.init_random(cfg, seed=2)
     fused = Model(cfg, plain.params)
     fused.ops = kernels.FUSED_OPS
+    calls = []
+    monkeypatch.setattr(kernels.attention_fused_backward, "reference",
+                        lambda *a: (calls.append(1), kernels.attention_backward_reference(*a))[1])
     ids = RNG.integers(0, cfg.vocab_size, (2, 16))
     targets = RNG.integers(0, cfg.vocab_size, (2, 16))
     targets[0, :3] = ops.IGNORE_INDEX
@@ -129,6 +163,7 @@ def test_model_through_the_fused_op_set(arch):
     for name in g0:
         close(g1[name], g0[name], rtol=1e-4, atol=1e-7)
     close(fused.forward(ids), plain.forward(ids))
+    assert len(calls) == (cfg.num_layers if attention == "fused" else 0)
 
 
 def test_ops_for_picks_the_fused_set_only_on_a_gpu(monkeypatch):
@@ -136,7 +171,7 @@ def test_ops_for_picks_the_fused_set_only_on_a_gpu(monkeypatch):
     assert kernels.ops_for(SimpleNamespace(is_gpu=True)) is kernels.FUSED_OPS
     monkeypatch.setenv("APR_REF_KERNELS", "0")
     assert kernels.ops_for(SimpleNamespace(is_gpu=True)) is ops
-    assert kernels.FUSED_OPS.attention_forward is ops.attention_forward   # not fused: ref.ops
+    assert kernels.FUSED_OPS.embedding_forward is ops.embedding_forward   # not fused: ref.ops
 
 
 def test_kernel_sources_name_their_entry_points():

@@ -4,7 +4,8 @@
   Qwen2-0.5B training step (sequence 1024), and its self-check passes (no fallback), the
   bf16 products on TF32 tensor cores among them;
 * logits, loss and every gradient of Llama and Qwen2 models on the GPU (with the kernels,
-  and without them: plain `ref.ops` on CuPy) against the same model on NumPy;
+  with the fused attention too, and without kernels: plain `ref.ops` on CuPy) against the
+  same model on NumPy;
 * bf16 mixed precision on the GPU against bf16 on the CPU and against float64;
 * a 20-step training run on the GPU against the same run on the CPU, loss by loss.
 
@@ -77,7 +78,22 @@ def _kernel_cases(cp):
         _, cache = kernels.cross_entropy_forward_reference(*ce_args(seed))
         return 1.0, cache
 
+    def attn_args(seed, window=0, shape=(4, 14, 2, 1024, 1024, 64)):
+        b, h, kh, t, s, d = shape
+        return arr(seed, b, h, t, d), arr(seed + 1, b, kh, s, d), arr(seed + 2, b, kh, s, d), window, None
+
+    def attn_bwd(seed, window=0):
+        q, k, v, w, scale = attn_args(seed, window)
+        _, cache = kernels.attention_forward_reference(q, k, v, w, scale)
+        return arr(seed + 3, *q.shape), cache
+
     return [
+        (kernels.attention_fused_forward, lambda s: attn_args(s)),
+        (kernels.attention_fused_forward, lambda s: attn_args(s, window=256)),
+        (kernels.attention_fused_forward, lambda s: attn_args(s, shape=(2, 32, 8, 512, 512, 128))),
+        (kernels.attention_fused_forward, lambda s: attn_args(s, shape=(3, 14, 2, 1, 300, 64))),  # decode
+        (kernels.attention_fused_backward, lambda s: attn_bwd(s)),
+        (kernels.attention_fused_backward, lambda s: attn_bwd(s, window=256)),
         (kernels.rmsnorm_forward, lambda s: (arr(s, 4, 1024, 896), arr(s + 1, 896), 1e-6)),
         (kernels.rmsnorm_backward, norm_bwd),
         (kernels.rope_forward, lambda s: rope_args(s, ops.ROPE_HALVES)),
@@ -93,7 +109,7 @@ def _kernel_cases(cp):
     ]
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(18))
 def test_kernel_against_reference(gpu, report, index):
     cp = gpu.xp
     op, make = _kernel_cases(cp)[index]
@@ -138,10 +154,12 @@ def _batch(cfg, t=128):
     return ids, targets
 
 
-@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "plain-ops"])
+@pytest.mark.parametrize("mode", ["kernels", "fused-attention", "plain-ops"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_logits_and_gradients_equal_numpy(gpu, report, monkeypatch, name, use_kernels):
+def test_logits_and_gradients_equal_numpy(gpu, report, monkeypatch, name, mode):
+    use_kernels = mode != "plain-ops"
     monkeypatch.setenv("APR_REF_KERNELS", "1" if use_kernels else "0")
+    monkeypatch.setenv("APR_REF_ATTENTION", "fused" if mode == "fused-attention" else "")
     cfg, cpu, dev = _pair(name, gpu)
     assert (dev.ops is kernels.FUSED_OPS) == use_kernels
     ids, targets = _batch(cfg)
@@ -153,7 +171,7 @@ def test_logits_and_gradients_equal_numpy(gpu, report, monkeypatch, name, use_ke
     want_loss, want_grads = cpu.loss_and_grads(ids, targets)
     errs = {"logits": maxrel(logits, want_logits), "loss": abs(loss - want_loss) / abs(want_loss)}
     errs.update({k: maxrel(host(grads[k]), want_grads[k]) for k in want_grads})
-    report.setdefault("model", {})[f"{name} {'kernels' if use_kernels else 'plain-ops'}"] = {
+    report.setdefault("model", {})[f"{name} {mode}"] = {
         "max": max(errs.values()), "logits": errs["logits"], "loss": errs["loss"]}
     assert set(grads) == set(want_grads)
     bad = {k: v for k, v in errs.items() if not v <= RTOL}
@@ -162,6 +180,9 @@ def test_logits_and_gradients_equal_numpy(gpu, report, monkeypatch, name, use_ke
         for op in (kernels.rmsnorm_forward, kernels.rmsnorm_backward, kernels.rope_forward,
                    kernels.rope_backward, kernels.swiglu_forward, kernels.swiglu_backward,
                    kernels.cross_entropy_forward, kernels.cross_entropy_backward):
+            assert op.ok is True, (op.name, op.failure)
+    if mode == "fused-attention" and MODELS[name].head_dim % 32 == 0:
+        for op in (kernels.attention_fused_forward, kernels.attention_fused_backward):
             assert op.ok is True, (op.name, op.failure)
 
 
