@@ -154,3 +154,30 @@ def test_unknown_dtype_is_refused(ws, tmp_path):  # noqa: F811
     from ref.run import RunConfig
     with pytest.raises(GateError, match="--dtype fp16: must be one of f32, f64, bf16"):
         resolve_config(RunConfig(dataset="d", run_dir="r", arch="qwen2-tiny", dtype="fp16"))
+
+
+def test_bench_takes_dtype_bf16(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from oracles import make_hf_model
+    model = make_hf_model(tmp_path / "m", "qwen2")
+    root = Path(__file__).resolve().parents[1]
+    runs = {}
+    for dtype in ("bf16", "f32"):
+        r = subprocess.run([sys.executable, "cli.py", "bench", str(model), "--dtype", dtype,
+                            "--iterations", "1", "--warmup", "0", "--prompt-tokens", "8",
+                            "--gen-tokens", "2", "--json"], cwd=root, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[dtype] = json.loads(r.stdout)
+    assert runs["bf16"]["dtype"] == "bf16" and runs["f32"]["dtype"] == "f32"
+    # the model bench loads for bf16 multiplies bfloat16 operands: its logits differ from f32
+    import cli
+    ids = np.arange(8)[None]
+    (mb, vb), (m32, v32) = cli._load(str(model), "cpu", "bf16"), cli._load(str(model), "cpu", "f32")
+    assert mb.matmul == "bf16" and m32.matmul is None and mb.dtype == m32.dtype == np.float32
+    err = _rel(mb.forward(ids), m32.forward(ids).astype(np.float64))
+    vb.close()
+    v32.close()
+    assert U / 20 < err <= 4 * U
