@@ -215,17 +215,23 @@ _device_opt = click.option("--device", type=click.Choice(DEVICES), default="cpu"
 
 
 def _compute_dtype(name: str):
-    import numpy as np
-    return {"f32": np.float32, "f64": np.float64}[name]
+    from ref.precision import storage_dtype
+    return storage_dtype(name)
 
 
 _cdtype_opt = click.option("--dtype", "compute", type=click.Choice(["f32", "f64"]), default="f32",
                            show_default=True, help="Compute dtype of the reference model.")
+_bench_dtype_opt = click.option(
+    "--dtype", "compute", type=click.Choice(["f32", "f64", "bf16"]), default="f32",
+    show_default=True, help="Compute dtype of the reference model (bf16: float32 weights, "
+                            "bfloat16 operands in the linear layers' products).")
 
 
 def _load(model_path: str, device: str, compute: str, quiet: bool = True):
     from ref.load import load_model
+    from ref.precision import matmul_precision
     model, view = load_model(model_path, device=device, dtype=_compute_dtype(compute))
+    model.matmul = matmul_precision(compute)
     if device == "auto" and not quiet:
         click.echo(f"device: {model.backend.description}", err=True)
     return model, view
@@ -366,7 +372,7 @@ def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokeniz
 @click.option("--iterations", default=5, show_default=True, help="Measured iterations.")
 @click.option("--warmup", default=1, show_default=True, help="Iterations run first and not measured.")
 @_device_opt
-@_cdtype_opt
+@_bench_dtype_opt
 @_json_opt
 @handle_errors
 def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, compute, as_json):

@@ -180,8 +180,10 @@ def one_report(fn: Callable) -> Callable:
 @click.option("--val-batches", type=_int, default=20, show_default=True,
               help="Fixed validation batches per evaluation.")
 @click.option("--save-every", type=_int, default=500, show_default=True)
-@click.option("--dtype", type=click.Choice(["f32", "f64"]), default="f32", show_default=True,
-              help="Parameters, optimizer state and compute (f64: a float64 reference run).")
+@click.option("--dtype", type=click.Choice(["f32", "f64", "bf16"]), default="f32", show_default=True,
+              help="Parameters, optimizer state and compute (f64: a float64 reference run; "
+                   "bf16: float32 weights, gradients and optimizer state, bfloat16 operands "
+                   "in the linear layers' products with float32 accumulation).")
 @click.option("--check-every", type=_int, default=100, show_default=True,
               help="Under mpirun: steps between checks that every rank holds the same "
                    "parameters (also at every checkpoint).")

@@ -34,6 +34,7 @@ from apr.tokenizer import TokenizerData
 
 from .backend import Backend, get_backend
 from .data import PreparedData, TrainBatches, required_steps, tokenizer_hash
+from .precision import PRECISIONS
 from .run import (DEFAULT_LR, MODES, PATH_FIELDS, RESUME_OVERRIDABLE, RunConfig, flag,
                   flag_value)
 
@@ -62,8 +63,8 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if not cfg.init and not cfg.arch:
         raise GateError("a from-scratch run needs --arch PRESET (or --init MODEL to "
                         "fine-tune a model file)")
-    if cfg.dtype not in ("f32", "f64"):
-        raise GateError(f"--dtype {cfg.dtype}: must be f32 or f64")
+    if cfg.dtype not in PRECISIONS:
+        raise GateError(f"--dtype {cfg.dtype}: must be one of {', '.join(PRECISIONS)}")
     for name in ("steps", "batch_size", "seq_length", "eval_every", "val_batches", "save_every",
                  "check_every"):
         if getattr(cfg, name) < 1:

@@ -31,7 +31,7 @@ from apr.config import ModelConfig
 from apr.errors import AprError, ConfigError
 from apr.names import EMBED, FINAL_NORM, LM_HEAD
 
-from . import ops
+from . import kernels, ops, precision
 from .backend import Backend, array_module, cpu_backend
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -123,23 +123,31 @@ class Model:
     """Parameters on a backend, in one dtype, and the forward / backward passes over them."""
 
     def __init__(self, config: ModelConfig, params: Mapping[str, Any],
-                 backend: Optional[Backend] = None, dtype: Any = np.float32):
+                 backend: Optional[Backend] = None, dtype: Any = np.float32,
+                 matmul: Optional[str] = None):
         """``params``: array-likes keyed by exactly the names of ``config.tensor_shapes()``,
         each of that shape. With tied embeddings a ``lm_head.weight`` entry is accepted only
         if it equals the embedding (HF state dicts list the shared tensor under both names)
         and is then dropped; otherwise it is a ConfigError, as are missing or unknown names
         and wrong shapes. Arrays are moved to the backend and converted to ``dtype``; one
         that already is a CPU array of ``dtype`` is used as is, not copied (so a memory-mapped
-        tensor stays mapped and read-only, and an array passed in is shared with the caller)."""
+        tensor stays mapped and read-only, and an array passed in is shared with the caller).
+        ``matmul="bf16"``: the linear layers' products take bfloat16 operands with float32
+        accumulation, the parameters staying float32 (`ref.precision`)."""
         self.config = config
         self.backend = backend or cpu_backend()
         self.dtype = np.dtype(dtype)
+        if matmul not in (None, "bf16") or (matmul and self.dtype != np.float32):
+            raise AprError(f"matmul precision {matmul!r} with {self.dtype} parameters: "
+                           "bf16 products need float32 master weights")
+        self.matmul = matmul
+        self.ops = kernels.ops_for(self.backend)     # ref.ops, or fused kernels on a GPU
         self.params: dict[str, Array] = self._check_params(params)
         self._names: dict[tuple[int, str], Optional[str]] = {}    # (layer, kind) -> name
 
     @classmethod
     def init_random(cls, config: ModelConfig, seed: int = 0, backend: Optional[Backend] = None,
-                    dtype: Any = np.float32) -> "Model":
+                    dtype: Any = np.float32, matmul: Optional[str] = None) -> "Model":
         """HF-like initialization: weights ~ N(0, 0.02^2), norm weights 1, biases 0
         (drawn with numpy's Generator(seed) on the host, so the same on every backend)."""
         rng = np.random.default_rng(seed)
@@ -152,7 +160,7 @@ class Model:
                 params[name] = np.zeros(shape, dtype=dtype)
             else:
                 params[name] = (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(dtype)
-        return cls(config, params, backend, dtype)
+        return cls(config, params, backend, dtype, matmul)
 
     def _check_params(self, params: Mapping[str, Any]) -> dict[str, Array]:
         cfg = self.config
@@ -240,13 +248,14 @@ class Model:
 
     def _projection_forward(self, i: int, proj: str, x: Array) -> tuple[Array, tuple]:
         """linear_forward with layer i's ``proj``.weight and, when the config has it, .bias."""
-        return ops.linear_forward(x, self._p(i, proj + ".weight"), self._p(i, proj + ".bias"))
+        return precision.linear_forward(x, self._p(i, proj + ".weight"), self._p(i, proj + ".bias"),
+                                        self.matmul)
 
     def _norm_forward(self, x: Array, weight: Array) -> tuple[Array, tuple]:
         """rmsnorm with the weight as the family computes it: w, or (1 + w) in Gemma (the
         gradient of w is the same)."""
         offset = self.config.norm_offset
-        return ops.rmsnorm_forward(x, weight + offset if offset else weight, self.config.rms_norm_eps)
+        return self.ops.rmsnorm_forward(x, weight + offset if offset else weight, self.config.rms_norm_eps)
 
     def _heads_forward(self, i: int, x: Array, n: int, norm: str) -> tuple[Array, tuple]:
         """(B, T, n*D) -> (B, n, T, D), each head RMS-normalized by layer i's ``norm`` weight
@@ -261,7 +270,7 @@ class Model:
                         grads: dict[str, Array]) -> Array:
         """Backward of `_heads_forward`: (B, n, T, D) -> (B, T, n*D)."""
         if cache is not None:
-            dx, grads[self._name(norm, i)] = ops.rmsnorm_backward(dx, cache)
+            dx, grads[self._name(norm, i)] = self.ops.rmsnorm_backward(dx, cache)
         return self._merge_heads(dx)
 
     # ------------------------------------------------------------------ attention block
@@ -287,12 +296,12 @@ class Model:
             v, c_v = self._projection_forward(i, "attn_v", n1)
         q, c_nq = self._heads_forward(i, q, cfg.num_heads, "attn_q_norm.weight")
         k, c_nk = self._heads_forward(i, k, cfg.num_kv_heads, "attn_k_norm.weight")
-        q, c_rq = ops.rope_forward(q, cos, sin, cfg.rope_type)
-        k, c_rk = ops.rope_forward(k, cos, sin, cfg.rope_type)
+        q, c_rq = self.ops.rope_forward(q, cos, sin, cfg.rope_type)
+        k, c_rk = self.ops.rope_forward(k, cos, sin, cfg.rope_type)
         v = self.backend.xp.ascontiguousarray(self._split_heads(v, cfg.num_kv_heads))
         if kv is not None:
             k, v = kv.append(i, k, v)
-        a, c_att = ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
+        a, c_att = self.ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
                                          cfg.attn_logit_softcapping)
         if dw is None:
             out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
@@ -309,7 +318,7 @@ class Model:
                             grads: dict[str, Array]) -> Array:
         if cache is None:
             return dy
-        dout, grads[self._name(kind, i)] = ops.rmsnorm_backward(dy, cache)
+        dout, grads[self._name(kind, i)] = self.ops.rmsnorm_backward(dy, cache)
         return dout
 
     def _attention_backward(self, i: int, dy: Array, cache: tuple,
@@ -319,9 +328,9 @@ class Model:
         c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post = cache
         dout = self._post_norm_backward(i, "attn_post_norm.weight", dy, c_post, grads)
         da = self._projection_backward(i, "attn_output", dout, c_o, grads)
-        dq, dk, dv = ops.attention_backward(self._split_heads(da, cfg.num_heads), c_att)
-        dq = self._heads_backward(i, ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
-        dk = self._heads_backward(i, ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
+        dq, dk, dv = self.ops.attention_backward(self._split_heads(da, cfg.num_heads), c_att)
+        dq = self._heads_backward(i, self.ops.rope_backward(dq, c_rq), c_nq, "attn_q_norm.weight", grads)
+        dk = self._heads_backward(i, self.ops.rope_backward(dk, c_rk), c_nk, "attn_k_norm.weight", grads)
         dv = self._merge_heads(dv)
         if cfg.fused:
             dn1 = self._projection_backward(i, "attn_qkv", self.backend.xp.concatenate(
@@ -330,13 +339,14 @@ class Model:
             dn1 = (self._projection_backward(i, "attn_q", dq, c_q, grads)
                    + self._projection_backward(i, "attn_k", dk, c_k, grads)
                    + self._projection_backward(i, "attn_v", dv, c_v, grads))
-        dx, grads[self._name("attn_norm.weight", i)] = ops.rmsnorm_backward(dn1, c_norm)
+        dx, grads[self._name("attn_norm.weight", i)] = self.ops.rmsnorm_backward(dn1, c_norm)
         return dy + dx
 
     def _projection_backward(self, i: int, proj: str, dy: Array, cache: tuple,
                              grads: dict[str, Array]) -> Array:
         """linear_backward of layer i's ``proj``: stores its .weight (and .bias) grads."""
-        dx, grads[self._name(proj + ".weight", i)], dbias = ops.linear_backward(dy, cache)
+        dx, grads[self._name(proj + ".weight", i)], dbias = precision.linear_backward(
+            dy, cache, self.matmul)
         if dbias is not None:
             grads[self._name(proj + ".bias", i)] = dbias
         return dx
@@ -357,7 +367,7 @@ class Model:
         else:
             gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
             up, c_up = self._projection_forward(i, "ffn_up", n2)
-        m, c_act = ops.gated_mlp_forward(gate, up, self.config.hidden_act)
+        m, c_act = self.ops.gated_mlp_forward(gate, up, self.config.hidden_act)
         if dw is None:
             out, c_down = self._projection_forward(i, "ffn_down", m)
         else:
@@ -369,14 +379,14 @@ class Model:
         c_norm, c_gate, c_up, c_act, c_down, c_post = cache
         dout = self._post_norm_backward(i, "ffn_post_norm.weight", dy, c_post, grads)
         dm = self._projection_backward(i, "ffn_down", dout, c_down, grads)
-        dgate, dup = ops.gated_mlp_backward(dm, c_act)
+        dgate, dup = self.ops.gated_mlp_backward(dm, c_act)
         if self.config.fused:
             dn = self._projection_backward(i, "ffn_up", self.backend.xp.concatenate(
                 [dgate, dup], axis=-1), c_gate, grads)
         else:
             dn = (self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
                   + self._projection_backward(i, "ffn_up", dup, c_up, grads))
-        dx, grads[self._name("ffn_norm.weight", i)] = ops.rmsnorm_backward(dn, c_norm)
+        dx, grads[self._name("ffn_norm.weight", i)] = self.ops.rmsnorm_backward(dn, c_norm)
         return dy + dx
 
     # ------------------------------------------------------------------ trunk
@@ -412,7 +422,7 @@ class Model:
         """Backward through final norm, layers (last to first) and embedding; fills ``grads``
         (adding the embedding gradient to one already there, the tied lm_head's)."""
         c_embed, layer_caches, c_norm = caches
-        dx, grads[FINAL_NORM] = ops.rmsnorm_backward(dx, c_norm)
+        dx, grads[FINAL_NORM] = self.ops.rmsnorm_backward(dx, c_norm)
         for i in reversed(range(self.config.num_layers)):
             c_attn, c_mlp = layer_caches[i]
             dx = self._mlp_backward(i, dx, c_mlp, grads)
@@ -425,7 +435,7 @@ class Model:
     def _head_forward(self, x: Array, dw: Optional[DecodeWeights] = None) -> tuple[Array, tuple]:
         """The output projection, soft-capped where the config says (Gemma 2)."""
         if dw is None:
-            logits, c_head = ops.linear_forward(x, self.lm_head)
+            logits, c_head = precision.linear_forward(x, self.lm_head, None, self.matmul)
         else:
             logits, c_head = dw.linear(x, (dw.head, None)), None
         cap = self.config.final_logit_softcapping
@@ -438,7 +448,7 @@ class Model:
         c_head, c_cap = cache
         if c_cap is not None:
             dlogits = ops.softcap_backward(dlogits, c_cap)
-        dx, d_head, _ = ops.linear_backward(dlogits, c_head)
+        dx, d_head, _ = precision.linear_backward(dlogits, c_head, self.matmul)
         return dx, d_head
 
     # ------------------------------------------------------------------ public API
@@ -456,7 +466,7 @@ class Model:
         """Mean cross-entropy of the logits for ``ids`` against ``targets`` (same shape,
         already shifted: targets[b, t] is the token that should follow ids[b, t])."""
         logits = self.forward(ids)
-        loss, _ = ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, _ = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
         return float(loss)
 
     def loss_and_grads(self, ids: Any, targets: Any,
@@ -467,10 +477,10 @@ class Model:
         caches: list = []
         x = self._trunk_forward(self._ids(ids), 0, None, caches, None)
         logits, c_head = self._head_forward(x)
-        loss, c_loss = ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, c_loss = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
         del logits
         grads: dict[str, Array] = {}
-        dlogits = ops.cross_entropy_backward(1.0, c_loss)
+        dlogits = self.ops.cross_entropy_backward(1.0, c_loss)
         del c_loss
         dx, d_head = self._head_backward(dlogits, c_head)
         del dlogits
@@ -484,7 +494,11 @@ class Model:
 
     def decode_weights(self) -> DecodeWeights:
         """The current parameters in the decode layout (`DecodeWeights`) for `forward_step`.
-        Build them again after any change of the parameters: they are copies."""
+        Build them again after any change of the parameters: they are copies. Not with
+        bf16 products (``matmul``): the decode layout multiplies in the parameters' dtype."""
+        if self.matmul is not None:
+            raise AprError(f"decode weights multiply in {self.dtype}; this model's products are "
+                           f"{self.matmul} (use forward_step without weights)")
         return DecodeWeights(self)
 
     def forward_step(self, ids: Any, cache: KVCache, last_only: bool = False,

@@ -22,8 +22,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from apr import names
 
+from . import kernels
 from .backend import array_module
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -77,6 +80,10 @@ class AdamW:
             g = grads[name]
             m, v = self.exp_avg[name], self.exp_avg_sq[name]
             xp = array_module(p)
+            if xp is not np:                                    # one fused kernel on a GPU
+                decay = 1.0 - lr * c.weight_decay if self.decay[name] else 1.0
+                kernels.adamw_step(p, g, m, v, decay, c.beta1, c.beta2, c.eps, step_size, sqrt_bc2)
+                continue
             if self.decay[name] and c.weight_decay:
                 p *= 1.0 - lr * c.weight_decay                  # p <- p (1 - lr wd)
             m *= c.beta1                                        # m <- b1 m + (1 - b1) g

@@ -104,7 +104,8 @@ class RunConfig:
     allow_untrained_init: bool = False
     data_dir: Optional[str] = None           # the prepared data actually read (set by start_run)
     ranks: int = 1                           # data-parallel processes (set by start/resume)
-    dtype: str = "f32"                       # parameters, optimizer state and compute: f32 or f64
+    dtype: str = "f32"                       # f32 or f64 (parameters, optimizer state and
+                                             # compute), or bf16 (f32 with bfloat16 products)
     check_every: int = 100                   # steps between checks that every rank holds the same
                                              # parameters (and at every checkpoint)
     zero: int = 0                            # 1: ZeRO-1, AdamW state sharded across the ranks
@@ -116,7 +117,13 @@ class RunConfig:
 
     @property
     def np_dtype(self) -> Any:
+        """The dtype of parameters, gradients and optimizer state (float32 under bf16)."""
         return np.float64 if self.dtype == "f64" else np.float32
+
+    @property
+    def matmul(self) -> Optional[str]:
+        """"bf16" when the linear layers' products take bfloat16 operands, else None."""
+        return "bf16" if self.dtype == "bf16" else None
 
     @property
     def fine_tune(self) -> bool:

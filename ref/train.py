@@ -197,9 +197,10 @@ def _assemble_run(cfg: RunConfig, *, backend: Backend, tokenizer: TokenizerData,
     gate_train_supply(cfg, batches)
     val = validation_batches(data.val, cfg.batch_size, cfg.seq_length, cfg.val_batches)
     if view is not None:
-        model = model_from_view(view, backend, cfg.np_dtype)
+        model = model_from_view(view, backend, cfg.np_dtype, cfg.matmul)
     else:
-        model = Model.init_random(config, seed=cfg.seed, backend=backend, dtype=cfg.np_dtype)
+        model = Model.init_random(config, seed=cfg.seed, backend=backend, dtype=cfg.np_dtype,
+                                  matmul=cfg.matmul)
     _owned_params(model)
     optimizer = make_optimizer(model.params, cfg.optimizer_config(), world(), cfg.zero)
     if resumed_from is not None:

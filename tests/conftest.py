@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+# tests/gpu needs an NVIDIA GPU and CuPy: bench/gpu_check.sh runs it with APR_REF_GPU_TESTS=1
+collect_ignore = [] if os.environ.get("APR_REF_GPU_TESTS") == "1" else ["gpu"]
 CACHE = Path(os.environ.get("APR_REF_CACHE", Path.home() / ".cache" / "apr-ref"))
 
 
