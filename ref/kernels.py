@@ -35,6 +35,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
+import ml_dtypes
 import numpy as np
 
 from . import ops
@@ -654,10 +655,9 @@ def _bf16_matmul_kernel(a: Array, b: Array) -> Array:
 
 
 def _bf16_matmul_sample(xp: Any, seed: int) -> tuple:
-    from .precision import round_bf16
-    rng = np.random.default_rng(seed)
-    a = round_bf16(rng.standard_normal((300, 500), dtype=np.float32))
-    b = round_bf16(rng.standard_normal((200, 500), dtype=np.float32)).T
+    rng = np.random.default_rng(seed)           # operands that are bfloat16 values
+    a = rng.standard_normal((300, 500), dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    b = rng.standard_normal((200, 500), dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32).T
     return xp.asarray(a), xp.asarray(b)
 
 
