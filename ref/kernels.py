@@ -8,6 +8,7 @@ rotary embedding               ElementwiseKernel (both pair orders) ops.rope_*
 SwiGLU (silu gate)             ElementwiseKernel                   ops.gated_mlp_* for silu
 softmax cross-entropy          RawKernel per row, in place         ops.cross_entropy_*
 AdamW step                     ElementwiseKernel, in place         the loop body of optim.AdamW
+bf16 rounding (ref.precision)  ElementwiseKernel                    five array passes
 bf16 products (ref.precision)  cuBLAS with TF32 tensor cores       a float32 GEMM (SIMT)
 causal GQA attention           RawKernels, online softmax, no      ops.attention_* (opt-in:
                                (T, S) scores kept (flash-style)    APR_REF_ATTENTION=fused)
@@ -629,6 +630,44 @@ adamw_step = Fused("AdamW", adamw_reference, _adamw_kernel, _adamw_sample,
 
 # --------------------------------------------------------------------------- bf16 products
 
+BF16_ROUND_OP = r"""
+    const unsigned int b = __float_as_uint(x);
+    y = (b & 0x7fffffffu) > 0x7f800000u ? x
+        : __uint_as_float((b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u);
+"""
+
+
+def round_bf16_array(x: Array) -> Array:
+    """`ref.precision.round_bf16` in array code (either backend). On the bits: add 0x7FFF
+    plus the lowest kept bit, then clear the low 16 bits; a carry into the exponent is the
+    correct rounding up (to the next binade or to infinity). NaN is passed through."""
+    xp = array_module(x)
+    x = xp.asarray(x, dtype=xp.float32)
+    bits = x.view(xp.uint32)
+    rounded = (bits + (xp.uint32(0x7FFF) + ((bits >> 16) & xp.uint32(1)))) & xp.uint32(0xFFFF0000)
+    return xp.where(xp.isnan(x), x, rounded.view(xp.float32))
+
+
+_bf16_round_reference = round_bf16_array
+
+
+def _bf16_round_kernel(x: Array) -> Array:
+    cp = array_module(x)
+    kern = _kernel(cp, "bf16_round", lambda: cp.ElementwiseKernel(
+        "float32 x", "float32 y", BF16_ROUND_OP, "apr_round_bf16"))
+    return kern(x)
+
+
+def _bf16_round_sample(xp: Any, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(4000) * np.exp(rng.uniform(-80, 80, 4000))).astype(np.float32)
+    x[:6] = [np.inf, -np.inf, 0.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, np.finfo(np.float32).max]
+    return (xp.asarray(x.reshape(40, 100)),)
+
+
+bf16_round = Fused("bf16 rounding", _bf16_round_reference, _bf16_round_kernel, _bf16_round_sample,
+                   lambda x: _f32(x))
+
 def _bf16_matmul_reference(a: Array, b: Array) -> Array:
     """a @ b in float32 (a and b hold bfloat16 values)."""
     return a @ b
@@ -948,7 +987,7 @@ def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
 
 
 ALL = (rmsnorm_forward, rmsnorm_backward, rope_forward, rope_backward, swiglu_forward,
-       swiglu_backward, cross_entropy_forward, cross_entropy_backward, adamw_step, bf16_matmul,
+       swiglu_backward, cross_entropy_forward, cross_entropy_backward, adamw_step, bf16_round, bf16_matmul,
        attention_fused_forward, attention_fused_backward)
 
 

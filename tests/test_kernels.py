@@ -319,6 +319,8 @@ def test_bf16_products_run_on_tensor_cores_only_after_the_self_check(fake_cupy, 
         yield
 
     monkeypatch.setattr(kernels, "_tf32", tf32)
+    monkeypatch.setattr(kernels.bf16_round, "ok", True)              # a working rounding kernel
+    monkeypatch.setattr(kernels.bf16_round, "kernel", lambda x: dev(kernels._bf16_round_reference(x)))
     x = RNG.standard_normal((3, 4, 32)).astype(np.float32)
     w = RNG.standard_normal((16, 32)).astype(np.float32)
     dy = RNG.standard_normal((3, 4, 16)).astype(np.float32)
@@ -347,6 +349,8 @@ def test_bf16_products_stay_simt_when_the_self_check_fails(fake_cupy, monkeypatc
         yield
 
     monkeypatch.setattr(kernels, "_tf32", tf32)
+    monkeypatch.setattr(kernels.bf16_round, "ok", True)              # a working rounding kernel
+    monkeypatch.setattr(kernels.bf16_round, "kernel", lambda x: dev(kernels._bf16_round_reference(x)))
     monkeypatch.setattr(kernels.bf16_matmul, "kernel", lambda a, b: (a @ b) * 1.001)
     x = dev(RNG.standard_normal((5, 32)).astype(np.float32))
     w = dev(RNG.standard_normal((16, 32)).astype(np.float32))

@@ -245,3 +245,19 @@ def test_twenty_training_steps_match_the_cpu(gpu, report, tmp_path_factory, dtyp
     assert gpu_losses[-1] < gpu_losses[0] - 1.0
     # float32: the runs differ only in summation order; bf16 can flip an operand's rounding
     assert max(diffs) <= (1e-3 if dtype == "f32" else 2e-2), diffs
+
+
+def test_bf16_rounding_kernel_is_ml_dtypes(gpu, report):
+    """The rounding kernel against ml_dtypes bit for bit, on a million random bit patterns
+    (every exponent, subnormals, infinities, NaNs) and the ties."""
+    import ml_dtypes
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2 ** 32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x[:4] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, np.finfo(np.float32).max, -np.inf]
+    got = host(kernels.bf16_round(gpu.xp.asarray(x)))
+    assert kernels.bf16_round.ok is True, kernels.bf16_round.failure
+    with np.errstate(invalid="ignore"):
+        want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
