@@ -498,22 +498,6 @@ swiglu_backward = Fused("SwiGLU backward", swiglu_backward_reference, _swiglu_ba
 
 # --------------------------------------------------------------------------- cross-entropy
 
-def _ce_targets(xp: Any, logits: Array, targets: Array, ignore_index: int):
-    """(flat targets, keep mask, kept count) after the checks of `ops.cross_entropy_forward`."""
-    vocab = logits.shape[-1]
-    t = targets.reshape(-1)
-    keep = t != ignore_index
-    count = int(keep.sum())
-    if count == 0:
-        raise ValueError(f"cross-entropy: every target is ignore_index={ignore_index}; "
-                         "the mean over no targets is undefined")
-    kept = t[keep]
-    if int(kept.min()) < 0 or int(kept.max()) >= vocab:
-        raise ValueError(f"cross-entropy: target ids must lie in [0, {vocab}) "
-                         f"(got {int(kept.min())}..{int(kept.max())})")
-    return t, keep, count
-
-
 def cross_entropy_forward_reference(logits: Array, targets: Array,
                                     ignore_index: int = ops.IGNORE_INDEX) -> tuple[Array, tuple]:
     """Per row r: m = max z, s = sum exp(z - m), loss_r = log s + m - z[t_r] (0 when
@@ -522,7 +506,7 @@ def cross_entropy_forward_reference(logits: Array, targets: Array,
     xp = array_module(logits)
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)
-    t, keep, count = _ce_targets(xp, logits, targets, ignore_index)
+    t, keep, count = ops.cross_entropy_targets(logits, targets, ignore_index)
     safe_t = xp.where(keep, t, 0)
     m = z.max(axis=-1, keepdims=True)
     e = xp.exp(z - m)
@@ -546,7 +530,7 @@ def _cross_entropy_forward_kernel(logits, targets, ignore_index=ops.IGNORE_INDEX
     cp = array_module(logits)
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)               # contiguous (checked): a view, overwritten
-    t, keep, count = _ce_targets(cp, logits, targets, ignore_index)
+    t, keep, count = ops.cross_entropy_targets(logits, targets, ignore_index)
     t = t.astype(cp.int64, copy=False)
     loss_rows = cp.empty(z.shape[0], dtype=cp.float32)
     _raw(cp, CROSS_ENTROPY_SOURCE, "cross_entropy_fwd")(

@@ -438,15 +438,10 @@ def gated_mlp_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
 IGNORE_INDEX = -100
 
 
-def cross_entropy_forward(logits: Array, targets: Array,
-                          ignore_index: int = IGNORE_INDEX) -> tuple[Array, tuple]:
-    """Mean softmax cross-entropy over the targets that are not ``ignore_index``:
-        loss = (1/n) sum_{kept rows r} [logsumexp(logits[r]) - logits[r, targets[r]]]
-    logits: (..., V); targets: the same leading shape. The log-softmax subtracts the row
-    maximum first, so it neither overflows nor underflows. Returns a 0-d array."""
-    xp = array_module(logits)
+def cross_entropy_targets(logits: Array, targets: Array, ignore_index: int) -> tuple[Array, Array, int]:
+    """(flat targets, mask of the kept ones, how many are kept), after checking that some are
+    kept and that every kept id lies in [0, vocab)."""
     vocab = logits.shape[-1]
-    z = logits.reshape(-1, vocab)
     t = targets.reshape(-1)
     keep = t != ignore_index
     count = int(keep.sum())
@@ -457,6 +452,18 @@ def cross_entropy_forward(logits: Array, targets: Array,
     if int(kept.min()) < 0 or int(kept.max()) >= vocab:
         raise ValueError(f"cross-entropy: target ids must lie in [0, {vocab}) "
                          f"(got {int(kept.min())}..{int(kept.max())})")
+    return t, keep, count
+
+
+def cross_entropy_forward(logits: Array, targets: Array,
+                          ignore_index: int = IGNORE_INDEX) -> tuple[Array, tuple]:
+    """Mean softmax cross-entropy over the targets that are not ``ignore_index``:
+        loss = (1/n) sum_{kept rows r} [logsumexp(logits[r]) - logits[r, targets[r]]]
+    logits: (..., V); targets: the same leading shape. The log-softmax subtracts the row
+    maximum first, so it neither overflows nor underflows. Returns a 0-d array."""
+    xp = array_module(logits)
+    z = logits.reshape(-1, logits.shape[-1])
+    t, keep, count = cross_entropy_targets(logits, targets, ignore_index)
     rows = xp.arange(z.shape[0])
     safe_t = xp.where(keep, t, 0)
     shifted = z - z.max(axis=-1, keepdims=True)

@@ -308,9 +308,11 @@ def test_optimizer_on_device_arrays_goes_through_the_fused_step(fake_cupy, monke
         close(params[k], host[k], rtol=1e-6)
 
 
-def test_bf16_products_run_on_tensor_cores_only_after_the_self_check(fake_cupy, monkeypatch):
+@pytest.fixture
+def tf32_entries(fake_cupy, monkeypatch) -> list:
+    """The TF32 switch recorded instead of entered (one entry per product on it), and a
+    working bf16 rounding kernel."""
     from contextlib import contextmanager
-    from ref import precision
     entered = []
 
     @contextmanager
@@ -319,8 +321,14 @@ def test_bf16_products_run_on_tensor_cores_only_after_the_self_check(fake_cupy, 
         yield
 
     monkeypatch.setattr(kernels, "_tf32", tf32)
-    monkeypatch.setattr(kernels.bf16_round, "ok", True)              # a working rounding kernel
+    monkeypatch.setattr(kernels.bf16_round, "ok", True)
     monkeypatch.setattr(kernels.bf16_round, "kernel", lambda x: dev(kernels._bf16_round_reference(x)))
+    return entered
+
+
+def test_bf16_products_run_on_tensor_cores_only_after_the_self_check(tf32_entries):
+    from ref import precision
+    entered = tf32_entries
     x = RNG.standard_normal((3, 4, 32)).astype(np.float32)
     w = RNG.standard_normal((16, 32)).astype(np.float32)
     dy = RNG.standard_normal((3, 4, 16)).astype(np.float32)
@@ -338,19 +346,9 @@ def test_bf16_products_run_on_tensor_cores_only_after_the_self_check(fake_cupy, 
         close(a, b, rtol=0, atol=0)
 
 
-def test_bf16_products_stay_simt_when_the_self_check_fails(fake_cupy, monkeypatch):
-    from contextlib import contextmanager
+def test_bf16_products_stay_simt_when_the_self_check_fails(tf32_entries, monkeypatch):
     from ref import precision
-    entered = []
-
-    @contextmanager
-    def tf32(cp):
-        entered.append(cp)
-        yield
-
-    monkeypatch.setattr(kernels, "_tf32", tf32)
-    monkeypatch.setattr(kernels.bf16_round, "ok", True)              # a working rounding kernel
-    monkeypatch.setattr(kernels.bf16_round, "kernel", lambda x: dev(kernels._bf16_round_reference(x)))
+    entered = tf32_entries
     monkeypatch.setattr(kernels.bf16_matmul, "kernel", lambda a, b: (a @ b) * 1.001)
     x = dev(RNG.standard_normal((5, 32)).astype(np.float32))
     w = dev(RNG.standard_normal((16, 32)).astype(np.float32))
