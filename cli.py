@@ -230,8 +230,8 @@ _bench_dtype_opt = click.option(
 def _load(model_path: str, device: str, compute: str, quiet: bool = True):
     from ref.load import load_model
     from ref.precision import matmul_precision
-    model, view = load_model(model_path, device=device, dtype=_compute_dtype(compute))
-    model.matmul = matmul_precision(compute)
+    model, view = load_model(model_path, device=device, dtype=_compute_dtype(compute),
+                             matmul=matmul_precision(compute))
     if device == "auto" and not quiet:
         click.echo(f"device: {model.backend.description}", err=True)
     return model, view

@@ -183,7 +183,8 @@ class TokenizerData:
         return spm.scores_from_merges(self.vocab, self.merges, self.token_type)
 
 
-_PAD_RE = re.compile(r"<\|pad_(\d+)(?:_\d+)?\|>|\[PAD(\d+)\]")
+# ids of at most 12 digits: a longer run (from a hostile file) is no row pad, and never reaches int()
+_PAD_RE = re.compile(r"<\|pad_(\d{1,12})(?:_\d{1,12})?\|>|\[PAD(\d{1,12})\]")
 
 
 def is_row_pad(token: str, token_id: int) -> bool:

@@ -49,7 +49,7 @@ def products_only_tok_s(model, steps: int = 64, repeats: int = 5) -> float:
     on what this NumPy decode can reach at these threads, whatever its other work costs."""
     import numpy as np
     w = model.decode_weights()
-    mats = [wt for entries in (w.qkv, w.gate_up, w.o, w.down) for wt, _ in entries] + [w.head]
+    mats = [wt for layer in w.layers for wt, _ in layer.values()] + [w.head]
     xs = {m.shape[0]: np.ones((1, m.shape[0]), m.dtype) for m in mats}
     best = float("inf")
     for _ in range(repeats):

@@ -1,9 +1,10 @@
 """Text generation with a KV cache: greedy, temperature, top-k and top-p sampling.
 
 The prompt is run once (prefill), which gives the logits of the first new token; every
-further token is one `Model.forward_step` of a single position. Both read the weights in the
-decode layout (`Model.decode_weights`: transposed, q/k/v and gate/up as one matrix each), built
-from the parameters at the start of each call (``setup_seconds``), so never older than them.
+further token is one `Model.forward_step` of a single position. A generation of at least
+`DECODE_LAYOUT_MIN_TOKENS` new tokens reads the weights in the decode layout
+(`Model.decode_weights`: transposed, q/k/v and gate/up as one matrix each), built from the
+parameters at the start of the call (``setup_seconds``), so never older than them.
 Sampling happens on the host with a seeded ``numpy.random.Generator``, so a seed gives the
 same tokens on every backend (up to ties in the logits). Timings are taken after the logits
 reach the host, so GPU work is included in full: ``prefill_seconds`` is the time to the first
@@ -131,7 +132,7 @@ def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
     # to repay the build (a copy of every weight matrix: it costs about as much as
     # DECODE_LAYOUT_MIN_TOKENS single-token steps save), and not under bf16 products,
     # which the decode layout does not round
-    use = max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS and getattr(model, "matmul", None) is None
+    use = max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS and model.matmul is None
     weights = model.decode_weights() if use else None
     setup_seconds = time.perf_counter() - t0
     cache = model.new_kv_cache(1, len(prompt) + max_new_tokens)

@@ -23,8 +23,8 @@ def model_from_view(view: ModelView, backend: Backend | None = None, dtype: Any 
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: Any = np.float32,
-               verify: bool = True) -> tuple[Model, ModelView]:
+               verify: bool = True, matmul: str | None = None) -> tuple[Model, ModelView]:
     """(model, view) for a file or HF directory; the view carries tokenizer and metadata."""
     backend = get_backend(device)
     view = open_model(path, verify=verify)
-    return model_from_view(view, backend, dtype), view
+    return model_from_view(view, backend, dtype, matmul), view

@@ -72,9 +72,10 @@ class DecodeWeights:
     out_features) and C-contiguous, so that a single position's x @ W^T is ``x @ wt``, BLAS's
     row-major matrix-vector product, which streams the matrix faster than the dot products of
     the HF layout; and the projections that read the same input concatenated into one matrix:
-    ``qkv[i]`` holds the columns of q_proj, k_proj, v_proj (a family that stores them fused,
-    Phi-3, has them so already), ``gate_up[i]`` those of gate_proj then up_proj; ``o[i]``,
-    ``down[i]``, and ``head`` the output projection. Each layer entry is (wt, bias or None).
+    ``layers[i]`` maps the fused kinds to (wt, bias or None): "attn_qkv" holds the columns of
+    q_proj, k_proj, v_proj (a family that stores them fused, Phi-3, has them so already),
+    "ffn_up" those of gate_proj then up_proj (Phi-3's gate_up), "attn_output" and "ffn_down"
+    their own; ``head`` is the output projection.
 
     These are copies: they hold the parameters of the moment `Model.decode_weights` built
     them, so they are built per use (``generate`` builds them once per call) and never kept
@@ -99,12 +100,11 @@ class DecodeWeights:
                 start += w.shape[0]
             return wt, bias
 
-        n, fused = model.config.num_layers, model.config.fused
-        self.qkv = [cat(i, ("attn_qkv",) if fused else ("attn_q", "attn_k", "attn_v"))
-                    for i in range(n)]
-        self.gate_up = [cat(i, ("ffn_up",) if fused else ("ffn_gate", "ffn_up")) for i in range(n)]
-        self.o = [cat(i, ("attn_output",)) for i in range(n)]
-        self.down = [cat(i, ("ffn_down",)) for i in range(n)]
+        parts = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up"),
+                 "attn_output": ("attn_output",), "ffn_down": ("ffn_down",)}
+        fused = model.config.fused
+        self.layers = [{kind: cat(i, (kind,) if fused else kinds) for kind, kinds in parts.items()}
+                       for i in range(model.config.num_layers)]
         self.head = xp.ascontiguousarray(model.lm_head.T)
 
     @staticmethod
@@ -246,8 +246,12 @@ class Model:
         b, n, t, d = x.shape
         return x.transpose(0, 2, 1, 3).reshape(b, t, n * d)
 
-    def _projection_forward(self, i: int, proj: str, x: Array) -> tuple[Array, tuple]:
-        """linear_forward with layer i's ``proj``.weight and, when the config has it, .bias."""
+    def _projection_forward(self, i: int, proj: str, x: Array,
+                            dw: Optional[DecodeWeights] = None) -> tuple[Array, Optional[tuple]]:
+        """linear_forward with layer i's ``proj``.weight and, when the config has it, .bias;
+        with decode weights, their matrix of that kind (no backward cache then)."""
+        if dw is not None:
+            return dw.linear(x, dw.layers[i][proj]), None
         return precision.linear_forward(x, self._p(i, proj + ".weight"), self._p(i, proj + ".bias"),
                                         self.matmul)
 
@@ -283,10 +287,7 @@ class Model:
         cfg = self.config
         n1, c_norm = self._norm_forward(x, self._p(i, "attn_norm.weight"))
         if cfg.fused or dw is not None:  # one q/k/v matrix: its output split into views (Phi-3)
-            if dw is None:
-                qkv, c_q = self._projection_forward(i, "attn_qkv", n1)
-            else:
-                qkv, c_q = dw.linear(n1, dw.qkv[i]), None
+            qkv, c_q = self._projection_forward(i, "attn_qkv", n1, dw)
             q, k, v = (qkv[..., :cfg.q_size], qkv[..., cfg.q_size:cfg.q_size + cfg.kv_size],
                        qkv[..., cfg.q_size + cfg.kv_size:])
             c_k = c_v = None
@@ -303,10 +304,7 @@ class Model:
             k, v = kv.append(i, k, v)
         a, c_att = self.ops.attention_forward(q, k, v, cfg.window(i), cfg.attention_scale,
                                          cfg.attn_logit_softcapping)
-        if dw is None:
-            out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a))
-        else:
-            out, c_o = dw.linear(self._merge_heads(a), dw.o[i]), None
+        out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a), dw)
         out, c_post = self._post_norm_forward(i, "attn_post_norm.weight", out)
         return x + out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post)
 
@@ -358,20 +356,14 @@ class Model:
         ``dw``: the decode weights to use (no backward cache then)."""
         n2, c_norm = self._norm_forward(x, self._p(i, "ffn_norm.weight"))
         if self.config.fused or dw is not None:  # one gate/up matrix: gate is its first half
-            if dw is None:
-                gate_up, c_gate = self._projection_forward(i, "ffn_up", n2)
-            else:
-                gate_up, c_gate = dw.linear(n2, dw.gate_up[i]), None
+            gate_up, c_gate = self._projection_forward(i, "ffn_up", n2, dw)
             f = self.config.intermediate_size
             gate, up, c_up = gate_up[..., :f], gate_up[..., f:], None
         else:
             gate, c_gate = self._projection_forward(i, "ffn_gate", n2)
             up, c_up = self._projection_forward(i, "ffn_up", n2)
         m, c_act = self.ops.gated_mlp_forward(gate, up, self.config.hidden_act)
-        if dw is None:
-            out, c_down = self._projection_forward(i, "ffn_down", m)
-        else:
-            out, c_down = dw.linear(m, dw.down[i]), None
+        out, c_down = self._projection_forward(i, "ffn_down", m, dw)
         out, c_post = self._post_norm_forward(i, "ffn_post_norm.weight", out)
         return x + out, (c_norm, c_gate, c_up, c_act, c_down, c_post)
 

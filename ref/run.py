@@ -25,6 +25,7 @@ from .backend import Backend
 from .data import PreparedData, TrainBatches
 from .model import Model
 from .parallel import World
+from .precision import matmul_precision, storage_dtype
 from .optim import AdamW, AdamWConfig, CosineSchedule
 
 DEFAULT_LR = {"from-scratch": 3e-4, "fine-tune": 3e-5}
@@ -118,12 +119,12 @@ class RunConfig:
     @property
     def np_dtype(self) -> Any:
         """The dtype of parameters, gradients and optimizer state (float32 under bf16)."""
-        return np.float64 if self.dtype == "f64" else np.float32
+        return storage_dtype(self.dtype)
 
     @property
     def matmul(self) -> Optional[str]:
         """"bf16" when the linear layers' products take bfloat16 operands, else None."""
-        return "bf16" if self.dtype == "bf16" else None
+        return matmul_precision(self.dtype)
 
     @property
     def fine_tune(self) -> bool:

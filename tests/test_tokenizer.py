@@ -557,6 +557,8 @@ def test_row_pad_names_and_where_they_start():
     assert is_row_pad("<|pad_7|>", 7) and is_row_pad("<|pad_7_2|>", 7) and is_row_pad("[PAD7]", 7)
     assert not is_row_pad("<|pad_7|>", 8) and not is_row_pad("[PAD7]", 70)
     assert not is_row_pad("<|pad|>", 7) and not is_row_pad("<|pad_7|> ", 7) and not is_row_pad("", 0)
+    # a hostile file's 5,000-digit "id" is no pad (and never reaches int(), which refuses it)
+    assert not is_row_pad("<|pad_" + "9" * 5000 + "|>", 5) and not is_row_pad("[PAD" + "1" * 5000 + "]", 1)
     vocab = ["a", "b", "<|pad_2|>", "[PAD3]", "<|pad_4_1|>"]
     assert row_pad_start(vocab, [NORMAL, NORMAL, UNUSED, UNUSED, UNUSED]) == 2
     assert row_pad_start(vocab, [NORMAL, NORMAL, UNUSED, NORMAL, UNUSED]) == 4   # typed normal
