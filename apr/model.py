@@ -177,7 +177,18 @@ def _resolve_tied(view: ModelView) -> ModelView:
     return view
 
 
-COMPARE_CHUNK = 1 << 24      # bytes of each tensor compared at a time (bounded memory)
+# bytes of each tensor compared at a time: small enough that a chunk is still in the CPU cache
+# when it is compared after its read (16 MiB chunks compared at half the speed of 2 MiB ones)
+COMPARE_CHUNK = 1 << 21
+
+
+def equal_bytes(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two uint8 arrays hold the same bytes, compared 8 bytes at a time."""
+    if x.size != y.size:
+        return False
+    n8 = x.size // 8 * 8
+    return bool(np.array_equal(x[:n8].view(np.uint64), y[:n8].view(np.uint64))
+                and np.array_equal(x[n8:], y[n8:]))
 
 
 def _same_values(a: TensorRef, b: TensorRef) -> bool:
@@ -187,7 +198,7 @@ def _same_values(a: TensorRef, b: TensorRef) -> bool:
         return bool(np.array_equal(a.numpy(np.float32), b.numpy(np.float32)))
     if a.file_span is None or b.file_span is None:
         ra, rb = (np.asarray(t.raw()).reshape(-1).view(np.uint8) for t in (a, b))
-        return all(np.array_equal(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
+        return all(equal_bytes(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
                    for i in range(0, ra.size, COMPARE_CHUNK))
     # read, not mapped: pages of a large file do not stay resident once compared
     bufs = [bytearray(min(COMPARE_CHUNK, a.nbytes)) for _ in range(2)]
@@ -200,7 +211,7 @@ def _same_values(a: TensorRef, b: TensorRef) -> bool:
             va, vb = memoryview(bufs[0])[:n], memoryview(bufs[1])[:n]
             if fa.readinto(va) != n or fb.readinto(vb) != n:
                 raise FormatError(f"{a.file_span[0]}: tensor {a.source_name!r} or {b.source_name!r} is truncated")
-            if not np.array_equal(np.frombuffer(va, np.uint8), np.frombuffer(vb, np.uint8)):
+            if not equal_bytes(np.frombuffer(va, np.uint8), np.frombuffer(vb, np.uint8)):
                 return False
             left -= n
     return True

@@ -35,6 +35,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ class TokenizerData:
 
 
 # ids of at most 12 digits: a longer run (from a hostile file) is no row pad, and never reaches int()
+_PAD_PREFIXES = ("<|pad_", "[PAD")
 _PAD_RE = re.compile(r"<\|pad_(\d{1,12})(?:_\d{1,12})?\|>|\[PAD(\d{1,12})\]")
 
 
@@ -191,10 +193,18 @@ def is_row_pad(token: str, token_id: int) -> bool:
     """True for a row-pad name of this id: ``<|pad_{id}|>``, ``<|pad_{id}_{k}|>``, ``[PAD{id}]``."""
     if token == f"<|pad_{token_id}|>":        # the common spelling and the common non-pad
         return True                            # are told apart without the regex
-    if not token.startswith(("<|pad_", "[PAD")):
+    if not token.startswith(_PAD_PREFIXES):
         return False
     m = _PAD_RE.fullmatch(token)
     return m is not None and int(m.group(1) or m.group(2)) == token_id
+
+
+def row_pad_ids(vocab: Sequence[str]) -> list[int]:
+    """The ids whose token is a row-pad name of that id (`is_row_pad`): the prefix is tested
+    for every token at once, the name only for the tokens that have it."""
+    has_prefix = map(str.startswith, vocab, itertools.repeat(_PAD_PREFIXES))
+    return [i for i in itertools.compress(range(len(vocab)), has_prefix)
+            if vocab[i] == f"<|pad_{i}|>" or is_row_pad(vocab[i], i)]
 
 
 def row_pad_start(vocab: Sequence[str], token_type: Sequence[int]) -> int:
@@ -203,6 +213,11 @@ def row_pad_start(vocab: Sequence[str], token_type: Sequence[int]) -> int:
     n = len(vocab)
     if len(token_type) != n:
         return n
+    k = n
+    while k and token_type[k - 1] == UNUSED:
+        k -= 1
+    if list(vocab[k:]) == [f"<|pad_{i}|>" for i in range(k, n)]:    # the common spelling,
+        return k                                                      # in one comparison
     while n and token_type[n - 1] == UNUSED and is_row_pad(vocab[n - 1], n - 1):
         n -= 1
     return n
@@ -792,8 +807,9 @@ def from_gguf_kv(kv: Mapping[str, Any]) -> TokenizerData | None:
     if len(types) != len(tokens):
         raise FormatError(f"GGUF: tokenizer.ggml.token_type has {len(types)} entries for "
                           f"{len(tokens)} tokens")
-    types = [UNUSED if is_row_pad(tok, i) else typ
-             for i, (tok, typ) in enumerate(zip(tokens, types))]
+    types = list(types)
+    for i in row_pad_ids(tokens):
+        types[i] = UNUSED
     rstrip = llama_cpp_rstrip(v.get("general.name", str), tokens, types)
     if model == "llama":
         return _spm_from_gguf(v, tokens, types, rstrip)

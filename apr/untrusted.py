@@ -168,11 +168,12 @@ class Values:
         value = self.get(key, list)
         if value is None:
             return default
-        if kind is str and all(type(x) is str for x in value):     # the common case, fast
+        found = set(map(type, value))       # the common case, a type test per element in C
+        if kind is str and found <= {str}:
             return list(value)
-        if kind is float and all(type(x) is float for x in value) and all(map(math.isfinite, value)):
+        if kind is float and found <= {float} and all(map(math.isfinite, value)):
             return list(value)
-        if kind is int and all(type(x) is int for x in value) and \
+        if kind is int and found <= {int} and \
                 (not value or -MAX_SIZE <= min(value) and max(value) <= MAX_SIZE):
             return list(value)
         return [check_value(x, kind, f"{key}[{i}]", self.where) for i, x in enumerate(value)]

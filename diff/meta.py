@@ -155,7 +155,9 @@ def _vocab_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
         out.append(TokenizerFinding("special_tokens", f"{len(special)} tokens are special on one "
                                                       f"side only: {shown}"))
     longer, side = (ta, "A") if ta.vocab_size > tb.vocab_size else (tb, "B")
-    real = [i for i in range(n, longer.vocab_size) if not is_placeholder(longer, i)]
+    tail = longer.token_type[n:]
+    real = [] if tail.count(UNUSED) == len(tail) else \
+        [i for i in range(n, longer.vocab_size) if not is_placeholder(longer, i)]
     if real:
         out.append(TokenizerFinding("vocab_size", f"{side} has {len(real)} more real tokens "
                                                   f"({ta.vocab_size} vs {tb.vocab_size} in all)"))

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from apr import names
-from apr.model import ModelView, TensorRef
+from apr.model import ModelView, TensorRef, equal_bytes
 
 from . import report as R
 from .detectors import Pair, classify
@@ -51,15 +51,6 @@ class Readers:
 
 # --------------------------------------------------------------------------- streaming
 
-def _u64_equal(x: np.ndarray, y: np.ndarray) -> bool:
-    """Byte equality of two uint8 arrays, 8 bytes at a time."""
-    if x.size != y.size:
-        return False
-    n8 = x.size // 8 * 8
-    return bool(np.array_equal(x[:n8].view(np.uint64), y[:n8].view(np.uint64))
-                and np.array_equal(x[n8:], y[n8:]))
-
-
 def same_storage(ra: TensorRef, rb: TensorRef) -> bool:
     """Same dtype, shape and stored row order: equal bytes mean identical values."""
     return (ra.dtype.name == rb.dtype.name and tuple(ra.shape) == tuple(rb.shape)
@@ -70,8 +61,8 @@ def same_storage(ra: TensorRef, rb: TensorRef) -> bool:
 def bytes_equal(ra: TensorRef, rb: TensorRef, rd: Readers) -> bool:
     """Whether the stored bytes of two tensors are equal, read block by block."""
     if blockwise(ra) and blockwise(rb):
-        return all(_u64_equal(x, y) for x, y in rd.raw_pairs(ra, rb))
-    return _u64_equal(rd.a.read_bytes(ra, 0, ra.nbytes), rd.b.read_bytes(rb, 0, rb.nbytes))
+        return all(equal_bytes(x, y) for x, y in rd.raw_pairs(ra, rb))
+    return equal_bytes(rd.a.read_bytes(ra, 0, ra.nbytes), rd.b.read_bytes(rb, 0, rb.nbytes))
 
 
 def value_stats(ra: TensorRef, rb: TensorRef, rd: Readers) -> R.PairStats:

@@ -567,6 +567,30 @@ def test_row_pad_names_and_where_they_start():
     assert row_pad_start(["<|pad_0|>"], [UNUSED]) == 0
 
 
+def test_bulk_row_pad_paths_equal_their_per_token_definition():
+    """row_pad_ids and row_pad_start take shortcuts (a prefix test in bulk, the common spelling
+    compared at once); on random vocabularies mixing every spelling, pads at the wrong id,
+    lookalikes and typed-normal pads, they equal the token-by-token definition."""
+    import random
+    from apr.tokenizer import row_pad_ids
+    rng = random.Random(3)
+    spellings = [lambda i: f"<|pad_{i}|>", lambda i: f"[PAD{i}]", lambda i: f"<|pad_{i}_2|>",
+                 lambda i: f"<|pad_{i + 1}|>", lambda i: f"<|pad_{i}|> ", lambda i: "<|pad|>",
+                 lambda i: f"tok{i}", lambda i: "[PAD" + "9" * 40 + "]"]
+    for trial in range(300):
+        n = rng.randint(0, 40)
+        cut = rng.randint(0, n)                   # real tokens, then a tail of mostly pads
+        vocab = [rng.choice(spellings)(i) if i < cut or rng.random() < 0.2 else f"<|pad_{i}|>"
+                 for i in range(n)]
+        types = [UNUSED if (i >= cut and rng.random() < 0.9) or rng.random() < 0.1 else NORMAL
+                 for i in range(n)]
+        assert row_pad_ids(vocab) == [i for i, t in enumerate(vocab) if is_row_pad(t, i)]
+        k = n
+        while k and types[k - 1] == UNUSED and is_row_pad(vocab[k - 1], k - 1):
+            k -= 1
+        assert row_pad_start(vocab, types) == k, (vocab, types)
+
+
 def test_diff_skips_probing_a_pad_only_difference_and_its_tokenizers_do_agree(models_dir, monkeypatch):
     """A GGUF pads the token list up to the embedding rows; diff does not build and probe two
     tokenizers that differ only by that. The premise, checked here on the real qwen2

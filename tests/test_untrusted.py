@@ -6,6 +6,7 @@ exit 2, or for diff a diagnosis, with nothing else on stderr."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -199,3 +200,38 @@ def test_diff_names_inf_and_nan_weights_without_warnings(hf, tmp_path):
     # the same non-finite values on both sides are not a difference
     code, out, err = run("diff", d, d)
     assert code == 0 and err == "", (out, err)
+
+
+def test_typed_lists_refuse_what_the_fast_path_lets_through_nowhere():
+    """Values.items checks the element types of a whole list at once; what it refuses element
+    by element (a bool among ints, NaN among floats, a number among strings, an int beyond
+    the size bound) is still refused, naming the element."""
+    from apr.errors import AprError
+    from apr.untrusted import MAX_SIZE, Values
+    v = Values({"s": ["a", "b"], "i": [1, 2, -3], "f": [0.5, 1.0], "e": [],
+                "s_bad": ["a", 3], "i_bool": [1, True], "i_big": [1, MAX_SIZE + 1],
+                "f_nan": [0.5, float("nan")], "f_int": [0.5, 1]}, "test")
+    assert v.items("s", str) == ["a", "b"] and v.items("i", int) == [1, 2, -3]
+    assert v.items("f", float) == [0.5, 1.0] and v.items("e", int) == []
+    assert v.items("missing", int, default=[7]) == [7]
+    for key, kind, where in [("s_bad", str, "s_bad[1]"), ("i_bool", int, "i_bool[1]"),
+                             ("i_big", int, "i_big[1]"), ("f_nan", float, "f_nan[1]")]:
+        with pytest.raises(AprError, match=re.escape(where)):
+            v.items(key, kind)
+    assert v.items("f_int", float) in ([0.5, 1.0], [0.5, 1])      # an int is a valid float
+
+
+def test_equal_bytes_sees_one_differing_byte_anywhere():
+    from apr.model import equal_bytes
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 4096, 4099):
+        x = rng.integers(0, 256, n, dtype=np.uint8)
+        assert equal_bytes(x, x.copy())
+        if n == 0:
+            continue
+        assert not equal_bytes(x, x[:-1])
+        for at in {0, n // 2, n - 1}:
+            y = x.copy()
+            y[at] ^= 1
+            assert not equal_bytes(x, y)
+            assert equal_bytes(x[at + 1:], y[at + 1:])      # unaligned views compare too
