@@ -207,15 +207,26 @@ def row_pad_ids(vocab: Sequence[str]) -> list[int]:
             if vocab[i] == f"<|pad_{i}|>" or is_row_pad(vocab[i], i)]
 
 
+def _trailing_run_start(values: Sequence[int], value: int) -> int:
+    """Where the run of ``value`` that ends ``values`` begins: found from the last index of
+    each other value (list.index, in C) when there are few of them, else element by element."""
+    rev = list(values)[::-1]
+    others = set(rev) - {value}
+    if len(others) <= 8:                  # token types: a handful of values
+        return len(rev) - min((rev.index(v) for v in others), default=len(rev))
+    k = len(rev)
+    while k and values[k - 1] == value:
+        k -= 1
+    return k
+
+
 def row_pad_start(vocab: Sequence[str], token_type: Sequence[int]) -> int:
     """The id where the unused row pads at the end of the vocabulary begin (a GGUF pads its
     token list to the embedding's rows); ``len(vocab)`` if it does not end in one."""
     n = len(vocab)
     if len(token_type) != n:
         return n
-    k = n
-    while k and token_type[k - 1] == UNUSED:
-        k -= 1
+    k = _trailing_run_start(token_type, UNUSED)
     if list(vocab[k:]) == [f"<|pad_{i}|>" for i in range(k, n)]:    # the common spelling,
         return k                                                      # in one comparison
     while n and token_type[n - 1] == UNUSED and is_row_pad(vocab[n - 1], n - 1):

@@ -589,6 +589,11 @@ def test_bulk_row_pad_paths_equal_their_per_token_definition():
         while k and types[k - 1] == UNUSED and is_row_pad(vocab[k - 1], k - 1):
             k -= 1
         assert row_pad_start(vocab, types) == k, (vocab, types)
+    # many distinct types (a hostile file): the run is still found, without a search per value
+    from apr.tokenizer import _trailing_run_start
+    values = list(range(1000)) + [UNUSED] * 5
+    assert _trailing_run_start(values, UNUSED) == 1000 and _trailing_run_start([UNUSED] * 3, UNUSED) == 0
+    assert _trailing_run_start([], UNUSED) == 0 and _trailing_run_start([UNUSED, 1], UNUSED) == 2
 
 
 def test_diff_skips_probing_a_pad_only_difference_and_its_tokenizers_do_agree(models_dir, monkeypatch):
