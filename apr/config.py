@@ -21,7 +21,7 @@ from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALI
                     GGUF_ROPE_SCALING_FACTOR, GGUF_ROPE_SCALING_TYPE, GGUF_SLIDING_WINDOW_KEY,
                     GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
                     HF_DEFAULT_ONLY, HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_ADJACENT, ROPE_HALVES,
-                    LM_HEAD, SLIDING_ATTENTION, TIED_KEY, family_from_any, kinds_for,
+                    LM_HEAD, PAD_KEY, SLIDING_ATTENTION, TIED_KEY, family_from_any, kinds_for,
                     family_of_gguf_arch)
 from . import rope as rope_mod
 from .rope import RopeScaling
@@ -258,6 +258,9 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None    # attention scale 1/sqrt(this); None: head_dim
     rope_local_theta: float | None = None         # RoPE of the sliding layers, where they have
     rope_local_scaling: RopeScaling | None = None  # their own (Gemma 3); None: rope_theta's
+    # the embedding row that training never updates (transformers: nn.Embedding's padding_idx
+    # from config.pad_token_id); changes gradients only, never logits. None: no such row
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         if isinstance(self.layer_types, list):
@@ -395,6 +398,11 @@ class ModelConfig:
                 bad.append(f"{name}={v} is implausible (more than {limit})")
         if bad:
             raise ConfigError("; ".join(bad))
+        pad = self.pad_token_id
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)
+                                or not 0 <= pad < self.vocab_size):
+            raise ConfigError(f"pad_token_id={pad!r} is outside the vocabulary [0, {self.vocab_size}) "
+                              "(transformers refuses such a padding row too)")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of "
                               f"num_kv_heads={self.num_kv_heads}")
@@ -585,6 +593,10 @@ class ModelConfig:
             _gemma_windows(v, vals, where, family.window_pattern)
         elif family.sliding_window_option:
             _qwen2_windows(v, vals, where)
+        pad = vals.get("pad_token_id") if "pad_token_id" in cfg else family.default_pad
+        vals["pad_token_id"] = pad
+        if pad is not None and -vals["vocab_size"] <= pad < 0:
+            vals["pad_token_id"] = pad + vals["vocab_size"]   # as nn.Embedding counts it
         vals.setdefault("tie_word_embeddings", family.default_tied)
         vals.setdefault("rope_theta", 10000.0)
         vals.setdefault("rms_norm_eps", 1e-6)
@@ -717,6 +729,7 @@ class ModelConfig:
             rope_local_theta=v.get("rope_local_theta", float),
             rope_local_scaling=_apr_rope(v, where, get("max_position_embeddings", int),
                                          key="rope_local_scaling"),
+            pad_token_id=v.get(PAD_KEY, int),
         )
         try:
             return cls(**vals)
@@ -745,6 +758,7 @@ class ModelConfig:
             # custom keys
             TIED_KEY: self.tie_word_embeddings,
             ATTENTION_BIAS_KEY: self.attention_bias,
+            PAD_KEY: self.pad_token_id,         # null stated too: "no padding row", not unknown
         }
         if self.hidden_act != FAMILIES[self.family].default_act:
             meta["hidden_act"] = self.hidden_act

@@ -435,9 +435,12 @@ def _write_hf(view, config, planned, dst, report, tick) -> None:
     dtypes = {p.dtype.name for p in planned if len(p.shape) > 1}
     torch_dtype = HF_TORCH_DTYPE.get(dtypes.pop() if len(dtypes) == 1 else "F32", "float32")
     hf_cfg = config.to_hf_config(torch_dtype)
-    # the padding id, stated (a config class default such as Phi-3's 32000 may lie past the
-    # vocabulary, and transformers then refuses the model)
-    hf_cfg["pad_token_id"] = view.tokenizer.padding_token_id if view.tokenizer is not None else None
+    # the padding row, always stated (a config class default such as Phi-3's 32000 may lie past
+    # the vocabulary, and transformers then refuses the model): the config's where the source
+    # says it (config.json or its class default, an APR's pad_token_id key), else the
+    # tokenizer's padding id (a GGUF, an APR written without the key)
+    if view.format == "gguf" or (view.format == "apr" and names.PAD_KEY not in view.metadata):
+        hf_cfg["pad_token_id"] = view.tokenizer.padding_token_id if view.tokenizer is not None else None
     if view.format == "hf":     # inert keys as the source said them (ids, dropout, init range...)
         for key, value in view.metadata.items():
             if key in names.HF_INERT_KEYS and key not in names.HF_REWRITTEN_KEYS:

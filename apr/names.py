@@ -49,6 +49,7 @@ class Family:
     window_pattern: int = 0              # default layer types: every n-th layer full, others slide
     default_head_dim: int = 0            # 0: hidden_size // num_heads
     default_tied: bool = False
+    default_pad: int | None = None       # pad_token_id when config.json leaves it out
     rope_theta_range: tuple[float, float] = (1e3, 1e8)   # what qa calls plausible
 
 
@@ -73,7 +74,7 @@ FAMILIES: dict[str, Family] = {
                      gguf_norm_fold=True, embed_scale=True, post_norms=True, softcap_option=True,
                      attn_softcap=True, query_scalar_option=True, hf_act_key="hidden_activation",
                      default_act="gelu_pytorch_tanh", default_head_dim=256, default_tied=True,
-                     window_pattern=2),
+                     window_pattern=2, default_pad=0),
     "gemma3": Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", "gemma3",
                      attention_bias=False, gguf_rope_permuted=False, output_bias=True,
                      gguf_free_head_dim=True, attention_bias_option=True,
@@ -81,11 +82,12 @@ FAMILIES: dict[str, Family] = {
                      norm_offset=1.0, gguf_norm_fold=True, embed_scale=True, post_norms=True,
                      softcap_option=True, query_scalar_option=True, local_rope=True,
                      window_pattern=6, hf_act_key="hidden_activation",
-                     default_act="gelu_pytorch_tanh", default_head_dim=256, default_tied=True),
+                     default_act="gelu_pytorch_tanh", default_head_dim=256, default_tied=True,
+                     default_pad=0),
     "phi3": Family("phi3", "Phi3ForCausalLM", "phi3", "phi3",
                    attention_bias=False, gguf_rope_permuted=False, output_bias=False,
                    gguf_free_head_dim=True, sliding_window_option=True, sliding_all_layers=True,
-                   fused=True),
+                   fused=True, default_pad=32000),
     # llama.cpp stores a Mistral as a llama (and does not apply its sliding window)
     "mistral": Family("mistral", "MistralForCausalLM", "mistral", "llama",
                       attention_bias=False, gguf_rope_permuted=True, output_bias=False,
@@ -157,6 +159,7 @@ NOTES_KEY = "conversion_notes"         # what a conversion changed, in words
 GGUF_DEQUANTIZED_KEY = "general." + DEQUANTIZED_KEY
 GGUF_NOTES_KEY = "general." + NOTES_KEY
 TIED_KEY = "tied_embeddings"         # aprender's custom key for tied embeddings
+PAD_KEY = "pad_token_id"             # our custom key: the embedding's padding row (HF's pad_token_id)
 ATTENTION_BIAS_KEY = "attention_bias"  # our custom key (no typed key exists)
 TRAINING_PREFIX = "__training__."
 
@@ -175,6 +178,7 @@ HF_CONFIG_KEYS: dict[str, str] = {
     "rope_theta": "rope_theta",
     "rms_norm_eps": "rms_norm_eps",
     "tie_word_embeddings": "tie_word_embeddings",
+    "pad_token_id": "pad_token_id",       # training only: the padding_idx of the embedding
 }
 
 # --------------------------------------------------------------------------- the closed world
@@ -224,7 +228,7 @@ HF_INERT_KEYS: frozenset[str] = frozenset({
     # identity and provenance
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_bfloat16",
     # token ids (the tokenizer's business; generation only)
-    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
     # initialization of new weights, caching and outputs
     "initializer_range", "use_cache", "output_hidden_states", "output_attentions",
     "return_dict", "torchscript", "output_router_logits",
@@ -257,7 +261,7 @@ HF_DEFAULT_ONLY: dict[str, object] = {
 }
 
 # APR metadata: custom keys the reference models (written only when not the default)
-APR_MODELED_KEYS = ("hidden_act", "mlp_bias", "sliding_window", "layer_types", "rope_scaling",
+APR_MODELED_KEYS = (PAD_KEY, "hidden_act", "mlp_bias", "sliding_window", "layer_types", "rope_scaling",
                     "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
                     "rope_local_theta", "rope_local_scaling")
 # APR metadata keys that describe, not compute (besides tokenizer.* and training keys)

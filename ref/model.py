@@ -148,8 +148,9 @@ class Model:
     @classmethod
     def init_random(cls, config: ModelConfig, seed: int = 0, backend: Optional[Backend] = None,
                     dtype: Any = np.float32, matmul: Optional[str] = None) -> "Model":
-        """HF-like initialization: weights ~ N(0, 0.02^2), norm weights 1, biases 0
-        (drawn with numpy's Generator(seed) on the host, so the same on every backend)."""
+        """HF-like initialization: weights ~ N(0, 0.02^2), norm weights 1, biases 0, the
+        embedding's padding row (``pad_token_id``) 0 (drawn with numpy's Generator(seed) on the
+        host, so the same on every backend)."""
         rng = np.random.default_rng(seed)
         params: dict[str, np.ndarray] = {}
         for name, shape in config.tensor_shapes().items():
@@ -160,6 +161,8 @@ class Model:
                 params[name] = np.zeros(shape, dtype=dtype)
             else:
                 params[name] = (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(dtype)
+        if config.pad_token_id is not None:     # nn.Embedding's padding row starts at zero
+            params[EMBED][config.pad_token_id] = 0
         return cls(config, params, backend, dtype, matmul)
 
     def _check_params(self, params: Mapping[str, Any]) -> dict[str, Array]:
@@ -389,7 +392,7 @@ class Model:
         ``caches``: a list to receive every backward cache (training) or None (inference);
         ``hidden``: a list to receive the embedding output, every layer's output and the
         final norm's output (L + 2 arrays), or None."""
-        x, c_embed = ops.embedding_forward(ids, self.params[EMBED])
+        x, c_embed = ops.embedding_forward(ids, self.params[EMBED], self.config.pad_token_id)
         if self.config.embed_scale != 1.0:           # Gemma: rows times sqrt(hidden_size)
             x = x * x.dtype.type(self.config.embed_scale)
         ropes = self._rope(start, ids.shape[1])

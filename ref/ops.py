@@ -31,18 +31,22 @@ Array = Any  # a numpy.ndarray or a cupy.ndarray
 
 # --------------------------------------------------------------------------- embedding
 
-def embedding_forward(ids: Array, weight: Array) -> tuple[Array, tuple]:
-    """out[b, t] = weight[ids[b, t]]   (ids: integer array of any shape; weight: (V, C))."""
-    return weight[ids], (ids, weight.shape)
+def embedding_forward(ids: Array, weight: Array, padding_idx: int | None = None) -> tuple[Array, tuple]:
+    """out[b, t] = weight[ids[b, t]]   (ids: integer array of any shape; weight: (V, C)).
+    ``padding_idx``: a row that the backward never updates (torch's nn.Embedding padding_idx,
+    set by transformers from config.pad_token_id); the forward reads it like any other."""
+    return weight[ids], (ids, weight.shape, padding_idx)
 
 
 def embedding_backward(dout: Array, cache: tuple) -> Array:
-    """dweight[v] = sum of dout[b, t] over every (b, t) with ids[b, t] = v.
-    A token that occurs several times gets the sum of all its rows (scatter-add)."""
-    ids, shape = cache
+    """dweight[v] = sum of dout[b, t] over every (b, t) with ids[b, t] = v; 0 for the
+    padding row. A token that occurs several times gets the sum of all its rows (scatter-add)."""
+    ids, shape, padding_idx = cache
     xp = array_module(dout)
     dweight = xp.zeros(shape, dtype=dout.dtype)
     scatter_add_rows(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    if padding_idx is not None:
+        dweight[padding_idx] = 0
     return dweight
 
 

@@ -217,3 +217,72 @@ def test_head_dim_other_than_hidden_over_heads(tmp_path):
     with pytest.raises(UnsupportedError, match="head_dim x num_heads"):
         convert(tmp_path / "q.apr", tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_the_padding_row_is_carried_as_transformers_reads_it(tmp_path):
+    """pad_token_id is the embedding's padding_idx in transformers (gradients, not logits).
+    HF -> APR -> HF keeps the config's value, null included, also when the tokenizer pads with
+    some token; a GGUF holds no config pad, so its export states the tokenizer's padding id."""
+    import transformers
+    d = make_hf_model(tmp_path / "hf", "qwen2", tied=True, vocab=448)
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    vocab = json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]
+    tok_pad = sorted(vocab.items(), key=lambda kv: kv[1])[9]       # (token, id 9)
+    tok_cfg["pad_token"] = tok_pad[0]
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    cfg = json.loads((d / "config.json").read_text())
+    for pad in (None, 7, -1):
+        cfg["pad_token_id"] = pad
+        (d / "config.json").write_text(json.dumps(cfg))
+        want = None if pad is None else pad % 448
+        apr, back = tmp_path / f"m{pad}.apr", tmp_path / f"back{pad}"
+        convert(d, apr)
+        view = open_model(apr)
+        assert view.config.pad_token_id == want and view.tokenizer.padding_token_id == tok_pad[1]
+        view.close()
+        convert(apr, back)
+        assert json.loads((back / "config.json").read_text())["pad_token_id"] == want
+        m = transformers.AutoModelForCausalLM.from_pretrained(back)
+        assert m.model.embed_tokens.padding_idx == want
+    gguf_path, from_gguf = tmp_path / "m.gguf", tmp_path / "from_gguf"
+    convert(apr, gguf_path)
+    view = open_model(gguf_path)
+    assert view.config.pad_token_id is None and view.tokenizer.padding_token_id == tok_pad[1]
+    view.close()
+    convert(gguf_path, from_gguf)
+    assert json.loads((from_gguf / "config.json").read_text())["pad_token_id"] == tok_pad[1]
+
+
+def test_pad_token_id_defaults_and_refusals():
+    from apr.config import ModelConfig
+    base = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=40, max_position_embeddings=64)
+    gemma = dict(base, architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=100,
+                 head_dim=8)
+    assert ModelConfig.from_hf_config(gemma).pad_token_id == 0                # class default
+    phi3 = dict(base, architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=32064)
+    assert ModelConfig.from_hf_config(phi3).pad_token_id == 32000
+    assert transformers_padding_idx("Phi3Config", **dict(phi3, vocab_size=32064)) == 32000
+    with pytest.raises(ConfigError, match="pad_token_id=32000 is outside the vocabulary"):
+        ModelConfig.from_hf_config(dict(phi3, vocab_size=500))                # as transformers
+    llama = dict(base, architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=100)
+    assert ModelConfig.from_hf_config(llama).pad_token_id is None
+    assert ModelConfig.from_hf_config(dict(llama, pad_token_id=-1)).pad_token_id == 99
+    assert transformers_padding_idx("LlamaConfig", **dict(llama, pad_token_id=-1)) == 99
+    for bad in (100, -101, True, "3", 2.0):
+        with pytest.raises(AprError, match="pad_token_id"):
+            ModelConfig.from_hf_config(dict(llama, pad_token_id=bad))
+    cfg = ModelConfig.from_hf_config(dict(llama, pad_token_id=5))
+    meta = cfg.to_apr_metadata()
+    assert ModelConfig.from_apr_metadata(meta).pad_token_id == 5
+    meta["pad_token_id"] = None
+    assert ModelConfig.from_apr_metadata(meta).pad_token_id is None
+    del meta["pad_token_id"]                                 # an APR written before the key
+    assert ModelConfig.from_apr_metadata(meta).pad_token_id is None
+
+
+def transformers_padding_idx(config_class: str, **kw) -> int | None:
+    import transformers
+    kw = {k: v for k, v in kw.items() if k not in ("architectures", "model_type")}
+    cfg = getattr(transformers, config_class)(**kw)
+    return torch.nn.Embedding(cfg.vocab_size, 4, cfg.pad_token_id).padding_idx

@@ -113,6 +113,8 @@ def family_cases(draw):
                      attn_logit_softcapping=draw(st.sampled_from([None, 0.5, 50.0])),
                      final_logit_softcapping=draw(st.sampled_from([None, 1.5, 30.0])),
                      hidden_activation=draw(st.sampled_from(["gelu_pytorch_tanh", "gelu"])))
+    if draw(st.booleans()):     # a padding row (nn.Embedding's padding_idx) that the ids use
+        extra["pad_token_id"] = "used"
     return family, ratio, kv_heads, tied, rope_name, head_dim, window, theta, extra
 
 
@@ -121,15 +123,18 @@ def family_cases(draw):
 @given(case=family_cases())
 def test_family_against_transformers(case, hf_exact64):  # noqa: F811
     family, ratio, kv_heads, tied, rope_name, head_dim, window, theta, extra = case
+    ids = np.random.default_rng(ratio).integers(0, VOCAB, (B, T))
+    if extra.get("pad_token_id") == "used":
+        extra = {**extra, "pad_token_id": int(ids[1, 2])}
     hf = hf_model(*case[:4], rope_name, head_dim, window, theta, seed=len(repr(case)), extra=extra)
     model = ours_for(hf)
     cfg = model.config
     assert cfg.family == family and (cfg.rope_scaling is None) == (rope_name == "default")
+    assert cfg.pad_token_id == hf.model.embed_tokens.padding_idx == extra.get("pad_token_id")
     if head_dim:
         assert cfg.head_dim == head_dim
     if window:
         assert any(cfg.window(i) == window for i in range(cfg.num_layers))
-    ids = np.random.default_rng(ratio).integers(0, VOCAB, (B, T))
 
     # logits and every hidden state
     captured = []

@@ -410,6 +410,10 @@ def test_init_random():
     loss, grads = a.loss_and_grads(make_ids(), make_targets(make_ids()))
     assert abs(loss - np.log(VOCAB)) < 0.1     # near-uniform predictions at init
     assert LM_HEAD not in grads and all(g.dtype == np.float32 for g in grads.values())
+    # a padding row starts at zero, as nn.Embedding(padding_idx) makes it; the rest is unchanged
+    p = Model.init_random(cfg.replace(pad_token_id=3), seed=7)
+    assert not p.params[EMBED][3].any() and a.params[EMBED][3].any()
+    np.testing.assert_array_equal(np.delete(p.params[EMBED], 3, 0), np.delete(a.params[EMBED], 3, 0))
 
 
 # --------------------------------------------------------------------------- generation

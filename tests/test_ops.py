@@ -96,6 +96,16 @@ def test_embedding(seed, vocab, width, b, t):
     w = rng.standard_normal((vocab, width))
     check_op(lambda w_: ops.embedding_forward(ids, w_), ops.embedding_backward, {"weight": w},
              lambda weight: F.embedding(torch.tensor(ids), weight), rng)
+    # a padding row (one the ids use): torch's convention, not the calculus, so against torch
+    pad = int(ids.reshape(-1)[0])
+    out, cache = ops.embedding_forward(ids, w, pad)
+    r = rng.standard_normal(out.shape)
+    tw = t64(w)
+    tout = F.embedding(torch.tensor(ids), tw, padding_idx=pad)
+    (tout * torch.tensor(r)).sum().backward()
+    np.testing.assert_array_equal(out, tout.detach().numpy())
+    dw = ops.embedding_backward(r, cache)
+    assert grad_err(dw, tw.grad.numpy()) < TORCH_TOL and not dw[pad].any()
 
 
 def test_embedding_repeated_ids_accumulate():
