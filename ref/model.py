@@ -421,8 +421,7 @@ class Model:
             dx = self._attention_backward(i, dx, c_attn, grads)
         if self.config.embed_scale != 1.0:
             dx = dx * dx.dtype.type(self.config.embed_scale)
-        d_embed = ops.embedding_backward(dx, c_embed)
-        grads[EMBED] = grads[EMBED] + d_embed if EMBED in grads else d_embed
+        grads[EMBED] = ops.embedding_backward(dx, c_embed, grads.get(EMBED))   # tied: added in place
 
     def _head_forward(self, x: Array, dw: Optional[DecodeWeights] = None) -> tuple[Array, tuple]:
         """The output projection, soft-capped where the config says (Gemma 2)."""
@@ -458,7 +457,8 @@ class Model:
         """Mean cross-entropy of the logits for ``ids`` against ``targets`` (same shape,
         already shifted: targets[b, t] is the token that should follow ids[b, t])."""
         logits = self.forward(ids)
-        loss, _ = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, _ = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index,
+                                                 True)      # the logits are not needed after it
         return float(loss)
 
     def loss_and_grads(self, ids: Any, targets: Any,
@@ -469,7 +469,8 @@ class Model:
         caches: list = []
         x = self._trunk_forward(self._ids(ids), 0, None, caches, None)
         logits, c_head = self._head_forward(x)
-        loss, c_loss = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, c_loss = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets),
+                                                      ignore_index, True)   # written over logits
         del logits
         grads: dict[str, Array] = {}
         dlogits = self.ops.cross_entropy_backward(1.0, c_loss)
