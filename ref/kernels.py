@@ -225,8 +225,7 @@ SWIGLU_BWD_OP = ("float s = 1.0f / (1.0f + expf(-g)); du = dy * g * s; "
 
 CROSS_ENTROPY_BWD_OP = r"""
     const long long r = i / V, c = i % V;
-    const float wr = w[r];
-    p = p * wr - (c == t[r] ? wr : 0.0f);
+    p = p * a[r] - (c == t[r] ? w[r] : 0.0f);
 """
 
 ADAMW_OP = r"""
@@ -499,10 +498,14 @@ swiglu_backward = Fused("SwiGLU backward", swiglu_backward_reference, _swiglu_ba
 # --------------------------------------------------------------------------- cross-entropy
 
 def cross_entropy_forward_reference(logits: Array, targets: Array,
-                                    ignore_index: int = ops.IGNORE_INDEX) -> tuple[Array, tuple]:
+                                    ignore_index: int = ops.IGNORE_INDEX,
+                                    overwrite: bool = False) -> tuple[Array, tuple]:
     """Per row r: m = max z, s = sum exp(z - m), loss_r = log s + m - z[t_r] (0 when
     ignored), p = exp(z - m) / s; loss = sum loss_r / kept rows. The cache is
-    (p, safe targets, weight = keep / count, shape), as `ops.cross_entropy_forward`'s."""
+    (p, safe targets, weight = keep / count, shape, scale = 1), the form of
+    `ops.cross_entropy_forward`'s with the rows already normalized (as the kernel does in
+    the same pass). ``overwrite`` is `ops`' signature: the kernel always writes p over its
+    logits, this reference never does."""
     xp = array_module(logits)
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)
@@ -514,19 +517,20 @@ def cross_entropy_forward_reference(logits: Array, targets: Array,
     rows = xp.arange(z.shape[0])
     loss_rows = (xp.log(s[:, 0]) + m[:, 0] - z[rows, safe_t]) * keep
     loss = loss_rows.sum() / count
-    return loss, (e / s, safe_t, keep.astype(logits.dtype) / count, logits.shape)
+    return loss, (e / s, safe_t, keep.astype(logits.dtype) / count, logits.shape,
+                  xp.ones(z.shape[0], dtype=logits.dtype))
 
 
 def cross_entropy_backward_reference(dloss: float, cache: tuple) -> Array:
-    """dz = dloss w_r (p - onehot(t_r))."""
-    probs, safe_t, weight, shape = cache
+    """dz = dloss w_r (p scale_r - onehot(t_r))."""
+    probs, safe_t, weight, shape, scale = cache
     xp = array_module(probs)
     w = weight * dloss
     onehot = xp.arange(probs.shape[1])[None, :] == safe_t[:, None]
-    return (probs * w[:, None] - onehot * w[:, None]).reshape(shape)
+    return (probs * (w * scale)[:, None] - onehot * w[:, None]).reshape(shape)
 
 
-def _cross_entropy_forward_kernel(logits, targets, ignore_index=ops.IGNORE_INDEX):
+def _cross_entropy_forward_kernel(logits, targets, ignore_index=ops.IGNORE_INDEX, overwrite=False):
     cp = array_module(logits)
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)               # contiguous (checked): a view, overwritten
@@ -536,15 +540,18 @@ def _cross_entropy_forward_kernel(logits, targets, ignore_index=ops.IGNORE_INDEX
     _raw(cp, CROSS_ENTROPY_SOURCE, "cross_entropy_fwd")(
         (z.shape[0],), (_BLOCK,), (z, cp.where(keep, t, -1), loss_rows, np.int64(vocab)))
     loss = loss_rows.sum() / count
-    return loss, (z, cp.where(keep, t, 0), keep.astype(cp.float32) / count, logits.shape)
+    return loss, (z, cp.where(keep, t, 0), keep.astype(cp.float32) / count, logits.shape,
+                  cp.ones(z.shape[0], dtype=cp.float32))
 
 
 def _cross_entropy_backward_kernel(dloss, cache):
-    probs, safe_t, weight, shape = cache
+    probs, safe_t, weight, shape, scale = cache
     cp = array_module(probs)
     kern = _kernel(cp, "ce_bwd", lambda: cp.ElementwiseKernel(
-        "raw int64 t, raw float32 w, int64 V", "float32 p", CROSS_ENTROPY_BWD_OP, "apr_ce_bwd"))
-    kern(safe_t, weight * np.float32(dloss), np.int64(probs.shape[1]), probs)
+        "raw int64 t, raw float32 a, raw float32 w, int64 V", "float32 p", CROSS_ENTROPY_BWD_OP,
+        "apr_ce_bwd"))
+    w = weight * np.float32(dloss)
+    kern(safe_t, w * scale, w, np.int64(probs.shape[1]), probs)
     return probs.reshape(shape)
 
 
@@ -563,7 +570,7 @@ def _ce_bwd_sample(xp: Any, seed: int) -> tuple:
 
 cross_entropy_forward = Fused(
     "cross-entropy forward", cross_entropy_forward_reference, _cross_entropy_forward_kernel,
-    _ce_sample, lambda z, t, ii=ops.IGNORE_INDEX: _f32(z) and z.flags.c_contiguous)
+    _ce_sample, lambda z, t, ii=ops.IGNORE_INDEX, overwrite=False: _f32(z) and z.flags.c_contiguous)
 class _CrossEntropyBackward(Fused):
     def __call__(self, dloss: float, cache: tuple) -> Array:
         xp = array_module(cache[0])
@@ -576,7 +583,7 @@ class _CrossEntropyBackward(Fused):
 
 cross_entropy_backward = _CrossEntropyBackward(
     "cross-entropy backward", cross_entropy_backward_reference, _cross_entropy_backward_kernel,
-    _ce_bwd_sample, lambda d, c: _f32(c[0], c[2]) and c[0].flags.c_contiguous)
+    _ce_bwd_sample, lambda d, c: _f32(c[0], c[2], c[4]) and c[0].flags.c_contiguous)
 
 
 # --------------------------------------------------------------------------- AdamW

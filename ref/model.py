@@ -309,7 +309,8 @@ class Model:
                                          cfg.attn_logit_softcapping)
         out, c_o = self._projection_forward(i, "attn_output", self._merge_heads(a), dw)
         out, c_post = self._post_norm_forward(i, "attn_post_norm.weight", out)
-        return x + out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post)
+        out += x                                    # a new array (product or norm): reused
+        return out, (c_norm, c_q, c_k, c_v, c_nq, c_nk, c_rq, c_rk, c_att, c_o, c_post)
 
     def _post_norm_forward(self, i: int, kind: str, out: Array) -> tuple[Array, tuple | None]:
         w = self._p(i, kind)
@@ -336,12 +337,13 @@ class Model:
         if cfg.fused:
             dn1 = self._projection_backward(i, "attn_qkv", self.backend.xp.concatenate(
                 [dq, dk, dv], axis=-1), c_q, grads)
-        else:
-            dn1 = (self._projection_backward(i, "attn_q", dq, c_q, grads)
-                   + self._projection_backward(i, "attn_k", dk, c_k, grads)
-                   + self._projection_backward(i, "attn_v", dv, c_v, grads))
+        else:                                   # summed in place, in the same order
+            dn1 = self._projection_backward(i, "attn_q", dq, c_q, grads)
+            dn1 += self._projection_backward(i, "attn_k", dk, c_k, grads)
+            dn1 += self._projection_backward(i, "attn_v", dv, c_v, grads)
         dx, grads[self._name("attn_norm.weight", i)] = self.ops.rmsnorm_backward(dn1, c_norm)
-        return dy + dx
+        dx += dy
+        return dx
 
     def _projection_backward(self, i: int, proj: str, dy: Array, cache: tuple,
                              grads: dict[str, Array]) -> Array:
@@ -368,7 +370,8 @@ class Model:
         m, c_act = self.ops.gated_mlp_forward(gate, up, self.config.hidden_act)
         out, c_down = self._projection_forward(i, "ffn_down", m, dw)
         out, c_post = self._post_norm_forward(i, "ffn_post_norm.weight", out)
-        return x + out, (c_norm, c_gate, c_up, c_act, c_down, c_post)
+        out += x
+        return out, (c_norm, c_gate, c_up, c_act, c_down, c_post)
 
     def _mlp_backward(self, i: int, dy: Array, cache: tuple, grads: dict[str, Array]) -> Array:
         c_norm, c_gate, c_up, c_act, c_down, c_post = cache
@@ -379,10 +382,11 @@ class Model:
             dn = self._projection_backward(i, "ffn_up", self.backend.xp.concatenate(
                 [dgate, dup], axis=-1), c_gate, grads)
         else:
-            dn = (self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
-                  + self._projection_backward(i, "ffn_up", dup, c_up, grads))
+            dn = self._projection_backward(i, "ffn_gate", dgate, c_gate, grads)
+            dn += self._projection_backward(i, "ffn_up", dup, c_up, grads)
         dx, grads[self._name("ffn_norm.weight", i)] = self.ops.rmsnorm_backward(dn, c_norm)
-        return dy + dx
+        dx += dy
+        return dx
 
     # ------------------------------------------------------------------ trunk
     def _trunk_forward(self, ids: Array, start: int, kv: Optional[KVCache],
@@ -424,8 +428,7 @@ class Model:
             dx = self._attention_backward(i, dx, c_attn, grads)
         if self.config.embed_scale != 1.0:
             dx = dx * dx.dtype.type(self.config.embed_scale)
-        d_embed = ops.embedding_backward(dx, c_embed)
-        grads[EMBED] = grads[EMBED] + d_embed if EMBED in grads else d_embed
+        grads[EMBED] = ops.embedding_backward(dx, c_embed, grads.get(EMBED))   # tied: added in place
 
     def _head_forward(self, x: Array, dw: Optional[DecodeWeights] = None) -> tuple[Array, tuple]:
         """The output projection, soft-capped where the config says (Gemma 2)."""
@@ -461,7 +464,8 @@ class Model:
         """Mean cross-entropy of the logits for ``ids`` against ``targets`` (same shape,
         already shifted: targets[b, t] is the token that should follow ids[b, t])."""
         logits = self.forward(ids)
-        loss, _ = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, _ = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index,
+                                                 True)      # the logits are not needed after it
         return float(loss)
 
     def loss_and_grads(self, ids: Any, targets: Any,
@@ -472,7 +476,8 @@ class Model:
         caches: list = []
         x = self._trunk_forward(self._ids(ids), 0, None, caches, None)
         logits, c_head = self._head_forward(x)
-        loss, c_loss = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets), ignore_index)
+        loss, c_loss = self.ops.cross_entropy_forward(logits, self.backend.to_device(targets),
+                                                      ignore_index, True)   # written over logits
         del logits
         grads: dict[str, Array] = {}
         dlogits = self.ops.cross_entropy_backward(1.0, c_loss)

@@ -38,16 +38,24 @@ def embedding_forward(ids: Array, weight: Array, padding_idx: int | None = None)
     return weight[ids], (ids, weight.shape, padding_idx)
 
 
-def embedding_backward(dout: Array, cache: tuple) -> Array:
-    """dweight[v] = sum of dout[b, t] over every (b, t) with ids[b, t] = v; 0 for the
-    padding row. A token that occurs several times gets the sum of all its rows (scatter-add)."""
+def embedding_backward(dout: Array, cache: tuple, out: Optional[Array] = None) -> Array:
+    """dweight[v] = sum of dout[b, t] over every (b, t) with ids[b, t] = v, except for the
+    padding row, which gets nothing. A token that occurs several times gets the sum of all its
+    rows (scatter-add). ``out``: a (V, C) array to add dweight into (a tied output projection's
+    gradient), in place and returned, instead of a new array of zeros; its padding row keeps
+    what it holds."""
     ids, shape, padding_idx = cache
     xp = array_module(dout)
-    dweight = xp.zeros(shape, dtype=dout.dtype)
-    scatter_add_rows(dweight, ids.reshape(-1), dout.reshape(-1, shape[1]))
+    if out is None:
+        out = xp.zeros(shape, dtype=dout.dtype)
+    elif out.shape != tuple(shape):
+        raise ValueError(f"embedding_backward: out has shape {out.shape}, the weight {tuple(shape)}")
+    ids, rows = ids.reshape(-1), dout.reshape(-1, shape[1])
     if padding_idx is not None:
-        dweight[padding_idx] = 0
-    return dweight
+        keep = ids != padding_idx
+        ids, rows = ids[keep], rows[keep]
+    scatter_add_rows(out, ids, rows)
+    return out
 
 
 # --------------------------------------------------------------------------- rmsnorm
@@ -459,34 +467,43 @@ def cross_entropy_targets(logits: Array, targets: Array, ignore_index: int) -> t
     return t, keep, count
 
 
-def cross_entropy_forward(logits: Array, targets: Array,
-                          ignore_index: int = IGNORE_INDEX) -> tuple[Array, tuple]:
+def cross_entropy_forward(logits: Array, targets: Array, ignore_index: int = IGNORE_INDEX,
+                          overwrite: bool = False) -> tuple[Array, tuple]:
     """Mean softmax cross-entropy over the targets that are not ``ignore_index``:
         loss = (1/n) sum_{kept rows r} [logsumexp(logits[r]) - logits[r, targets[r]]]
     logits: (..., V); targets: the same leading shape. The log-softmax subtracts the row
-    maximum first, so it neither overflows nor underflows. Returns a 0-d array."""
+    maximum first, so it neither overflows nor underflows. Returns a 0-d array.
+
+    The cache is (e, safe targets, weight = keep / n, shape, scale) with e = exp(z - max)
+    and scale = 1 / sum(e) per row: the probabilities are e * scale, left unnormalized
+    here because the backward scales every row anyway (one vocabulary-wide pass fewer).
+    ``overwrite``: e is computed in the logits' own buffer, which is destroyed (the caller
+    has no further use for the logits); otherwise in one new array."""
     xp = array_module(logits)
     z = logits.reshape(-1, logits.shape[-1])
     t, keep, count = cross_entropy_targets(logits, targets, ignore_index)
     rows = xp.arange(z.shape[0])
     safe_t = xp.where(keep, t, 0)
-    shifted = z - z.max(axis=-1, keepdims=True)
+    row_max = z.max(axis=-1, keepdims=True)
+    shifted = xp.subtract(z, row_max, out=z) if overwrite else z - row_max
     shifted_target = shifted[rows, safe_t]
-    probs = xp.exp(shifted, out=shifted)                    # unnormalized, in place
-    total = probs.sum(axis=-1)
+    e = xp.exp(shifted, out=shifted)                        # unnormalized, in place
+    total = e.sum(axis=-1)
     log_prob_target = shifted_target - xp.log(total)
     loss = -(log_prob_target * keep).sum() / count
-    probs /= total[:, None]                                 # now the softmax probabilities
+    xp.reciprocal(total, out=total)                         # the rows' scale
     weight = keep.astype(logits.dtype) / count
-    return loss, (probs, safe_t, weight, logits.shape)
+    return loss, (e, safe_t, weight, logits.shape, total)
 
 
 def cross_entropy_backward(dloss: float, cache: tuple) -> Array:
     """dlogits[r] = dloss * (softmax(logits[r]) - onehot(targets[r])) / n for kept rows,
-    and 0 for ignored rows."""
-    probs, safe_t, weight, shape = cache
-    xp = array_module(probs)
+    and 0 for ignored rows; with w = dloss * weight: e[r] * (w[r] scale[r]) - w[r] onehot.
+    Written over the cache's e (one pass, no new vocabulary-wide array), so a cache serves
+    one backward."""
+    e, safe_t, weight, shape, scale = cache
+    xp = array_module(e)
     w = weight * dloss
-    dlogits = probs * w[:, None]
-    dlogits[xp.arange(probs.shape[0]), safe_t] -= w
-    return dlogits.reshape(shape)
+    e *= (w * scale)[:, None]
+    e[xp.arange(e.shape[0]), safe_t] -= w
+    return e.reshape(shape)

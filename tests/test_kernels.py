@@ -78,11 +78,16 @@ def test_cross_entropy_reference_equals_ops():
     loss, cache = kernels.cross_entropy_forward_reference(z, t)
     loss0, cache0 = ops.cross_entropy_forward(z, t)
     close(loss, loss0)
-    for a, b in zip(cache[:3], cache0[:3]):
+    close(cache[0] * cache[4][:, None], cache0[0] * cache0[4][:, None])   # the probabilities
+    assert np.all(cache[4] == 1)                # the reference (as the kernel) normalizes
+    for a, b in zip(cache[1:3], cache0[1:3]):
         close(a, b)
     assert cache[3] == cache0[3]
     d = kernels.cross_entropy_backward_reference(0.7, cache)
     close(d, ops.cross_entropy_backward(0.7, cache0))
+    # either forward's cache fits either backward (a kernel forward, a reference backward)
+    close(d, ops.cross_entropy_backward(0.7, kernels.cross_entropy_forward_reference(z, t)[1]))
+    close(d, kernels.cross_entropy_backward_reference(0.7, ops.cross_entropy_forward(z, t)[1]))
     assert not d.reshape(-1, 300)[1 * 6 + 2].any()              # an ignored row has no gradient
     for bad, msg in ((np.full_like(t, ops.IGNORE_INDEX), "every target"), (t + 300, "must lie in")):
         with pytest.raises(ValueError, match=msg):
