@@ -531,7 +531,8 @@ class Model:
         in ``cache``, which is then extended by T. A prompt at once (prefill), then one token
         at a time, gives the logits of `forward` on the whole sequence. ``last_only``:
         return only the last position's logits, (batch, 1, vocab). ``weights``: from
-        `decode_weights` of this model (the same numbers in fewer, larger products)."""
+        `decode_weights` of this model (the same numbers in fewer, larger products); a step
+        of one new token of one sequence on the CPU then takes `_step_forward`."""
         if weights is not None and weights.params is not self.params:
             raise AprError("forward_step: the decode weights were built for another model")
         ids = self._ids(ids)
@@ -579,7 +580,7 @@ class Model:
         eps, silu = cfg.rms_norm_eps, ops.ACTIVATIONS[cfg.hidden_act] is ops.ACTIVATIONS["silu"]
 
         def norm(x: Array, w: Array) -> Array:         # rmsnorm of one row (1, C)
-            y = x * (1.0 / math.sqrt(float(np.dot(x[0], x[0])) / x.shape[1] + eps))
+            y = x * (1.0 / math.sqrt(float(np.vdot(x, x)) / x.shape[1] + eps))
             y *= w
             return y
 
