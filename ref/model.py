@@ -47,13 +47,16 @@ class KVCache:
     """Rotated keys and values of every layer for the positions seen so far.
 
     ``k[i]``, ``v[i]``: (batch, num_kv_heads, capacity, head_dim); the first ``length``
-    positions are filled. `Model.forward_step` appends and advances ``length``."""
+    positions are filled. `Model.forward_step` appends and advances ``length``. They are
+    the two halves of ``kv[i]``, (2, batch, num_kv_heads, capacity, head_dim), so that one
+    position's keys and values can be written at once."""
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int, backend: Backend,
                  dtype: Any):
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-        self.k: list[Array] = [backend.xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        self.v: list[Array] = [backend.xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        shape = (2, batch, config.num_kv_heads, capacity, config.head_dim)
+        self.kv: list[Array] = [backend.xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        self.k: list[Array] = [kv[0] for kv in self.kv]
+        self.v: list[Array] = [kv[1] for kv in self.kv]
         self.batch = batch
         self.capacity = capacity
         self.length = 0
@@ -600,14 +603,14 @@ class Model:
             qkv = linear(norm(x, norms["attn_norm.weight"]), weights["attn_qkv"])
             qk = qkv[0, :k_end].reshape(h + kvh, d)      # every head of q, then of k
             if norms["attn_qk_norm"] is not None:
-                qk, _ = ops.rmsnorm_forward(qk, norms["attn_qk_norm"], eps)
+                qk[...] = ops.rmsnorm_forward(qk, norms["attn_qk_norm"], eps)[0]
             rotated = qk.take(dw.rope_partner, axis=1)
             rotated *= sin
             qk *= cos
             qk += rotated
-            keys, values = cache.k[i][0], cache.v[i][0]  # (K, capacity, D)
-            keys[:, pos] = qk[h:]
-            values[:, pos] = qkv[0, k_end:].reshape(kvh, d)
+            kv = cache.kv[i]                             # (2, 1, K, capacity, D)
+            kv[:, 0, :, pos] = qkv[0, q_size:].reshape(2, kvh, d)  # k and v, as they follow q
+            keys, values = kv[0, 0], kv[1, 0]
             window = cfg.window(i)
             first = max(0, pos + 1 - window) if window else 0
             q = qk[:h].reshape(kvh, h // kvh, d)
