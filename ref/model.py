@@ -637,7 +637,7 @@ class Model:
             if norms["ffn_post_norm.weight"] is not None:
                 out = norm(out, norms["ffn_post_norm.weight"])
             x += out
-        logits = norm(x, dw.final_norm) @ dw.head
+        logits = linear(norm(x, dw.final_norm), (dw.head, None))
         if cfg.final_logit_softcapping:
             logits, _ = ops.softcap_forward(logits, cfg.final_logit_softcapping)
         return logits[None]
