@@ -556,12 +556,13 @@ class Model:
         logits, _ = self._head_forward(x, weights)
         return logits
 
-    def _step_rope(self, dw: DecodeWeights, n: int) -> list[tuple[Array, Array]]:
-        """Per layer, the rotary tables of `_rope` for positions 0 .. n-1 (or more) as rows
+    def _step_rope(self, dw: DecodeWeights, need: int, capacity: int) -> list[tuple[Array, Array]]:
+        """Per layer, the rotary tables of `_rope` for positions 0 .. need-1 (or more) as rows
         of the full head width for `_step_forward`: (cos[pair], sign * sin[pair]), kept in
-        ``dw`` and built again only for a longer n."""
-        if dw.rope_rows is None or len(dw.rope_rows[0][0]) < n:
-            tables = self._rope(0, n)       # the same arrays for layers with the same RoPE
+        ``dw`` and built again, for twice as many positions up to ``capacity``, only when
+        ``need`` outgrows them."""
+        if dw.rope_rows is None or len(dw.rope_rows[0][0]) < need:
+            tables = self._rope(0, min(capacity, max(2 * need, 256)))  # shared by equal RoPEs
             full = {id(cos): (cos[:, dw.rope_pair], sin[:, dw.rope_pair] * dw.rope_sign)
                     for cos, sin in tables}
             dw.rope_rows = [full[id(cos)] for cos, _ in tables]
@@ -596,7 +597,7 @@ class Model:
         x = self.params[EMBED][[token]]                 # (1, C), a copy
         if cfg.embed_scale != 1.0:
             x *= x.dtype.type(cfg.embed_scale)
-        for i, (cos, sin) in enumerate(self._step_rope(dw, cache.capacity)):
+        for i, (cos, sin) in enumerate(self._step_rope(dw, pos + 1, cache.capacity)):
             cos, sin = cos[pos], sin[pos]
             weights, norms = dw.layers[i], dw.norms[i]
             # attention

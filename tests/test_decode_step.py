@@ -142,3 +142,20 @@ def test_lean_step_writes_the_cache_as_the_general_path():
         caches.append(cache)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         assert rel_err(a, b) <= 1e-12
+
+
+def test_rope_rows_grow_with_the_positions():
+    """The rotary rows kept in the decode weights are built for the positions a cache needs and
+    built again for a longer one: the same decode weights serve a short and then a longer
+    generation, and every row is `_rope`'s of its position."""
+    model = random_model(CONFIGS["gemma3-qk-norm-local-rope"], np.float64)  # two RoPEs
+    weights = model.decode_weights()
+    for n in (T, 3 * T):
+        ids = np.random.default_rng(n).integers(0, VOCAB, (1, n))
+        assert rel_err(decode(model, ids, weights), model.forward(ids)) <= 1e-12
+        assert len(weights.rope_rows[0][0]) == n          # the capacity (under 256 positions)
+    rows = model._step_rope(weights, 300, 1000)
+    assert len(rows[0][0]) == 600
+    for i, (cos, sin) in enumerate(model._rope(299, 1)):
+        assert np.array_equal(rows[i][0][299], cos[0, weights.rope_pair])
+        assert np.array_equal(rows[i][1][299], sin[0, weights.rope_pair] * weights.rope_sign)
