@@ -26,7 +26,6 @@ import math
 from typing import Any, Mapping, Optional
 
 import numpy as np
-from scipy.special import expit
 
 from apr import names
 from apr.config import ModelConfig
@@ -574,9 +573,11 @@ class Model:
         it, in far fewer NumPy calls (at this size each costs more than its arithmetic):
         rows of one position throughout, q and k rotated together on the fused q/k/v output,
         the G query heads of a K/V head as one (G, D) @ (D, S) product, the norms' sum of
-        squares as one dot product, and the rest in place. The same operations in the same
-        order otherwise, so the same values up to rounding. Writes the position's k, v into
-        ``cache`` (the caller advances ``cache.length``)."""
+        squares as one dot product (the rest of their scale in Python floats), SiLU's sigmoid
+        as one call of SciPy's ``expit``, and the rest in place. The same operations in the
+        same order otherwise, so the same values up to rounding. Writes the position's k, v
+        into ``cache`` (the caller advances ``cache.length``)."""
+        from scipy.special import expit     # here: importing scipy.special takes ~0.3 s
         cfg, pos = self.config, cache.length
         h, kvh, d, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         q_size, k_end = cfg.q_size, cfg.q_size + cfg.kv_size
