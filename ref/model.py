@@ -22,6 +22,7 @@ the permuted Q/K of a GGUF run as stored.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -45,13 +46,16 @@ class KVCache:
     """Rotated keys and values of every layer for the positions seen so far.
 
     ``k[i]``, ``v[i]``: (batch, num_kv_heads, capacity, head_dim); the first ``length``
-    positions are filled. `Model.forward_step` appends and advances ``length``."""
+    positions are filled. `Model.forward_step` appends and advances ``length``. They are
+    the two halves of ``kv[i]``, (2, batch, num_kv_heads, capacity, head_dim), so that one
+    position's keys and values can be written at once."""
 
     def __init__(self, config: ModelConfig, batch: int, capacity: int, backend: Backend,
                  dtype: Any):
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-        self.k: list[Array] = [backend.xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
-        self.v: list[Array] = [backend.xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        shape = (2, batch, config.num_kv_heads, capacity, config.head_dim)
+        self.kv: list[Array] = [backend.xp.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        self.k: list[Array] = [kv[0] for kv in self.kv]
+        self.v: list[Array] = [kv[1] for kv in self.kv]
         self.batch = batch
         self.capacity = capacity
         self.length = 0
@@ -102,10 +106,40 @@ class DecodeWeights:
 
         parts = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up"),
                  "attn_output": ("attn_output",), "ffn_down": ("ffn_down",)}
-        fused = model.config.fused
-        self.layers = [{kind: cat(i, (kind,) if fused else kinds) for kind, kinds in parts.items()}
-                       for i in range(model.config.num_layers)]
+        cfg = model.config
+        self.layers = [{kind: cat(i, (kind,) if cfg.fused else kinds) for kind, kinds in parts.items()}
+                       for i in range(cfg.num_layers)]
         self.head = xp.ascontiguousarray(model.lm_head.T)
+
+        # for `Model._step_forward`: the norm weights as the family multiplies by them (Gemma's
+        # 1 + w), per layer by kind, None where the config has none; q and k's per-head norms
+        # (Qwen3, Gemma 3) as one (H + K, D) table, a row per head of the fused q/k output
+        def norm(w: Optional[Array]) -> Optional[Array]:
+            return w if w is None or not cfg.norm_offset else w + cfg.norm_offset
+
+        def qk_norm(i: int) -> Optional[Array]:
+            wq, wk = model._p(i, "attn_q_norm.weight"), model._p(i, "attn_k_norm.weight")
+            if wq is None:
+                return None
+            d = cfg.head_dim
+            return norm(xp.concatenate([xp.broadcast_to(wq, (cfg.num_heads, d)),
+                                        xp.broadcast_to(wk, (cfg.num_kv_heads, d))]))
+
+        self.norms = [{**{kind: norm(model._p(i, kind)) for kind in self.NORMS},
+                       "attn_qk_norm": qk_norm(i)} for i in range(cfg.num_layers)]
+        self.final_norm = norm(model.params[FINAL_NORM])
+        # rotary pairs in the stored order (`ops._rope_pairs`), per column of a head: the
+        # pair it belongs to, its partner's column, and -1 for a pair's first member, +1 for
+        # its second, so that rope(x) = x * cos[pair] + x[partner] * sign * sin[pair]
+        first, second = ops._rope_pairs(np.arange(cfg.head_dim), cfg.rope_type)
+        self.rope_pair = np.empty(cfg.head_dim, dtype=np.int64)
+        self.rope_partner = np.empty(cfg.head_dim, dtype=np.int64)
+        self.rope_pair[first] = self.rope_pair[second] = np.arange(cfg.head_dim // 2)
+        self.rope_partner[first], self.rope_partner[second] = second, first
+        self.rope_sign = np.where(np.isin(np.arange(cfg.head_dim), first), -1, 1).astype(model.dtype)
+        self.rope_rows: Optional[list[tuple[Array, Array]]] = None    # see `Model._step_rope`
+
+    NORMS = ("attn_norm.weight", "attn_post_norm.weight", "ffn_norm.weight", "ffn_post_norm.weight")
 
     @staticmethod
     def linear(x: Array, weight: tuple[Array, Optional[Array]]) -> Array:
@@ -507,7 +541,8 @@ class Model:
         in ``cache``, which is then extended by T. A prompt at once (prefill), then one token
         at a time, gives the logits of `forward` on the whole sequence. ``last_only``:
         return only the last position's logits, (batch, 1, vocab). ``weights``: from
-        `decode_weights` of this model (the same numbers in fewer, larger products)."""
+        `decode_weights` of this model (the same numbers in fewer, larger products); a step
+        of one new token of one sequence on the CPU then takes `_step_forward`."""
         if weights is not None and weights.params is not self.params:
             raise AprError("forward_step: the decode weights were built for another model")
         ids = self._ids(ids)
@@ -517,9 +552,102 @@ class Model:
         if cache.length + t > cache.capacity:
             raise AprError(f"forward_step: {cache.length} cached + {t} new positions exceed "
                            f"the KV cache capacity {cache.capacity}")
+        if weights is not None and b == t == 1 and self.backend.xp is np:
+            logits = self._step_forward(int(ids[0, 0]), cache, weights)
+            cache.length += 1
+            return logits
         x = self._trunk_forward(ids, cache.length, cache, None, None, weights)
         cache.length += t
         if last_only:
             x = x[:, -1:]
         logits, _ = self._head_forward(x, weights)
         return logits
+
+    def _step_rope(self, dw: DecodeWeights, need: int, capacity: int) -> list[tuple[Array, Array]]:
+        """Per layer, the rotary tables of `_rope` for positions 0 .. need-1 (or more) as rows
+        of the full head width for `_step_forward`: (cos[pair], sign * sin[pair]), kept in
+        ``dw`` and built again, for twice as many positions up to ``capacity``, only when
+        ``need`` outgrows them."""
+        if dw.rope_rows is None or len(dw.rope_rows[0][0]) < need:
+            tables = self._rope(0, min(capacity, max(2 * need, 256)))  # shared by equal RoPEs
+            full = {id(cos): (cos[:, dw.rope_pair], sin[:, dw.rope_pair] * dw.rope_sign)
+                    for cos, sin in tables}
+            dw.rope_rows = [full[id(cos)] for cos, _ in tables]
+        return dw.rope_rows
+
+    def _step_forward(self, token: int, cache: KVCache, dw: DecodeWeights) -> Array:
+        """The logits (1, 1, V) of one token of one sequence at position ``cache.length``, on
+        the CPU with decode weights: what `_trunk_forward` and `_head_forward` compute for
+        it, in far fewer NumPy calls (at this size each costs more than its arithmetic):
+        rows of one position throughout, q and k rotated together on the fused q/k/v output,
+        the G query heads of a K/V head as one (G, D) @ (D, S) product, the norms' sum of
+        squares as one dot product (the rest of their scale in Python floats), SiLU's sigmoid
+        as one call of SciPy's ``expit``, and the rest in place. The same operations in the
+        same order otherwise, so the same values up to rounding. Writes the position's k, v
+        into ``cache`` (the caller advances ``cache.length``)."""
+        from scipy.special import expit     # here: importing scipy.special takes ~0.3 s
+        cfg, pos = self.config, cache.length
+        h, kvh, d, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        q_size, k_end = cfg.q_size, cfg.q_size + cfg.kv_size
+        scale = self.dtype.type(cfg.attention_scale)
+        eps, silu = cfg.rms_norm_eps, ops.ACTIVATIONS[cfg.hidden_act] is ops.ACTIVATIONS["silu"]
+
+        def norm(x: Array, w: Array) -> Array:         # rmsnorm of one row (1, C)
+            y = x * (1.0 / math.sqrt(float(np.vdot(x, x)) / x.shape[1] + eps))
+            y *= w
+            return y
+
+        def linear(x: Array, weight: tuple[Array, Optional[Array]]) -> Array:
+            y = x @ weight[0]
+            if weight[1] is not None:
+                y += weight[1]
+            return y
+
+        x = self.params[EMBED][[token]]                 # (1, C), a copy
+        if cfg.embed_scale != 1.0:
+            x *= x.dtype.type(cfg.embed_scale)
+        for i, (cos, sin) in enumerate(self._step_rope(dw, pos + 1, cache.capacity)):
+            cos, sin = cos[pos], sin[pos]
+            weights, norms = dw.layers[i], dw.norms[i]
+            # attention
+            qkv = linear(norm(x, norms["attn_norm.weight"]), weights["attn_qkv"])
+            qk = qkv[0, :k_end].reshape(h + kvh, d)      # every head of q, then of k
+            if norms["attn_qk_norm"] is not None:
+                qk[...] = ops.rmsnorm_forward(qk, norms["attn_qk_norm"], eps)[0]
+            rotated = qk.take(dw.rope_partner, axis=1)
+            rotated *= sin
+            qk *= cos
+            qk += rotated
+            kv = cache.kv[i]                             # (2, 1, K, capacity, D)
+            kv[:, 0, :, pos] = qkv[0, q_size:].reshape(2, kvh, d)  # k and v, as they follow q
+            keys, values = kv[0, 0], kv[1, 0]
+            window = cfg.window(i)
+            first = max(0, pos + 1 - window) if window else 0
+            q = qk[:h].reshape(kvh, h // kvh, d)
+            q *= scale
+            scores = q @ keys[:, first:pos + 1].transpose(0, 2, 1)      # (K, G, S)
+            if cfg.attn_logit_softcapping:
+                scores, _ = ops.softcap_forward(scores, cfg.attn_logit_softcapping)
+            ops._softmax_inplace(scores)
+            out = linear((scores @ values[:, first:pos + 1]).reshape(1, q_size),
+                         weights["attn_output"])
+            if norms["attn_post_norm.weight"] is not None:
+                out = norm(out, norms["attn_post_norm.weight"])
+            x += out
+            # MLP
+            gate_up = linear(norm(x, norms["ffn_norm.weight"]), weights["ffn_up"])
+            gate = gate_up[:, :f]
+            if silu:                                    # silu(z) = z sigmoid(z), in one call
+                m = expit(gate)
+                m *= gate
+            else:
+                m = ops.ACTIVATIONS[cfg.hidden_act].f(gate)
+            m *= gate_up[:, f:]
+            out = linear(m, weights["ffn_down"])
+            if norms["ffn_post_norm.weight"] is not None:
+                out = norm(out, norms["ffn_post_norm.weight"])
+            x += out
+        logits = linear(norm(x, dw.final_norm), (dw.head, None))
+        if cfg.final_logit_softcapping:
+            logits, _ = ops.softcap_forward(logits, cfg.final_logit_softcapping)
+        return logits[None]
