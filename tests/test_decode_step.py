@@ -126,6 +126,23 @@ def test_other_steps_take_the_general_path(name, monkeypatch):
     cache = model.new_kv_cache(1, T)                                           # T > 1 only
     got = [model.forward_step(ids[:1, t:t + 2], cache, weights=weights) for t in range(0, T, 2)]
     assert rel_err(np.concatenate(got, axis=1), full[:1]) <= 1e-12
+    # single-token steps with weights, when the config has a field the lean step does not know
+    from ref import model as model_mod
+    monkeypatch.setattr(model_mod, "LEAN_STEP_COVERS_CONFIG", False)
+    assert rel_err(decode(model, ids[:1], weights), full[:1]) <= 1e-12
+
+
+def test_a_config_field_the_lean_step_does_not_know_sends_steps_to_the_general_path():
+    """The lean step covers the config and family fields of `LEAN_STEP_FIELDS`; a field added
+    to either (a new flag) turns it off until it is implemented there."""
+    import dataclasses
+    from apr.names import Family
+    from ref import model as model_mod
+    now = {f.name for cls in (ModelConfig, Family) for f in dataclasses.fields(cls)}
+    assert model_mod.LEAN_STEP_COVERS_CONFIG and now == model_mod.LEAN_STEP_FIELDS
+    grown = dataclasses.make_dataclass("Grown", [("partial_rotary_factor", float, 1.0)],
+                                       bases=(Family,), frozen=True)
+    assert not {f.name for f in dataclasses.fields(grown)} <= model_mod.LEAN_STEP_FIELDS
 
 
 def test_lean_step_writes_the_cache_as_the_general_path():
