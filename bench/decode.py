@@ -1,12 +1,15 @@
 """Benchmark: decode tokens/s of the reference model (the `bench` command's loop: greedy,
 KV cache, float32, NumPy) against llama.cpp on the F32 GGUF of the same model, same threads.
 
-    python bench/decode.py [--preset qwen2-25m] [--threads 2] [--prompt 64] [--gen 64] [--profile]
+    python bench/decode.py [--preset qwen2-25m] [--threads 2] [--prompt 64] [--gen 64]
+                           [--rounds 5] [--profile]
 
 llama.cpp runs in a child process (llama-cpp-python), feeding one token per eval() after the
 same prompt, so both sides do the same work: a prefill and then single-token steps.
-``--profile``: afterwards, one more of our runs under pyinstrument (if installed), its call
-tree printed to stderr.
+``--rounds N``: N rounds, each llama.cpp's runs then ours, alternated; ``ratio`` is the median
+of the rounds' ratios (on a small shared machine one round moves by +-20%), ``round_ratios``
+lists them. ``--profile``: afterwards, one more of our runs under pyinstrument (if installed),
+its call tree printed to stderr.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1, help="alternated rounds; ratio = their median")
     ap.add_argument("--profile", action="store_true", help="profile one more run of ours")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
@@ -92,17 +96,20 @@ def main() -> None:
         convert(tmp / "m.apr", tmp / "m.gguf", allow_no_tokenizer=True)
         prompt = rng.integers(0, cfg.vocab_size, args.prompt).tolist()
 
-        out = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(tmp / "m.gguf"), json.dumps(prompt),
-                              str(args.gen), str(args.threads)], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"llama.cpp failed:\n{out.stderr[-3000:]}")
-        llama_runs = json.loads(out.stdout.strip().splitlines()[-1])
         model, _ = load_model(tmp / "m.gguf")
-        ours = []
-        for i in range(4):
-            r = generate(model, prompt, args.gen)
-            if i:
-                ours.append(r)
+        llama_runs, ours, round_ratios = [], [], []
+        for _ in range(max(1, args.rounds)):
+            out = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(tmp / "m.gguf"),
+                                  json.dumps(prompt), str(args.gen), str(args.threads)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"llama.cpp failed:\n{out.stderr[-3000:]}")
+            theirs = json.loads(out.stdout.strip().splitlines()[-1])[1:]     # after a warm-up
+            mine = [generate(model, prompt, args.gen) for _ in range(4)][1:]
+            llama_runs += theirs
+            ours += mine
+            round_ratios.append(max(r.decode_tokens_per_second for r in mine)
+                                / max(args.gen / r["decode_s"] for r in theirs))
         products = products_only_tok_s(model)
         if args.profile:
             from pyinstrument import Profiler
@@ -112,19 +119,20 @@ def main() -> None:
             profiler.stop()
             print(profiler.output_text(unicode=True, color=False), file=sys.stderr)
     ours_decode = max(r.decode_tokens_per_second for r in ours)
-    llama_decode = max(args.gen / r["decode_s"] for r in llama_runs[1:])
+    llama_decode = max(args.gen / r["decode_s"] for r in llama_runs)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "preset": args.preset, "params": cfg.param_count(), "threads": args.threads,
         "prompt_tokens": args.prompt, "gen_tokens": args.gen,
         "ours_decode_tok_s": round(ours_decode, 1), "llama_cpp_decode_tok_s": round(llama_decode, 1),
-        "ratio": round(ours_decode / llama_decode, 3),
+        "ratio": round(float(np.median(round_ratios)), 3),
+        "round_ratios": [round(x, 3) for x in round_ratios],
         "products_only_tok_s": round(products, 1),
         "products_only_ratio": round(products / llama_decode, 3),
         "ours_prefill_tok_s": round(max(r.prefill_tokens_per_second for r in ours), 1),
         "ours_decode_weights_s": round(min(r.setup_seconds for r in ours), 4),
-        "llama_cpp_prefill_tok_s": round(max(args.prompt / r["prefill_s"] for r in llama_runs[1:]), 1),
+        "llama_cpp_prefill_tok_s": round(max(args.prompt / r["prefill_s"] for r in llama_runs), 1),
     }
     print(json.dumps(result, indent=2))
 
