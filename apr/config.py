@@ -593,8 +593,9 @@ class ModelConfig:
             _gemma_windows(v, vals, where, family.window_pattern)
         elif family.sliding_window_option:
             _qwen2_windows(v, vals, where)
-        pad = vals.get("pad_token_id") if "pad_token_id" in cfg else family.default_pad
-        vals["pad_token_id"] = pad
+        if "pad_token_id" not in cfg:           # absent, not null: the config class's default
+            vals["pad_token_id"] = family.default_pad
+        pad = vals.get("pad_token_id")
         if pad is not None and -vals["vocab_size"] <= pad < 0:
             vals["pad_token_id"] = pad + vals["vocab_size"]   # as nn.Embedding counts it
         vals.setdefault("tie_word_embeddings", family.default_tied)

@@ -146,10 +146,10 @@ class DecodeWeights:
     def linear(x: Array, weight: tuple[Array, Optional[Array]]) -> Array:
         """x @ wt + b for one (wt, b) entry: the value of `ops.linear_forward` (x @ W^T + b)."""
         wt, bias = weight
-        y = x.reshape(-1, x.shape[-1]) @ wt
+        y = x @ wt if x.ndim == 2 else x.reshape(-1, x.shape[-1]) @ wt    # rows: as they are
         if bias is not None:
             y += bias
-        return y.reshape(*x.shape[:-1], wt.shape[1])
+        return y if x.ndim == 2 else y.reshape(*x.shape[:-1], wt.shape[1])
 
 
 # The fields of a config and of a family that `Model._step_forward` was written for: a field
@@ -614,16 +614,11 @@ class Model:
         q_size, k_end = cfg.q_size, cfg.q_size + cfg.kv_size
         scale = self.dtype.type(cfg.attention_scale)
         eps, silu = cfg.rms_norm_eps, ops.ACTIVATIONS[cfg.hidden_act] is ops.ACTIVATIONS["silu"]
+        linear = dw.linear
 
         def norm(x: Array, w: Array) -> Array:         # rmsnorm of one row (1, C)
             y = x * (1.0 / math.sqrt(float(np.vdot(x, x)) / x.shape[1] + eps))
             y *= w
-            return y
-
-        def linear(x: Array, weight: tuple[Array, Optional[Array]]) -> Array:
-            y = x @ weight[0]
-            if weight[1] is not None:
-                y += weight[1]
             return y
 
         x = self.params[EMBED][[token]]                 # (1, C), a copy

@@ -53,7 +53,8 @@ def embedding_backward(dout: Array, cache: tuple, out: Optional[Array] = None) -
     ids, rows = ids.reshape(-1), dout.reshape(-1, shape[1])
     if padding_idx is not None:
         keep = ids != padding_idx
-        ids, rows = ids[keep], rows[keep]
+        if not keep.all():                      # rows copied only when the padding id occurs
+            ids, rows = ids[keep], rows[keep]
     scatter_add_rows(out, ids, rows)
     return out
 
