@@ -74,9 +74,13 @@ class KVCache:
 
 class DecodeWeights:
     """Every projection of a decode step, transposed, for inference: (in_features,
-    out_features) and C-contiguous, so that a single position's x @ W^T is ``x @ wt``, BLAS's
+    out_features), so that a single position's x @ W^T is ``x @ wt``. C-contiguous (BLAS's
     row-major matrix-vector product, which streams the matrix faster than the dot products of
-    the HF layout; and the projections that read the same input concatenated into one matrix:
+    the HF layout) where a projection widens or keeps its width; where it narrows (the MLP's
+    down projection) ``wt`` is the .T view of a C-contiguous HF-layout copy, whose dot
+    products OpenBLAS splits over both threads where the row-major product of that shape
+    runs on one (bench/decode.py, docs/benchmarks.md); and the projections that read the
+    same input concatenated into one matrix:
     ``layers[i]`` maps the fused kinds to (wt, bias or None): "attn_qkv" holds the columns of
     q_proj, k_proj, v_proj (a family that stores them fused, Phi-3, has them so already),
     "ffn_up" those of gate_proj then up_proj (Phi-3's gate_up), "attn_output" and "ffn_down"
@@ -98,7 +102,10 @@ class DecodeWeights:
             else:                       # a bias on some of them only: zeros for the others
                 bias = xp.concatenate([xp.zeros(w.shape[0], dtype=w.dtype) if b is None else b
                                        for w, b in zip(ws, bs)])
-            wt = xp.empty((ws[0].shape[1], sum(w.shape[0] for w in ws)), dtype=ws[0].dtype)
+            n_in, n_out = ws[0].shape[1], sum(w.shape[0] for w in ws)
+            if n_in > n_out:            # the HF layout, C order, multiplied through its .T
+                return xp.ascontiguousarray(xp.concatenate(ws)).T, bias
+            wt = xp.empty((n_in, n_out), dtype=ws[0].dtype)
             start = 0                   # (C order: concatenate would keep the inputs' F order)
             for w in ws:
                 wt[:, start:start + w.shape[0]] = w.T

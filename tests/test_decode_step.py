@@ -49,7 +49,8 @@ CONFIGS = {
                                               {"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 6}, "test")),
     "qwen3-qk-norm-window": config("qwen3", head_dim=16, layer_types=(F, S, S), sliding_window=5),
-    "mistral-window": config("mistral", layer_types=(S, S, S), sliding_window=3),
+    "mistral-window-wide-mlp": config("mistral", layer_types=(S, S, S), sliding_window=3,
+                                     intermediate_size=80),
     "gemma2-softcaps-post-norms": config(
         "gemma2", head_dim=16, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
         attn_logit_softcapping=0.5, final_logit_softcapping=1.5, query_pre_attn_scalar=24,
@@ -107,6 +108,26 @@ def test_single_token_steps_equal_forward(name, dtype, tol, monkeypatch):
     assert rel_err(got, full) <= tol, name
     # the general path's steps, for the same cache contents
     assert rel_err(decode(model, ids, None), full) <= tol
+
+
+def test_decode_weights_keep_the_hf_layout_of_the_projections_that_narrow():
+    """A projection with more inputs than outputs (the MLP's down projection when the MLP is
+    wider than the model, an attention output wider than the model) is held as the .T view of
+    an HF-layout copy, the others as C-contiguous transposed copies; both are x @ W^T + b, and
+    the value tests above run both layouts (the wide-MLP and the qwen3/gemma configs)."""
+    cfg = CONFIGS["mistral-window-wide-mlp"]
+    model = random_model(cfg, np.float32)
+    weights = model.decode_weights()
+    seen = set()
+    for i, layer in enumerate(weights.layers):
+        for kind, (wt, _) in layer.items():
+            n_in, n_out = wt.shape
+            narrows = n_in > n_out
+            seen.add(narrows)
+            assert (wt.T.flags.c_contiguous if narrows else wt.flags.c_contiguous), (i, kind)
+            assert not np.shares_memory(wt, model.params[f"model.layers.{i}.mlp.down_proj.weight"])
+        np.testing.assert_array_equal(layer["ffn_down"][0].T, model.params[f"model.layers.{i}.mlp.down_proj.weight"])
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("name", ["qwen2-gqa6-tied-biases-window", "gemma2-softcaps-post-norms"])
