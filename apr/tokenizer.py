@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import gguf
+import numpy as np
 import tokenizers
 
 from . import spm
@@ -199,12 +200,50 @@ def is_row_pad(token: str, token_id: int) -> bool:
     return m is not None and int(m.group(1) or m.group(2)) == token_id
 
 
+_PAD_HEAD, _PAD_TAIL = np.frombuffer(b"<|pad_", np.uint8), np.frombuffer(b"|>\0", np.uint8)
+
+
+def _pad_names_utf8(ids: np.ndarray) -> bytes:
+    """``"\0".join(f"<|pad_{i}|>" for i in ids).encode()`` for ascending ids >= 0, built
+    by NumPy a digit column at a time for the ids of each length (formatting a name per id
+    costs more than the rest of a vocabulary's row-pad check)."""
+    parts, lo = [], 0
+    for d in range(1, 20):                       # int64 ids have at most 19 digits
+        hi = len(ids) if d == 19 else int(np.searchsorted(ids, 10 ** d))
+        if hi > lo:
+            group = ids[lo:hi]
+            rows = np.empty((hi - lo, len(_PAD_HEAD) + d + len(_PAD_TAIL)), np.uint8)
+            rows[:, :len(_PAD_HEAD)] = _PAD_HEAD
+            for j in range(d):
+                rows[:, len(_PAD_HEAD) + j] = group // 10 ** (d - 1 - j) % 10 + ord("0")
+            rows[:, len(_PAD_HEAD) + d:] = _PAD_TAIL
+            parts.append(rows.reshape(-1))
+        lo = hi
+    return np.concatenate(parts)[:-1].tobytes() if parts else b""
+
+
+def _common_pad_names(tokens: Sequence[str], ids: np.ndarray) -> bool:
+    """True when ``tokens[k] == f"<|pad_{ids[k]}|>"`` for every k (ids ascending): both
+    joined at NULs and compared as UTF-8 in one comparison. The names hold no NUL, so the
+    joins are equal only if no token holds one, and then piece for piece."""
+    try:
+        got = "\0".join(tokens).encode("utf-8")
+    except UnicodeEncodeError:                  # a lone surrogate: no pad name
+        return False
+    return got == _pad_names_utf8(ids)
+
+
 def row_pad_ids(vocab: Sequence[str]) -> list[int]:
     """The ids whose token is a row-pad name of that id (`is_row_pad`): the prefix is tested
-    for every token at once, the name only for the tokens that have it."""
-    has_prefix = map(str.startswith, vocab, itertools.repeat(_PAD_PREFIXES))
-    return [i for i in itertools.compress(range(len(vocab)), has_prefix)
-            if vocab[i] == f"<|pad_{i}|>" or is_row_pad(vocab[i], i)]
+    for every token at once, the common spelling for all that have it at once, and the name
+    token by token only when some of them are spelled otherwise."""
+    has_prefix = np.fromiter(map(str.startswith, vocab, itertools.repeat(_PAD_PREFIXES)),
+                             dtype=bool, count=len(vocab))
+    found = np.flatnonzero(has_prefix)
+    ids = found.tolist()
+    if _common_pad_names(list(map(vocab.__getitem__, ids)), found):
+        return ids
+    return [i for i in ids if vocab[i] == f"<|pad_{i}|>" or is_row_pad(vocab[i], i)]
 
 
 def _trailing_run_start(values: Sequence[int], value: int) -> int:
@@ -227,8 +266,8 @@ def row_pad_start(vocab: Sequence[str], token_type: Sequence[int]) -> int:
     if len(token_type) != n:
         return n
     k = _trailing_run_start(token_type, UNUSED)
-    if list(vocab[k:]) == [f"<|pad_{i}|>" for i in range(k, n)]:    # the common spelling,
-        return k                                                      # in one comparison
+    if _common_pad_names(vocab[k:], np.arange(k, n)):     # the common spelling, at once
+        return k
     while n and token_type[n - 1] == UNUSED and is_row_pad(vocab[n - 1], n - 1):
         n -= 1
     return n

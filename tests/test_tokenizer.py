@@ -576,7 +576,10 @@ def test_bulk_row_pad_paths_equal_their_per_token_definition():
     rng = random.Random(3)
     spellings = [lambda i: f"<|pad_{i}|>", lambda i: f"[PAD{i}]", lambda i: f"<|pad_{i}_2|>",
                  lambda i: f"<|pad_{i + 1}|>", lambda i: f"<|pad_{i}|> ", lambda i: "<|pad|>",
-                 lambda i: f"tok{i}", lambda i: "[PAD" + "9" * 40 + "]"]
+                 lambda i: f"tok{i}", lambda i: "[PAD" + "9" * 40 + "]",
+                 lambda i: f"<|pad_{i}|>\0<|pad_{i + 1}|>", lambda i: f"<|pad_{i}|>\0",
+                 lambda i: f"<|pad_{i}|>\0<|pad_{i + 1}", lambda i: "|>", lambda i: "\0",
+                 lambda i: "\ud800", lambda i: f"<|pad_0{i}|>"]
     for trial in range(300):
         n = rng.randint(0, 40)
         cut = rng.randint(0, n)                   # real tokens, then a tail of mostly pads
@@ -589,6 +592,19 @@ def test_bulk_row_pad_paths_equal_their_per_token_definition():
         while k and types[k - 1] == UNUSED and is_row_pad(vocab[k - 1], k - 1):
             k -= 1
         assert row_pad_start(vocab, types) == k, (vocab, types)
+    # the common spelling is checked by joining the names at NULs: tokens that hold NULs and
+    # join to the expected text are no pads
+    spliced = ["<|pad_0|>\0<|pad_1", "|>", "<|pad_2|>"]      # joins like pads 0, 1, 2
+    assert row_pad_ids(spliced) == [2] and row_pad_start(spliced, [UNUSED] * 3) == 2
+    # every id length, across each power of ten: the names built digit by digit
+    import numpy as np
+    from apr.tokenizer import _pad_names_utf8
+    ids = [0, 1, 9, 10, 11, 99, 100, 999, 1000, 123456, 10 ** 12 - 1, 10 ** 12, 2 ** 63 - 1]
+    assert _pad_names_utf8(np.array(ids)) == "\0".join(f"<|pad_{i}|>" for i in ids).encode()
+    assert _pad_names_utf8(np.array([], np.int64)) == b""
+    vocab = ["a"] * 5 + [f"<|pad_{i}|>" for i in range(5, 1234)]
+    assert row_pad_ids(vocab) == list(range(5, 1234))
+    assert row_pad_start(vocab, [NORMAL] * 5 + [UNUSED] * 1229) == 5
     # many distinct types (a hostile file): the run is still found, without a search per value
     from apr.tokenizer import _trailing_run_start
     values = list(range(1000)) + [UNUSED] * 5
