@@ -12,6 +12,7 @@ layout as stored (for example GGUF llama rotary order). Nothing is read until as
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 import warnings
@@ -98,12 +99,20 @@ class TensorRef:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+class _Later:
+    """A value computed at its first use (`ModelView.tokenizer` of ``tokenizer_later``)."""
+
+    def __init__(self, compute: Callable[[], Any]):
+        self.compute = compute
+        self.lock = threading.Lock()        # two threads may ask at once
+
+
 @dataclass
 class ModelView:
     path: Path
     format: str
     config: ModelConfig | None
-    tokenizer: TokenizerData | None
+    _tokenizer: TokenizerData | None | _Later
     metadata: dict[str, Any]
     tensors: dict[str, TensorRef]
     training: dict[str, TensorRef] = field(default_factory=dict)   # APR __training__. tensors
@@ -111,6 +120,23 @@ class ModelView:
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     declared_tied: bool | None = None    # the file says tied embeddings (None: no config)
     _pending_checks: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def tokenizer(self) -> TokenizerData | None:
+        """The embedded tokenizer, None if the file has none. Opened with
+        ``tokenizer_later``, it is parsed at the first use, which raises what opening would
+        have raised."""
+        tok = self._tokenizer
+        if isinstance(tok, _Later):
+            with tok.lock:
+                if self._tokenizer is tok:
+                    self._tokenizer = tok.compute()
+            return self._tokenizer
+        return tok
+
+    @tokenizer.setter
+    def tokenizer(self, value: TokenizerData | None) -> None:
+        self._tokenizer = value
 
     def verified(self) -> None:
         """Wait for checks started by ``open_model(verify="background")``; raise on a failure."""
@@ -177,9 +203,14 @@ def _resolve_tied(view: ModelView) -> ModelView:
     return view
 
 
-# bytes of each tensor compared at a time: small enough that a chunk is still in the CPU cache
-# when it is compared after its read (16 MiB chunks compared at half the speed of 2 MiB ones)
+# bytes of each tensor compared at a time when read into buffers: small enough that a chunk
+# is still in the CPU cache when it is compared after its read (16 MiB chunks compared at half
+# the speed of 2 MiB ones)
 COMPARE_CHUNK = 1 << 21
+# bytes compared at a time in place, through memory maps: one NumPy call a window (the GIL
+# released for its loop, so that the comparison runs beside another thread's parsing), and the
+# window's pages dropped from the process after it, so that two windows stay resident
+MAP_WINDOW = 1 << 26
 
 
 def equal_bytes(x: np.ndarray, y: np.ndarray) -> bool:
@@ -191,16 +222,80 @@ def equal_bytes(x: np.ndarray, y: np.ndarray) -> bool:
                 and np.array_equal(x[n8:], y[n8:]))
 
 
+class SpanMaps:
+    """Read-only memory maps of model files, one per path, to compare tensors' stored bytes
+    where they lie (no copy into a buffer). A span past the end of its file is refused as a
+    truncated tensor; a file that cannot be mapped is read instead (`equal` returns None)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap | None] = {}
+
+    def _map(self, path: Path) -> mmap.mmap | None:
+        if path not in self._maps:
+            try:
+                with open(path, "rb") as f:
+                    self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):   # not mappable (an empty or special file)
+                self._maps[path] = None
+        return self._maps[path]
+
+    def equal(self, a: TensorRef, b: TensorRef) -> bool | None:
+        """Whether the stored bytes of two file-backed tensors are equal; None when a file
+        cannot be mapped."""
+        if a.file_span is None or b.file_span is None:
+            return None
+        maps = [self._map(t.file_span[0]) for t in (a, b)]
+        if maps[0] is None or maps[1] is None:
+            return None
+        if a.nbytes != b.nbytes:
+            return False
+        for m, t in zip(maps, (a, b)):
+            if t.file_span[1] + t.nbytes > len(m):
+                raise FormatError(f"{t.file_span[0]}: tensor {t.source_name!r} is truncated")
+        for start in range(0, a.nbytes, MAP_WINDOW):
+            n = min(MAP_WINDOW, a.nbytes - start)
+            x, y = (np.frombuffer(m, np.uint8, n, t.file_span[1] + start) for m, t in zip(maps, (a, b)))
+            same = equal_bytes(x, y)
+            del x, y                          # (a map with views into it cannot be closed)
+            for m, t in zip(maps, (a, b)):
+                _drop_pages(m, t.file_span[1] + start, n)
+            if not same:
+                return False
+        return True
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            if m is not None:
+                m.close()
+        self._maps.clear()
+
+
+def _drop_pages(m: mmap.mmap, start: int, n: int) -> None:
+    """Unmap the pages of bytes start .. start + n from the process (the page cache keeps
+    them), so that a compared window no longer counts to its resident set."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is not None:
+        first = start - start % mmap.PAGESIZE
+        m.madvise(advice, first, start + n - first)
+
+
 def _same_values(a: TensorRef, b: TensorRef) -> bool:
-    """Whether two tensors of one shape hold the same values: their bytes, slice by slice,
-    when they are stored alike (an APR's lm_head copy), else the decoded values."""
+    """Whether two tensors of one shape hold the same values: their bytes when they are
+    stored alike (an APR's lm_head copy), in place or slice by slice, else the decoded
+    values."""
     if a.dtype != b.dtype or a.nbytes != b.nbytes or a.rotary_heads != b.rotary_heads:
         return bool(np.array_equal(a.numpy(np.float32), b.numpy(np.float32)))
     if a.file_span is None or b.file_span is None:
         ra, rb = (np.asarray(t.raw()).reshape(-1).view(np.uint8) for t in (a, b))
         return all(equal_bytes(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
                    for i in range(0, ra.size, COMPARE_CHUNK))
-    # read, not mapped: pages of a large file do not stay resident once compared
+    maps = SpanMaps()
+    try:
+        same = maps.equal(a, b)
+    finally:
+        maps.close()
+    if same is not None:
+        return same
     bufs = [bytearray(min(COMPARE_CHUNK, a.nbytes)) for _ in range(2)]
     with open(a.file_span[0], "rb", buffering=0) as fa, open(b.file_span[0], "rb", buffering=0) as fb:
         fa.seek(a.file_span[1])
@@ -243,17 +338,23 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path}: not a model file (APR, GGUF or safetensors; starts with {head[:8]!r})")
 
 
-def open_model(path: str | os.PathLike, verify: bool | str = False) -> ModelView:
+def open_model(path: str | os.PathLike, verify: bool | str = False,
+               tokenizer_later: bool = False) -> ModelView:
     """Open any supported model file or HF directory. `verify` also checks whole-file
     checksums where the format has them (APR's footer CRC) and raises on a mismatch;
     ``verify="background"`` computes it in a thread while the caller goes on, and
     `ModelView.verified` waits for it (and raises on a mismatch): a converter commits its
-    output only after that (`apr.atomic.checked_before_commit`)."""
+    output only after that (`apr.atomic.checked_before_commit`). ``tokenizer_later``: the
+    embedded tokenizer is parsed at its first use (`ModelView.tokenizer`), not here, so
+    that a caller can parse it while its tensors are being read (`diff`); a malformed one
+    raises there."""
     p = Path(path)
     fmt = detect_format(p)
     view = {"apr": _open_apr, "gguf": _open_gguf, "safetensors": _open_safetensors,
             "hf": _open_hf}[fmt](p, verify)
     try:
+        if not tokenizer_later:
+            view.tokenizer
         return _resolve_tied(view)
     except BaseException:
         view.close()
@@ -270,7 +371,7 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
                 "was written")
     pending = None
     if verify == "background":
-        pending = _in_background(f.verify_footer)
+        pending = in_background(f.verify_footer)
     elif verify:
         info["checksum_valid"] = f.verify_footer()
         if not info["checksum_valid"]:
@@ -293,7 +394,8 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
                         rotary_heads=heads, file_span=(path, f.data_offset + e.offset))
         (training if name.startswith(names.TRAINING_PREFIX) else tensors)[name] = ref
     _apply_origins(tensors, meta.get(names.DEQUANTIZED_KEY), path)
-    view = ModelView(path, "apr", config, from_apr_metadata(meta), meta, tensors, training, info,
+    tok = _Later(lambda: from_apr_metadata(meta))
+    view = ModelView(path, "apr", config, tok, meta, tensors, training, info,
                      [f.close])
     if pending is not None:
         def wait() -> None:
@@ -306,7 +408,7 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
     return view
 
 
-def _in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
+def in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Run ``fn`` in a daemon thread (zlib's CRC releases the GIL, so it overlaps the caller's
     reads and writes); the returned function waits for it and returns its result or raises
     its exception."""
@@ -413,7 +515,7 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
                                   nbytes=e.nbytes, _raw=_bind(g.raw, gname),
                                   rotary_heads=heads, file_span=(path, e.offset), offset=folded)
     _apply_origins(tensors, kv.get(names.GGUF_DEQUANTIZED_KEY), path)
-    tok = from_gguf_kv(g.kv)
+    tok = _Later(lambda: from_gguf_kv(g.kv))
     info = {"version": g.version, "size_bytes": path.stat().st_size,
             "embedding_rows": emb[0] if emb else None}
     if note:
@@ -446,7 +548,8 @@ def _open_safetensors(path: Path, verify: bool) -> ModelView:
         note = "a lone .safetensors file carries no architecture (no config.json beside it)"
     tensors = _st_tensors([st])
     _apply_origins(tensors, st.metadata.get(names.DEQUANTIZED_KEY), path)
-    view = ModelView(path, "safetensors", config, from_hf_dir(path.parent) if config else None,
+    tok = _Later(lambda: from_hf_dir(path.parent)) if config else None
+    view = ModelView(path, "safetensors", config, tok,
                      dict(st.metadata), tensors, {}, {"size_bytes": st.size}, [])
     if note:
         view.info["config_note"] = note
@@ -467,5 +570,5 @@ def _open_hf(path: Path, verify: bool) -> ModelView:
         if names.HF_NON_PARAMETERS.search(name):
             del tensors[name]
     size = sum(f.size for f in files)
-    return ModelView(path, "hf", config, from_hf_dir(path), raw_cfg, tensors, {},
+    return ModelView(path, "hf", config, _Later(lambda: from_hf_dir(path)), raw_cfg, tensors, {},
                      {"size_bytes": size, "files": [f.path.name for f in files]}, [])

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+import warnings
+from contextlib import ExitStack, contextmanager
 from typing import Sequence
 
 import numpy as np
 
 from apr.console import progress_bar
 from apr.errors import AprError
-from apr.model import ModelView, open_model
+from apr.model import ModelView, in_background, open_model
 
 from . import relations
 from . import report as R
@@ -178,6 +181,26 @@ def summarize(path: str | os.PathLike, v: ModelView) -> R.FileSummary:
                          f"{tok.vocab_size} tokens, {len(tok.merges)} merges" if tok else "none")
 
 
+@contextmanager
+def _this_threads_warnings_last():
+    """Warnings raised in this thread are shown when the block ends, after those that other
+    threads raise meanwhile (shown as they come)."""
+    show, me, held = warnings.showwarning, threading.get_ident(), []
+
+    def hold(*args, **kwargs):
+        if threading.get_ident() == me:
+            held.append((args, kwargs))
+        else:
+            show(*args, **kwargs)
+    warnings.showwarning = hold
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+        for args, kwargs in held:
+            show(*args, **kwargs)
+
+
 def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool | None = True,
             tokens: Sequence[int] | None = None, prompt: str | None = None,
             progress: bool = False) -> R.DiffReport:
@@ -188,14 +211,26 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
     (default: a fixed sequence valid for both vocabularies); prompt: text encoded with an
     embedded tokenizer instead. Raises AprError when a file cannot be read."""
     t0 = time.perf_counter()
-    with open_model(a_path) as va, open_model(b_path) as vb:
+    with ExitStack() as files:
+        # A opens in a thread while B is parsed, and the tensors are compared in a thread
+        # while the configs and tokenizers are parsed and compared: the byte comparisons (in
+        # place, a NumPy call per 64 MiB window) run without the GIL beside the parsing
+        with _this_threads_warnings_last():              # A's warnings first, as before
+            opening_a = in_background(lambda: open_model(a_path, tokenizer_later=True))
+            try:
+                vb = files.enter_context(open_model(b_path, tokenizer_later=True))
+            finally:                                    # A's error first, as if opened first
+                va = files.enter_context(opening_a())
         t1 = time.perf_counter()
         with progress_bar(progress, total=tensor_bytes(va, vb), unit="B", unit_scale=True,
                           desc="comparing") as bar:
-            tensors = list(compare_tensors(va, vb, bar.update))
+            comparing = in_background(lambda: list(compare_tensors(va, vb, bar.update)))
+            try:
+                config = compare_configs(va.config, vb.config)
+                tokenizer = compare_tokenizers(va, vb)
+            finally:
+                tensors = comparing()
         relations.apply(va, vb, tensors)
-        config = compare_configs(va.config, vb.config)
-        tokenizer = compare_tokenizers(va, vb)
         t2 = time.perf_counter()
         lg = run_logits(va, vb, logits, tokens, prompt, tensors, config)
         t3 = time.perf_counter()
