@@ -448,7 +448,7 @@ def swiglu_forward_reference(gate: Array, up: Array, act: str = "silu") -> tuple
     """y = g sigma(g) u,  sigma(g) = 1 / (1 + exp(-g))."""
     if act not in SWIGLU_ACTS:
         return ops.gated_mlp_forward(gate, up, act)
-    return gate * _sig(gate) * up, (gate, up, ops.ACTIVATIONS[act], None, None)
+    return gate * _sig(gate) * up, (gate, up, ops.ACTIVATIONS[act], None)
 
 
 def swiglu_backward_reference(dout: Array, cache: tuple) -> tuple[Array, Array]:
@@ -464,7 +464,7 @@ def _swiglu_forward_kernel(gate, up, act="silu"):
     cp = array_module(gate)
     kern = _kernel(cp, "swiglu_fwd", lambda: cp.ElementwiseKernel(
         "float32 g, float32 u", "float32 y", SWIGLU_FWD_OP, "apr_swiglu_fwd"))
-    return kern(gate, up), (gate, up, ops.ACTIVATIONS[act], None, None)
+    return kern(gate, up), (gate, up, ops.ACTIVATIONS[act], None)
 
 
 def _swiglu_backward_kernel(dout, cache):

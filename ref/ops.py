@@ -432,29 +432,29 @@ ACTIVATIONS: dict[str, Activation] = {
 def gated_mlp_forward(gate: Array, up: Array, act: str = "silu") -> tuple[Array, tuple]:
     """out = act(gate) * up   (SwiGLU for silu, GeGLU for the gelus)."""
     a = ACTIVATIONS[act]
-    if a is _SILU:      # silu(z) = z sig(z): sig(gate) and silu(gate) are kept for the backward
+    if a is _SILU:      # silu(z) = z sig(z): sig(gate) is kept for the backward
         sig = sigmoid(gate)
-        act = gate * sig
-        return act * up, (gate, up, a, sig, act)
-    return a.f(gate) * up, (gate, up, a, None, None)
+        out = gate * sig
+        out *= up
+        return out, (gate, up, a, sig)
+    return a.f(gate) * up, (gate, up, a, None)
 
 
 def gated_mlp_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
     """dup = dout * act(gate);   dgate = dout * up * act'(gate)
-    (for silu, with s = sig(gate) and act = gate s from the forward:
-    act' = s (1 + gate (1 - s)) = s + act - act s)."""
-    gate, up, a, sig = cache[:4]
-    act = cache[4] if len(cache) > 4 else None      # (a 4-entry cache: act not kept)
+    (for silu, with s = sig(gate) from the forward, act = gate s and
+    act' = s (1 + gate (1 - s)) = s + act - act s: 7 passes)."""
+    gate, up, a, sig = cache
     if sig is None:
         return dout * up * a.df(gate), dout * a.f(gate)
-    if act is None:
-        act = gate * sig
-    dgate = act * sig
-    array_module(act).subtract(act, dgate, out=dgate)
+    dup = gate * sig                    # act, then dup in place
+    dgate = dup * sig
+    array_module(dup).subtract(dup, dgate, out=dgate)
     dgate += sig
     dgate *= up
     dgate *= dout
-    return dgate, act * dout
+    dup *= dout
+    return dgate, dup
 
 
 # --------------------------------------------------------------------------- cross-entropy
