@@ -7,7 +7,9 @@ machine load).
     python bench/train_step.py --steps 5 --threads 2 --json
 
 A step is: logits, mean cross-entropy over the shifted targets, and the gradient of every
-parameter (no optimizer update). tokens/s = batch * seq / median step time.
+parameter (no optimizer update). tokens/s = batch * seq / median step time. Our step splits
+the batch's rows over --workers threads (default: --threads), each with single-threaded BLAS
+(`Model.loss_and_grads(workers=)`); --workers 1 is the single call with BLAS's own threads.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads over which our step splits the batch's rows "
+                         "(Model.loss_and_grads(workers=); default: --threads)")
     ap.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
                     help="transformers attention implementation for the PyTorch peer")
     ap.add_argument("--seed", type=int, default=0)
@@ -76,8 +81,10 @@ def main(args: argparse.Namespace) -> dict:
     ids, targets = tokens[:, :-1], tokens[:, 1:]
     t_ids, t_targets = torch.from_numpy(ids), torch.from_numpy(targets)
 
+    workers = min(args.threads if args.workers is None else args.workers, ours.workers_available())
+
     def step_ours() -> float:
-        loss, _grads = ours.loss_and_grads(ids, targets)
+        loss, _grads = ours.loss_and_grads(ids, targets, workers=workers)
         return loss
 
     def step_torch() -> float:
@@ -101,7 +108,7 @@ def main(args: argparse.Namespace) -> dict:
     tps = {k: tokens_per_step / statistics.median(v) for k, v in times.items()}
     return {
         "preset": args.preset, "params": cfg.param_count(), "batch": args.batch, "seq": args.seq,
-        "dtype": "float32", "threads": args.threads, "torch_attn": args.attn,
+        "dtype": "float32", "threads": args.threads, "workers": workers, "torch_attn": args.attn,
         "steps": args.steps, "warmup": args.warmup,
         "numpy_step_seconds": times["numpy"], "torch_step_seconds": times["torch"],
         "numpy_tokens_per_second": tps["numpy"], "torch_tokens_per_second": tps["torch"],
@@ -117,7 +124,8 @@ def main(args: argparse.Namespace) -> dict:
 def report(r: dict) -> str:
     return "\n".join([
         f"train step, {r['preset']} ({r['params'] / 1e6:.1f}M params), batch {r['batch']} x {r['seq']}, "
-        f"float32, {r['threads']} threads, median of {r['steps']} steps",
+        f"float32, {r['threads']} threads (ours: rows in {r['workers']} worker thread(s)), "
+        f"median of {r['steps']} steps",
         f"  numpy reference : {r['numpy_tokens_per_second']:9.1f} tokens/s  "
         f"(steps {', '.join(f'{s:.2f}' for s in r['numpy_step_seconds'])} s, loss {r['loss_numpy']:.5f})",
         f"  torch eager ({r['torch_attn']}): {r['torch_tokens_per_second']:9.1f} tokens/s  "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -34,7 +35,7 @@ from apr.errors import AprError, ConfigError
 from apr.names import EMBED, FINAL_NORM, LM_HEAD
 
 from . import kernels, ops, precision
-from .backend import Backend, array_module, cpu_backend
+from .backend import Backend, array_module, blas_threads_settable, cpu_backend, single_threaded_blas
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -182,6 +183,17 @@ LEAN_STEP_COVERS_CONFIG = {f.name for cls in (ModelConfig, names.Family)
 
 
 # --------------------------------------------------------------------------- model
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _worker_pool(n: int) -> ThreadPoolExecutor:
+    """The threads of `Model.loss_and_grads` with ``n`` workers: kept for the process (a
+    BLAS may keep buffers per thread, so the same threads serve every step)."""
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="loss-and-grads")
+    return _POOLS[n]
+
 
 class Model:
     """Parameters on a backend, in one dtype, and the forward / backward passes over them."""
@@ -532,11 +544,40 @@ class Model:
                                                  True)      # the logits are not needed after it
         return float(loss)
 
-    def loss_and_grads(self, ids: Any, targets: Any,
-                       ignore_index: int = ops.IGNORE_INDEX) -> tuple[float, dict[str, Array]]:
+    def loss_and_grads(self, ids: Any, targets: Any, ignore_index: int = ops.IGNORE_INDEX,
+                       workers: int = 1) -> tuple[float, dict[str, Array]]:
         """The loss of `loss` and its gradient for every parameter, keyed like ``params``
         (with tied embeddings one entry, ``model.embed_tokens.weight``, holding the sum of
-        the embedding's and the output projection's gradients)."""
+        the embedding's and the output projection's gradients).
+
+        ``workers`` > 1 (CPU only): the batch's rows are split into that many contiguous
+        shards, each run through the same forward and backward in its own thread with
+        single-threaded BLAS (NumPy releases the GIL in its loops and products, so the
+        elementwise work, which a single NumPy call does on one core, runs on several;
+        `backend.single_threaded_blas`: the process's BLAS is single-threaded meanwhile).
+        The loss is the mean over every kept target of the whole batch, as with one worker:
+        shard i's cross-entropy backward starts from n_i / n (its kept targets over all), so
+        its gradients are its rows' share of the batch mean, and the shards' gradients are
+        summed. The same values as one worker up to rounding (the order of the sums over
+        rows changes). Where the BLAS's thread count cannot be set (`workers_available`),
+        it runs as one worker."""
+        if workers > 1 and self.workers_available() > 1 and np.ndim(ids) == 2 and len(ids) > 1:
+            return self._loss_and_grads_threaded(ids, targets, ignore_index, min(workers, len(ids)))
+        loss, grads = self._loss_and_grads(ids, targets, ignore_index, 1.0)
+        return float(loss), grads
+
+    def workers_available(self) -> int:
+        """How many `loss_and_grads` workers this model can use: 1 on a GPU or where the
+        BLAS's thread count cannot be set (`backend.blas_threads_settable`),
+        otherwise no limit."""
+        if self.backend.xp is not np or not blas_threads_settable():
+            return 1
+        return 1 << 30
+
+    def _loss_and_grads(self, ids: Any, targets: Any, ignore_index: int,
+                        dloss: float) -> tuple[Array, dict[str, Array]]:
+        """One forward and backward over all of ``ids``; the backward starts from ``dloss``
+        (the loss's weight in a larger batch; 1 for the whole batch). The loss unweighted."""
         caches: list = []
         x = self._trunk_forward(self._ids(ids), 0, None, caches, None)
         logits, c_head = self._head_forward(x)
@@ -544,13 +585,41 @@ class Model:
                                                       ignore_index, True)   # written over logits
         del logits
         grads: dict[str, Array] = {}
-        dlogits = self.ops.cross_entropy_backward(1.0, c_loss)
+        dlogits = self.ops.cross_entropy_backward(dloss, c_loss)
         del c_loss
         dx, d_head = self._head_backward(dlogits, c_head)
         del dlogits
         grads[EMBED if self.config.tie_word_embeddings else LM_HEAD] = d_head
         self._trunk_backward(dx, caches, grads)
-        return float(loss), {name: grads[name] for name in self.params}
+        return loss, {name: grads[name] for name in self.params}
+
+    def _loss_and_grads_threaded(self, ids: Any, targets: Any, ignore_index: int,
+                                 workers: int) -> tuple[float, dict[str, Array]]:
+        """`loss_and_grads` over ``workers`` shards of the rows, in threads (see there)."""
+        ids, targets = self._ids(ids), np.asarray(targets)     # every shard's ids checked
+        if targets.shape != ids.shape:
+            raise AprError(f"targets have shape {targets.shape}, the ids {ids.shape}")
+        kept = (targets != ignore_index).reshape(len(targets), -1).sum(axis=1)
+        total = int(kept.sum())
+        bounds = np.linspace(0, len(ids), workers + 1).round().astype(int)
+        shards = [(a, b, int(kept[a:b].sum())) for a, b in zip(bounds[:-1], bounds[1:])]
+        shards = [sh for sh in shards if sh[2] > 0]     # a shard with nothing to predict adds 0
+        if total == 0 or len(shards) < 2:               # (the plain path's errors, if any)
+            loss, grads = self._loss_and_grads(ids, targets, ignore_index, 1.0)
+            return float(loss), grads
+
+        def run(shard: tuple[int, int, int]) -> tuple[Array, dict[str, Array]]:
+            a, b, n = shard
+            return self._loss_and_grads(ids[a:b], targets[a:b], ignore_index, n / total)
+
+        with single_threaded_blas():
+            results = list(_worker_pool(len(shards)).map(run, shards))
+        loss = sum(float(l) * n for (l, _), (_, _, n) in zip(results, shards)) / total
+        grads = results[0][1]
+        for _, more in results[1:]:
+            for name, g in grads.items():
+                g += more[name]
+        return loss, grads
 
     def new_kv_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` positions."""

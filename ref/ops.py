@@ -29,6 +29,16 @@ from .backend import array_module, erf, scatter_add_rows
 Array = Any  # a numpy.ndarray or a cupy.ndarray
 
 
+def _rowdot(a: Array, b: Array) -> Array:
+    """sum(a * b) over the last axis, (...,): for NumPy float32/float64 arrays NumPy's vecdot
+    (NumPy 2; one pass, no product array), else the product summed."""
+    vecdot = getattr(np, "vecdot", None)
+    if vecdot is not None and type(a) is type(b) is np.ndarray and a.dtype == b.dtype \
+            and a.dtype in (np.float32, np.float64):
+        return vecdot(a, b)
+    return (a * b).sum(axis=-1)
+
+
 # --------------------------------------------------------------------------- embedding
 
 def embedding_forward(ids: Array, weight: Array, padding_idx: int | None = None) -> tuple[Array, tuple]:
@@ -64,9 +74,7 @@ def embedding_backward(dout: Array, cache: tuple, out: Optional[Array] = None) -
 def rmsnorm_forward(x: Array, weight: Array, eps: float) -> tuple[Array, tuple]:
     """y = w * x / sqrt(mean(x^2) + eps), over the last axis.  Cache: x_hat = x * rstd, rstd."""
     xp = array_module(x)
-    sq = x * x
-    rstd = sq.sum(axis=-1, keepdims=True)
-    del sq
+    rstd = _rowdot(x, x)[..., None]     # sum(x^2), without an x^2 array
     rstd /= x.shape[-1]                 # the mean, as xp.mean computes it, without its overhead
     rstd += eps
     xp.sqrt(rstd, out=rstd)
@@ -81,10 +89,10 @@ def rmsnorm_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
     x_hat, rstd, weight = cache
     xp = array_module(dout)
     g = dout * weight
-    gx = g * x_hat
-    m = gx.mean(axis=-1, keepdims=True)
     c = x_hat.shape[-1]
-    xp.multiply(dout, x_hat, out=gx)
+    m = _rowdot(g, x_hat)[..., None]    # mean(g * x_hat), without a g * x_hat array
+    m /= c
+    gx = dout * x_hat
     dweight = gx.reshape(-1, c).sum(axis=0)
     xp.multiply(x_hat, m, out=gx)
     g -= gx
@@ -232,8 +240,11 @@ def attention_forward(q: Array, k: Array, v: Array, window: int = 0, scale: floa
         capped = None
         if softcap:
             scores, capped = softcap_forward(scores, softcap)
-        if tb > 1:      # one query sees every key of its block (k0 is its window's edge)
+        if tb > 1 and window:   # one query sees every key of its block (k0: its window's edge)
             scores += causal_mask(tb, s, xp, scores.dtype, window, s - t + t0, k0, k1 - k0)
+        elif tb > 1:    # every query sees the keys before the last tb: only those are masked
+            scores[..., k1 - k0 - tb:] += causal_mask(tb, s, xp, scores.dtype, 0, s - t + t0,
+                                                       k1 - tb, tb)
         probs = _softmax_inplace(scores).reshape(b, kv_heads, g * tb, k1 - k0)
         out[:, :, :, t0:t1] = (probs @ v[:, :, k0:k1]).reshape(b, kv_heads, g, tb, d)
         blocks.append((t0, t1, k0, k1, qb, probs, capped))
@@ -255,7 +266,7 @@ def attention_backward(dout: Array, cache: tuple) -> tuple[Array, Array, Array]:
     kv_heads = k.shape[1]
     g = h // kv_heads
     dout5 = dout.reshape(b, kv_heads, g, t, d)
-    rowdot = (dout * out).sum(axis=-1).reshape(b, kv_heads, g, t, 1)
+    rowdot = _rowdot(dout, out).reshape(b, kv_heads, g, t, 1)
     dq = xp.empty((b, kv_heads, g, t, d), dtype=xp.result_type(dout, k))
     dk = xp.zeros(k.shape, dtype=dq.dtype)
     dv = xp.zeros(v.shape, dtype=dq.dtype)
@@ -431,17 +442,17 @@ def gated_mlp_forward(gate: Array, up: Array, act: str = "silu") -> tuple[Array,
 
 def gated_mlp_backward(dout: Array, cache: tuple) -> tuple[Array, Array]:
     """dup = dout * act(gate);   dgate = dout * up * act'(gate)
-    (for silu, with s = sig(gate) from the forward: act = gate s, act' = s (1 + gate (1 - s)))."""
+    (for silu, with s = sig(gate) from the forward, act = gate s and
+    act' = s (1 + gate (1 - s)) = s + act - act s: 7 passes)."""
     gate, up, a, sig = cache
     if sig is None:
         return dout * up * a.df(gate), dout * a.f(gate)
-    dgate = 1.0 - sig
-    dgate *= gate
-    dgate += 1.0
-    dgate *= sig
+    dup = gate * sig                    # act, then dup in place
+    dgate = dup * sig
+    array_module(dup).subtract(dup, dgate, out=dgate)
+    dgate += sig
     dgate *= up
     dgate *= dout
-    dup = gate * sig
     dup *= dout
     return dgate, dup
 
