@@ -9,12 +9,12 @@ picks CUDA when usable, else the CPU, and says which (and why) in ``Backend.desc
 """
 from __future__ import annotations
 
-import os
+import functools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -44,68 +44,39 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
         cupyx.scatter_add(target, index, rows)
 
 
-# (get, set) of the number of threads, as OpenBLAS and the scipy-openblas builds NumPy's
-# wheels carry (64-bit and 32-bit integer variants) name them
-_OPENBLAS_THREAD_CALLS = (("openblas_get_num_threads", "openblas_set_num_threads"),
-                          ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                          ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"))
-_BLAS_THREADS: Optional[list] = None     # see `_openblas_thread_calls`
-_BLAS_LOCK = threading.Lock()
-
-
-def _openblas_thread_calls() -> list:
-    """(get, set) of the number of threads of every OpenBLAS loaded in this process (NumPy's
-    among them), found by name in /proc/self/maps. Empty where there is none (another BLAS,
-    a system without /proc)."""
-    global _BLAS_THREADS
-    if _BLAS_THREADS is None:
-        import ctypes
-        found, paths = [], []
-        try:
-            with open("/proc/self/maps") as f:
-                for line in f:
-                    path = line.rstrip("\n").split(None, 5)[-1]
-                    if "openblas" in os.path.basename(path).lower() and path not in paths:
-                        paths.append(path)
-        except OSError:
-            paths = []
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for get_name, set_name in _OPENBLAS_THREAD_CALLS:
-                get, set_ = getattr(lib, get_name, None), getattr(lib, set_name, None)
-                if get is not None and set_ is not None:
-                    get.argtypes, get.restype = [], ctypes.c_int
-                    set_.argtypes, set_.restype = [ctypes.c_int], None
-                    found.append((get, set_))
-                    break
-        _BLAS_THREADS = found
-    return _BLAS_THREADS
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's controller of the BLAS libraries loaded in this process (NumPy's
+    among them, loaded with it)."""
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController().select(user_api="blas")
 
 
 def blas_threads_settable() -> bool:
-    """Whether `single_threaded_blas` can limit the BLAS that NumPy uses: True where NumPy's
-    BLAS is an OpenBLAS (what NumPy's wheels carry)."""
-    return bool(_openblas_thread_calls())
+    """Whether `single_threaded_blas` can limit the BLAS that NumPy uses (threadpoolctl
+    knows OpenBLAS, MKL and BLIS, the BLAS of NumPy's wheels among them)."""
+    return bool(_blas_controller().lib_controllers)
 
 
-_BLAS_HELD: list = [0, []]       # uses of `single_threaded_blas` in progress, thread counts before
+def blas_threads() -> int:
+    """The number of threads NumPy's BLAS runs a product on now (1 where no BLAS is known):
+    the cores a CPU step may use, as the environment (OPENBLAS_NUM_THREADS, ...) left it."""
+    return max((lib.num_threads for lib in _blas_controller().lib_controllers), default=1)
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_HELD: list = [0, None]       # uses of `single_threaded_blas` in progress, their limiter
 
 
 @contextmanager
 def single_threaded_blas():
-    """For its duration, every OpenBLAS in the process runs each product in the calling
-    thread alone (the setting is process-wide: OpenBLAS has no per-thread one that holds);
-    the first use to begin sets it, the last one to end puts the thread counts back, so
-    nested and concurrent uses are safe."""
-    calls = _openblas_thread_calls()
+    """For its duration, every BLAS in the process runs each product in the calling thread
+    alone (the setting is process-wide: OpenBLAS has no per-thread one that holds); the
+    first use to begin sets it, the last one to end puts the thread counts back, so nested
+    and concurrent uses are safe."""
     with _BLAS_LOCK:
         if _BLAS_HELD[0] == 0:
-            _BLAS_HELD[1] = [get() for get, _ in calls]
-            for _, set_ in calls:
-                set_(1)
+            _BLAS_HELD[1] = _blas_controller().limit(limits=1)
         _BLAS_HELD[0] += 1
     try:
         yield
@@ -113,8 +84,8 @@ def single_threaded_blas():
         with _BLAS_LOCK:
             _BLAS_HELD[0] -= 1
             if _BLAS_HELD[0] == 0:
-                for (_, set_), n in zip(calls, _BLAS_HELD[1]):
-                    set_(n)
+                _BLAS_HELD[1].restore_original_limits()
+                _BLAS_HELD[1] = None
 
 
 def erf(x: Any) -> Any:

@@ -49,7 +49,7 @@ from apr.errors import AprError, ConfigError, UnsupportedError
 from apr.model import ModelView, open_model
 from apr.tokenizer import TokenizerData
 
-from .backend import Backend
+from .backend import Backend, blas_threads
 from .checkpoint import (CHECKPOINT_FORMAT, TrainingError, checkpoint_path, find_resume_checkpoint,
                          last_checkpoint, stop_error, write_checkpoint)
 from .data import (DataPosition, PreparedData, TrainBatches, is_prepared, load_tokenizer,
@@ -446,6 +446,10 @@ class _Leg:
         self.run, self.progress, self.log = run, progress, log
         self.timings = Timings()
         self.first_step, self.prior_seconds = run.state.step, run.state.seconds
+        # on the CPU, the rank's rows in as many threads as its BLAS has (each of them then
+        # single-threaded: `Model.loss_and_grads`); ranks of a data-parallel run already
+        # share the cores, so one each
+        self.workers = 1 if run.world is not None and run.world.size > 1 else blas_threads()
         self.start = time.perf_counter()
         self.metrics = MetricsLog(run.run_dir / METRICS) if run.main else None
         self.bar = progress_bar(progress, total=run.cfg.steps, initial=run.state.step,
@@ -494,7 +498,8 @@ class _Leg:
             rank = run.world.rank if run.world else 0
             rows = slice(rank * run.cfg.batch_size, (rank + 1) * run.cfg.batch_size)
         with self.timings.phase("model"):
-            loss, grads = run.model.loss_and_grads(batch.inputs[rows], batch.targets[rows])
+            loss, grads = run.model.loss_and_grads(batch.inputs[rows], batch.targets[rows],
+                                                   workers=self.workers)
         zero = isinstance(run.optimizer, ShardedAdamW)
         if run.world is not None and run.world.size > 1:
             with self.timings.phase("allreduce"):    # the mean over the global batch

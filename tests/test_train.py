@@ -406,6 +406,27 @@ def test_early_stopping_after_patience(ws, tmp_path, monkeypatch):
         assert f.metadata["training.step"] == 1
 
 
+def test_a_cpu_step_runs_its_rows_in_as_many_threads_as_the_blas_has(ws, tmp_path, monkeypatch):
+    """pretrain on the CPU passes the BLAS's thread count as `loss_and_grads` workers (the
+    rows in threads, each single-threaded: tests/test_loss_workers.py checks the values), and
+    one worker where the environment limits the BLAS to one thread."""
+    import threadpoolctl
+    from ref.model import Model
+    seen = []
+    real = Model.loss_and_grads
+    monkeypatch.setattr(Model, "loss_and_grads",
+                        lambda self, *a, workers=1, **k: seen.append(workers) or real(self, *a, workers=workers, **k))
+    for limit in (2, 1):
+        with threadpoolctl.threadpool_limits(limit, user_api="blas"):
+            cfg = RunConfig(dataset=str(ws / "data"), run_dir=str(tmp_path / f"r{limit}"),
+                            tokenizer=str(ws / "tokenizer.json"), arch="qwen2-tiny", steps=2,
+                            batch_size=2, seq_length=16, val_batches=2, device="cpu",
+                            allow_data_starvation=True)
+            assert train(start_run(cfg)).step == 2
+        assert seen == [limit, limit], seen
+        seen.clear()
+
+
 def test_wraps_are_counted_and_warned(ws, tmp_path):
     corpus = tmp_path / "c"
     corpus.mkdir()

@@ -72,7 +72,7 @@ def _kernel_cases(cp):
 
     def swiglu_bwd(seed):
         g, u = arr(seed, 4096, 4864, scale=3.0), arr(seed + 1, 4096, 4864)
-        return arr(seed + 2, 4096, 4864), (g, u, ops.ACTIVATIONS["silu"])
+        return arr(seed + 2, 4096, 4864), (g, u, ops.ACTIVATIONS["silu"], None)   # gated_mlp_forward's form
 
     def ce_bwd(seed):
         _, cache = kernels.cross_entropy_forward_reference(*ce_args(seed))
