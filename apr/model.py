@@ -16,6 +16,7 @@ import mmap
 import os
 import threading
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -99,20 +100,12 @@ class TensorRef:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
-class _Later:
-    """A value computed at its first use (`ModelView.tokenizer` of ``tokenizer_later``)."""
-
-    def __init__(self, compute: Callable[[], Any]):
-        self.compute = compute
-        self.lock = threading.Lock()        # two threads may ask at once
-
-
 @dataclass
 class ModelView:
     path: Path
     format: str
     config: ModelConfig | None
-    _tokenizer: TokenizerData | None | _Later
+    tokenizer: TokenizerData | None
     metadata: dict[str, Any]
     tensors: dict[str, TensorRef]
     training: dict[str, TensorRef] = field(default_factory=dict)   # APR __training__. tensors
@@ -120,23 +113,6 @@ class ModelView:
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
     declared_tied: bool | None = None    # the file says tied embeddings (None: no config)
     _pending_checks: list[Callable[[], None]] = field(default_factory=list, repr=False)
-
-    @property
-    def tokenizer(self) -> TokenizerData | None:
-        """The embedded tokenizer, None if the file has none. Opened with
-        ``tokenizer_later``, it is parsed at the first use, which raises what opening would
-        have raised."""
-        tok = self._tokenizer
-        if isinstance(tok, _Later):
-            with tok.lock:
-                if self._tokenizer is tok:
-                    self._tokenizer = tok.compute()
-            return self._tokenizer
-        return tok
-
-    @tokenizer.setter
-    def tokenizer(self, value: TokenizerData | None) -> None:
-        self._tokenizer = value
 
     def verified(self) -> None:
         """Wait for checks started by ``open_model(verify="background")``; raise on a failure."""
@@ -208,9 +184,10 @@ def _resolve_tied(view: ModelView) -> ModelView:
 # the speed of 2 MiB ones)
 COMPARE_CHUNK = 1 << 21
 # bytes compared at a time in place, through memory maps: one NumPy call a window (the GIL
-# released for its loop, so that the comparison runs beside another thread's parsing), and the
-# window's pages dropped from the process after it, so that two windows stay resident
-MAP_WINDOW = 1 << 26
+# released for its loop, so that the comparison runs beside another thread's parsing: a
+# window is few hand-overs of the GIL), and the window's pages dropped from the process after
+# it, so that two windows stay resident
+MAP_WINDOW = 1 << 24
 
 
 def equal_bytes(x: np.ndarray, y: np.ndarray) -> bool:
@@ -222,35 +199,19 @@ def equal_bytes(x: np.ndarray, y: np.ndarray) -> bool:
                 and np.array_equal(x[n8:], y[n8:]))
 
 
-class SpanMaps:
-    """Read-only memory maps of model files, one per path, to compare tensors' stored bytes
-    where they lie (no copy into a buffer). A span past the end of its file is refused as a
-    truncated tensor; a file that cannot be mapped is read instead (`equal` returns None)."""
-
-    def __init__(self) -> None:
-        self._maps: dict[Path, mmap.mmap | None] = {}
-
-    def _map(self, path: Path) -> mmap.mmap | None:
-        if path not in self._maps:
+def _equal_mapped(a: TensorRef, b: TensorRef) -> bool | None:
+    """Whether the stored bytes of two file-backed tensors are equal, compared where they lie
+    through read-only memory maps (no copy into a buffer); None when a file cannot be mapped
+    (an empty or special file). A span past the end of its file is a truncated tensor."""
+    with ExitStack() as stack:
+        maps = []
+        for t in (a, b):
             try:
-                with open(path, "rb") as f:
-                    self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):   # not mappable (an empty or special file)
-                self._maps[path] = None
-        return self._maps[path]
-
-    def equal(self, a: TensorRef, b: TensorRef) -> bool | None:
-        """Whether the stored bytes of two file-backed tensors are equal; None when a file
-        cannot be mapped."""
-        if a.file_span is None or b.file_span is None:
-            return None
-        maps = [self._map(t.file_span[0]) for t in (a, b)]
-        if maps[0] is None or maps[1] is None:
-            return None
-        if a.nbytes != b.nbytes:
-            return False
-        for m, t in zip(maps, (a, b)):
-            if t.file_span[1] + t.nbytes > len(m):
+                with open(t.file_span[0], "rb") as f:
+                    maps.append(stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)))
+            except (OSError, ValueError):
+                return None
+            if t.file_span[1] + t.nbytes > len(maps[-1]):
                 raise FormatError(f"{t.file_span[0]}: tensor {t.source_name!r} is truncated")
         for start in range(0, a.nbytes, MAP_WINDOW):
             n = min(MAP_WINDOW, a.nbytes - start)
@@ -262,12 +223,6 @@ class SpanMaps:
             if not same:
                 return False
         return True
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            if m is not None:
-                m.close()
-        self._maps.clear()
 
 
 def _drop_pages(m: mmap.mmap, start: int, n: int) -> None:
@@ -289,11 +244,7 @@ def _same_values(a: TensorRef, b: TensorRef) -> bool:
         ra, rb = (np.asarray(t.raw()).reshape(-1).view(np.uint8) for t in (a, b))
         return all(equal_bytes(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
                    for i in range(0, ra.size, COMPARE_CHUNK))
-    maps = SpanMaps()
-    try:
-        same = maps.equal(a, b)
-    finally:
-        maps.close()
+    same = _equal_mapped(a, b)
     if same is not None:
         return same
     bufs = [bytearray(min(COMPARE_CHUNK, a.nbytes)) for _ in range(2)]
@@ -338,23 +289,17 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path}: not a model file (APR, GGUF or safetensors; starts with {head[:8]!r})")
 
 
-def open_model(path: str | os.PathLike, verify: bool | str = False,
-               tokenizer_later: bool = False) -> ModelView:
+def open_model(path: str | os.PathLike, verify: bool | str = False) -> ModelView:
     """Open any supported model file or HF directory. `verify` also checks whole-file
     checksums where the format has them (APR's footer CRC) and raises on a mismatch;
     ``verify="background"`` computes it in a thread while the caller goes on, and
     `ModelView.verified` waits for it (and raises on a mismatch): a converter commits its
-    output only after that (`apr.atomic.checked_before_commit`). ``tokenizer_later``: the
-    embedded tokenizer is parsed at its first use (`ModelView.tokenizer`), not here, so
-    that a caller can parse it while its tensors are being read (`diff`); a malformed one
-    raises there."""
+    output only after that (`apr.atomic.checked_before_commit`)."""
     p = Path(path)
     fmt = detect_format(p)
     view = {"apr": _open_apr, "gguf": _open_gguf, "safetensors": _open_safetensors,
             "hf": _open_hf}[fmt](p, verify)
     try:
-        if not tokenizer_later:
-            view.tokenizer
         return _resolve_tied(view)
     except BaseException:
         view.close()
@@ -394,8 +339,7 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
                         rotary_heads=heads, file_span=(path, f.data_offset + e.offset))
         (training if name.startswith(names.TRAINING_PREFIX) else tensors)[name] = ref
     _apply_origins(tensors, meta.get(names.DEQUANTIZED_KEY), path)
-    tok = _Later(lambda: from_apr_metadata(meta))
-    view = ModelView(path, "apr", config, tok, meta, tensors, training, info,
+    view = ModelView(path, "apr", config, from_apr_metadata(meta), meta, tensors, training, info,
                      [f.close])
     if pending is not None:
         def wait() -> None:
@@ -515,7 +459,7 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
                                   nbytes=e.nbytes, _raw=_bind(g.raw, gname),
                                   rotary_heads=heads, file_span=(path, e.offset), offset=folded)
     _apply_origins(tensors, kv.get(names.GGUF_DEQUANTIZED_KEY), path)
-    tok = _Later(lambda: from_gguf_kv(g.kv))
+    tok = from_gguf_kv(g.kv)
     info = {"version": g.version, "size_bytes": path.stat().st_size,
             "embedding_rows": emb[0] if emb else None}
     if note:
@@ -548,8 +492,7 @@ def _open_safetensors(path: Path, verify: bool) -> ModelView:
         note = "a lone .safetensors file carries no architecture (no config.json beside it)"
     tensors = _st_tensors([st])
     _apply_origins(tensors, st.metadata.get(names.DEQUANTIZED_KEY), path)
-    tok = _Later(lambda: from_hf_dir(path.parent)) if config else None
-    view = ModelView(path, "safetensors", config, tok,
+    view = ModelView(path, "safetensors", config, from_hf_dir(path.parent) if config else None,
                      dict(st.metadata), tensors, {}, {"size_bytes": st.size}, [])
     if note:
         view.info["config_note"] = note
@@ -570,5 +513,5 @@ def _open_hf(path: Path, verify: bool) -> ModelView:
         if names.HF_NON_PARAMETERS.search(name):
             del tensors[name]
     size = sum(f.size for f in files)
-    return ModelView(path, "hf", config, _Later(lambda: from_hf_dir(path)), raw_cfg, tensors, {},
+    return ModelView(path, "hf", config, from_hf_dir(path), raw_cfg, tensors, {},
                      {"size_bytes": size, "files": [f.path.name for f in files]}, [])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
@@ -182,6 +183,18 @@ def summarize(path: str | os.PathLike, v: ModelView) -> R.FileSummary:
 
 
 @contextmanager
+def _short_switch_interval(seconds: float = 5e-4):
+    """Hand the GIL over every ``seconds`` instead of every 5 ms, so that a thread whose NumPy
+    call has ended gets it back soon while another thread parses in Python."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+@contextmanager
 def _this_threads_warnings_last():
     """Warnings raised in this thread are shown when the block ends, after those that other
     threads raise meanwhile (shown as they come)."""
@@ -212,25 +225,22 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
     embedded tokenizer instead. Raises AprError when a file cannot be read."""
     t0 = time.perf_counter()
     with ExitStack() as files:
-        # A opens in a thread while B is parsed, and the tensors are compared in a thread
-        # while the configs and tokenizers are parsed and compared: the byte comparisons (in
-        # place, a NumPy call per 64 MiB window) run without the GIL beside the parsing
-        with _this_threads_warnings_last():              # A's warnings first, as before
-            opening_a = in_background(lambda: open_model(a_path, tokenizer_later=True))
+        # A opens in a thread while B is parsed: a tied-copy check's byte comparison (in
+        # place, a NumPy call per 16 MiB window) runs without the GIL beside the parsing;
+        # A's warnings and errors still come first
+        with _this_threads_warnings_last(), _short_switch_interval():
+            opening_a = in_background(lambda: open_model(a_path))
             try:
-                vb = files.enter_context(open_model(b_path, tokenizer_later=True))
+                vb = files.enter_context(open_model(b_path))
             finally:                                    # A's error first, as if opened first
                 va = files.enter_context(opening_a())
         t1 = time.perf_counter()
         with progress_bar(progress, total=tensor_bytes(va, vb), unit="B", unit_scale=True,
                           desc="comparing") as bar:
-            comparing = in_background(lambda: list(compare_tensors(va, vb, bar.update)))
-            try:
-                config = compare_configs(va.config, vb.config)
-                tokenizer = compare_tokenizers(va, vb)
-            finally:
-                tensors = comparing()
+            tensors = list(compare_tensors(va, vb, bar.update))
         relations.apply(va, vb, tensors)
+        config = compare_configs(va.config, vb.config)
+        tokenizer = compare_tokenizers(va, vb)
         t2 = time.perf_counter()
         lg = run_logits(va, vb, logits, tokens, prompt, tensors, config)
         t3 = time.perf_counter()

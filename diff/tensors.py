@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from apr import names
-from apr.model import ModelView, SpanMaps, TensorRef, equal_bytes
+from apr.model import ModelView, TensorRef, equal_bytes
 
 from . import report as R
 from .detectors import Pair, classify
@@ -31,7 +31,6 @@ class Readers:
     """One block reader per side, so that a block of A and a block of B can coexist."""
     a: BlockReader = field(default_factory=BlockReader)
     b: BlockReader = field(default_factory=BlockReader)
-    maps: SpanMaps = field(default_factory=SpanMaps)     # both sides' files, mapped
 
     def raw_pairs(self, ra: TensorRef, rb: TensorRef) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stored bytes of A's and B's tensor, row block by row block."""
@@ -48,7 +47,6 @@ class Readers:
     def close(self) -> None:
         self.a.close()
         self.b.close()
-        self.maps.close()
 
 
 # --------------------------------------------------------------------------- streaming
@@ -61,11 +59,7 @@ def same_storage(ra: TensorRef, rb: TensorRef) -> bool:
 
 
 def bytes_equal(ra: TensorRef, rb: TensorRef, rd: Readers) -> bool:
-    """Whether the stored bytes of two tensors are equal: in place where both lie in files
-    that can be mapped, else read block by block."""
-    same = rd.maps.equal(ra, rb)
-    if same is not None:
-        return same
+    """Whether the stored bytes of two tensors are equal, read block by block."""
     if blockwise(ra) and blockwise(rb):
         return all(equal_bytes(x, y) for x, y in rd.raw_pairs(ra, rb))
     return equal_bytes(rd.a.read_bytes(ra, 0, ra.nbytes), rd.b.read_bytes(rb, 0, rb.nbytes))

@@ -1,15 +1,13 @@
-"""What `diff.compare` does to run its byte comparisons beside its parsing: stored bytes
-compared in place through memory maps (`apr.model.SpanMaps`), A opened in a thread while B
-is parsed, the tensors compared in a thread while the tokenizers are parsed
-(`open_model(..., tokenizer_later=True)`). Each is checked against what the plain path gives
-or against the files' bytes read directly, and for its errors and its order of warnings."""
+"""What `diff.compare` does to run the tied-copy check's byte comparison beside its parsing:
+the stored bytes compared in place through memory maps (`apr.model._equal_mapped`, used by
+`_same_values`), and A opened in a thread while B is parsed. Each is checked against the
+files' bytes read directly, and for its errors and its order of warnings."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,8 +16,8 @@ import transformers
 import apr.model as M
 import cli
 from apr.dtypes import dtype_by_name
-from apr.errors import AprError, FormatError
-from apr.model import SpanMaps, TensorRef, open_model
+from apr.errors import FormatError
+from apr.model import TensorRef
 
 F16 = dtype_by_name("F16")
 
@@ -30,7 +28,7 @@ def ref(path: Path, offset: int, nbytes: int, name: str = "t") -> TensorRef:
 
 
 @pytest.mark.parametrize("window", [M.MAP_WINDOW, 4096 + 3, 64])
-def test_span_maps_equal_what_the_bytes_say(tmp_path, monkeypatch, window):
+def test_mapped_comparison_equals_what_the_bytes_say(tmp_path, monkeypatch, window):
     """Spans of two files, equal or differing in one byte anywhere (first, last, a window's
     edge, the unaligned tail), against comparing the bytes read directly."""
     monkeypatch.setattr(M, "MAP_WINDOW", window)
@@ -44,67 +42,27 @@ def test_span_maps_equal_what_the_bytes_say(tmp_path, monkeypatch, window):
         if flip is not None and flip < n:
             other[flip] ^= 0x40
         b.write_bytes(b"yy" + bytes(other) + b"zz")      # another offset in the other file
-        maps = SpanMaps()
-        try:
-            got = maps.equal(ref(a, 24, n), ref(b, 2, n))
-        finally:
-            maps.close()
-        assert got == (a.read_bytes()[24:24 + n] == b.read_bytes()[2:2 + n]), flip
-        # the tied-copy check answers the same through the maps as through its reads
-        assert M._same_values(ref(a, 24, n), ref(b, 2, n)) == got
+        expected = a.read_bytes()[24:24 + n] == b.read_bytes()[2:2 + n]
+        assert M._equal_mapped(ref(a, 24, n), ref(b, 2, n)) == expected, flip
+        assert M._same_values(ref(a, 24, n), ref(b, 2, n)) == expected, flip
+        # and through its reads, where a file cannot be mapped
+        monkeypatch.setattr(M, "_equal_mapped", lambda *refs: None)
+        assert M._same_values(ref(a, 24, n), ref(b, 2, n)) == expected, flip
+        monkeypatch.undo()
+        monkeypatch.setattr(M, "MAP_WINDOW", window)
 
 
-def test_span_maps_refuse_a_span_past_the_end_and_leave_unmappable_files_to_reads(tmp_path):
+def test_a_span_past_the_end_is_a_truncated_tensor_and_an_empty_file_is_read(tmp_path):
     a = tmp_path / "a.bin"
     a.write_bytes(bytes(100))
-    maps = SpanMaps()
-    try:
-        with pytest.raises(FormatError, match="truncated"):
-            maps.equal(ref(a, 0, 64), ref(a, 50, 64))
-        empty = tmp_path / "empty.bin"
-        empty.write_bytes(b"")
-        assert maps.equal(ref(a, 0, 0), ref(empty, 0, 0)) is None    # empty files cannot be mapped
-        assert maps.equal(ref(a, 0, 8), TensorRef(name="n", dtype=F16, shape=(4,), layout="row-major",
-                                                  source_name="n", nbytes=8, _raw=lambda: None)) is None
-    finally:
-        maps.close()
+    with pytest.raises(FormatError, match="truncated"):
+        M._equal_mapped(ref(a, 0, 64), ref(a, 50, 64))
     with pytest.raises(FormatError, match="truncated"):
         M._same_values(ref(a, 0, 64), ref(a, 50, 64))
-
-
-def _vocab_gguf(path: Path, tokens: list[str], types: list[int]) -> Path:
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(["a b"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def test_a_tokenizer_parsed_later_raises_what_opening_would_have(tmp_path):
-    bad = _vocab_gguf(tmp_path / "bad.gguf", ["a", "b", "ab"], [1, 1])     # 2 types, 3 tokens
-    with pytest.raises(FormatError, match="token_type has 2 entries for 3 tokens"):
-        open_model(bad)
-    view = open_model(bad, tokenizer_later=True)
-    with view:
-        for _ in range(2):                               # and again at the next use
-            with pytest.raises(FormatError, match="token_type has 2 entries for 3 tokens"):
-                view.tokenizer
-    good = _vocab_gguf(tmp_path / "good.gguf", ["a", "b", "ab"], [1, 1, 1])
-    with open_model(good, tokenizer_later=True) as view:
-        assert isinstance(view._tokenizer, M._Later)     # not parsed yet
-        assert view.tokenizer.vocab == ["a", "b", "ab"] and view.tokenizer is view.tokenizer
-    # the diff parses it while the tensors are compared, and still ends in one error line
-    for a, b in [(good, bad), (bad, good)]:
-        proc = subprocess.run([sys.executable, str(Path(cli.__file__)), "diff", str(a), str(b)],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-        assert proc.stderr.splitlines() == [f"error: GGUF: tokenizer.ggml.token_type has 2 entries "
-                                            f"for 3 tokens"], proc.stderr
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert M._equal_mapped(ref(a, 0, 0), ref(empty, 0, 0)) is None     # an empty file cannot be mapped
+    assert M._same_values(ref(a, 0, 0), ref(empty, 0, 0)) is True
 
 
 def _tied_but_different(directory: Path, seed: int) -> Path:
@@ -150,32 +108,16 @@ def test_warnings_of_both_files_print_in_file_order(tmp_path, monkeypatch):
             proc.stderr
 
 
-def test_an_error_while_the_tensors_are_compared_is_raised_after_they_stop(tmp_path, monkeypatch):
-    """The tensor thread is joined before compare returns or raises, whatever the main
-    thread raises meanwhile, and its own error is raised when the main thread has none."""
-    import time
-    import diff.core as core
-    a = _tied_but_different(tmp_path / "a", 1)
-    done = []
-
-    def slow(fail):
-        def compare_tensors(va, vb, tick):
-            time.sleep(0.3)
-            done.append(fail)
-            if fail:
-                raise AprError("tensor thread failed")
-            yield from ()
-        return compare_tensors
-
-    monkeypatch.setattr(core, "compare_tensors", slow(True))
-    with pytest.raises(AprError, match="tensor thread failed"):
-        core.compare(a, a, logits=False)
-    assert done == [True]
-
-    def tokenizers_fail(va, vb):
-        raise AprError("tokenizer failed")
-    monkeypatch.setattr(core, "compare_tensors", slow(False))
-    monkeypatch.setattr(core, "compare_tokenizers", tokenizers_fail)
-    with pytest.raises(AprError, match="tokenizer failed"):
-        core.compare(a, a, logits=False)
-    assert done == [True, False]                 # the thread had run to its end
+def test_errors_of_both_files_come_in_file_order(tmp_path):
+    """A opens in a thread while B opens; the error reported is A's when both are bad, B's
+    when only B is, as when they opened one after the other."""
+    good = _tied_but_different(tmp_path / "good", 1)
+    bad_a, bad_b = tmp_path / "bad_a.apr", tmp_path / "bad_b.gguf"
+    bad_a.write_bytes(b"APR2" + bytes(60))
+    bad_b.write_bytes(b"GGUF" + bytes(20))
+    for a, b, named in [(bad_a, bad_b, bad_a), (bad_b, bad_a, bad_b), (good, bad_b, bad_b), (bad_a, good, bad_a)]:
+        proc = subprocess.run([sys.executable, str(Path(cli.__file__)), "diff", str(a), str(b)],
+                              capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+        assert len(errors) == 1 and str(named) in errors[0], proc.stderr
