@@ -64,8 +64,11 @@ def blas_threads() -> int:
     return max((lib.num_threads for lib in _blas_controller().lib_controllers), default=1)
 
 
-_BLAS_LOCK = threading.Lock()
-_BLAS_HELD: list = [0, None]       # uses of `single_threaded_blas` in progress, their limiter
+class _BlasLimit:
+    """The uses of `single_threaded_blas` in progress and threadpoolctl's limiter they share."""
+    lock = threading.Lock()
+    users = 0
+    limiter: Any = None
 
 
 @contextmanager
@@ -74,18 +77,18 @@ def single_threaded_blas():
     alone (the setting is process-wide: OpenBLAS has no per-thread one that holds); the
     first use to begin sets it, the last one to end puts the thread counts back, so nested
     and concurrent uses are safe."""
-    with _BLAS_LOCK:
-        if _BLAS_HELD[0] == 0:
-            _BLAS_HELD[1] = _blas_controller().limit(limits=1)
-        _BLAS_HELD[0] += 1
+    with _BlasLimit.lock:
+        if _BlasLimit.users == 0:
+            _BlasLimit.limiter = _blas_controller().limit(limits=1)
+        _BlasLimit.users += 1
     try:
         yield
     finally:
-        with _BLAS_LOCK:
-            _BLAS_HELD[0] -= 1
-            if _BLAS_HELD[0] == 0:
-                _BLAS_HELD[1].restore_original_limits()
-                _BLAS_HELD[1] = None
+        with _BlasLimit.lock:
+            _BlasLimit.users -= 1
+            if _BlasLimit.users == 0:
+                _BlasLimit.limiter.restore_original_limits()
+                _BlasLimit.limiter = None
 
 
 def erf(x: Any) -> Any:

@@ -559,20 +559,17 @@ class Model:
         shard i's cross-entropy backward starts from n_i / n (its kept targets over all), so
         its gradients are its rows' share of the batch mean, and the shards' gradients are
         summed. The same values as one worker up to rounding (the order of the sums over
-        rows changes). Where the BLAS's thread count cannot be set (`workers_available`),
-        it runs as one worker."""
-        if workers > 1 and self.workers_available() > 1 and np.ndim(ids) == 2 and len(ids) > 1:
+        rows changes). Where the rows cannot be split (`can_split_rows`), it runs as one
+        worker."""
+        if workers > 1 and self.can_split_rows() and np.ndim(ids) == 2 and len(ids) > 1:
             return self._loss_and_grads_threaded(ids, targets, ignore_index, min(workers, len(ids)))
         loss, grads = self._loss_and_grads(ids, targets, ignore_index, 1.0)
         return float(loss), grads
 
-    def workers_available(self) -> int:
-        """How many `loss_and_grads` workers this model can use: 1 on a GPU or where the
-        BLAS's thread count cannot be set (`backend.blas_threads_settable`),
-        otherwise no limit."""
-        if self.backend.xp is not np or not blas_threads_settable():
-            return 1
-        return 1 << 30
+    def can_split_rows(self) -> bool:
+        """Whether `loss_and_grads` can run shards of the rows in threads: on the CPU, where
+        the BLAS's thread count can be set (`backend.blas_threads_settable`)."""
+        return self.backend.xp is np and blas_threads_settable()
 
     def _loss_and_grads(self, ids: Any, targets: Any, ignore_index: int,
                         dloss: float) -> tuple[Array, dict[str, Array]]:

@@ -233,22 +233,23 @@ def test_loss_and_gradients_float64(case, hf_exact64):
     model = Model(cfg, params_of(hf, cfg), dtype=np.float64)
     ids = make_ids(5)
     targets = make_targets(ids)
-    loss, grads = model.loss_and_grads(ids, targets)
-
     logits = hf(input_ids=torch.tensor(ids)).logits
     ref_loss = F.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(targets).reshape(-1),
                                ignore_index=-100)
     ref_loss.backward()
-    assert abs(loss - ref_loss.item()) <= 1e-12 * abs(ref_loss.item())
-    assert abs(model.loss(ids, targets) - loss) <= 1e-14 * abs(loss)
-
     hf_params = dict(hf.named_parameters())
-    assert sorted(grads) == sorted(cfg.tensor_shapes())
-    assert (LM_HEAD in grads) == (not case.tied)
-    for name, g in grads.items():
-        ref = hf_params[name].grad.numpy()
-        assert g.shape == ref.shape and g.dtype == np.float64
-        assert rel_err(g, ref) <= 1e-8, name
+    # one call, and the rows in B threads (`loss_and_grads(workers=)`, as pretrain runs it)
+    assert B > 1 and model.can_split_rows()
+    for workers in (1, B):
+        loss, grads = model.loss_and_grads(ids, targets, workers=workers)
+        assert abs(loss - ref_loss.item()) <= 1e-12 * abs(ref_loss.item()), workers
+        assert abs(model.loss(ids, targets) - loss) <= 1e-14 * abs(loss)
+        assert sorted(grads) == sorted(cfg.tensor_shapes())
+        assert (LM_HEAD in grads) == (not case.tied)
+        for name, g in grads.items():
+            ref = hf_params[name].grad.numpy()
+            assert g.shape == ref.shape and g.dtype == np.float64
+            assert rel_err(g, ref) <= 1e-8, (name, workers)
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -291,6 +292,23 @@ def test_kv_cache_last_only_and_float32():
     other = Model(cfg, params_of(hf, cfg), dtype=np.float32)
     with pytest.raises(AprError, match="another model"):
         other.forward_step(ids[:, :1], other.new_kv_cache(B, T), weights=weights)
+
+
+def test_lean_decode_steps_equal_transformers_logits(case, hf_exact64):
+    """One sequence, one token a step through the decode weights (`Model._step_forward`,
+    what `generate` runs), against transformers' logits of the whole sequence in float64.
+    FFN 72 is wider than the model in three cases (the down projection kept in the HF
+    layout) and narrower in the fourth (transposed)."""
+    cfg, hf = our_config(case), build_hf(case)
+    model = Model(cfg, params_of(hf, cfg), dtype=np.float64)
+    ids = make_ids(8)[:1]
+    weights = model.decode_weights()
+    down = weights.layers[0]["ffn_down"][0]
+    assert down.T.flags.c_contiguous == (FFN > case.hidden)
+    cache = model.new_kv_cache(1, T)
+    steps = [model.forward_step(ids[:, :2], cache, weights=weights)]
+    steps += [model.forward_step(ids[:, t:t + 1], cache, weights=weights) for t in range(2, T)]
+    assert rel_err(np.concatenate(steps, axis=1), hf_logits(hf, ids)) <= 1e-10
 
 
 # --------------------------------------------------------------------------- rotary order
