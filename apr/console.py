@@ -117,6 +117,7 @@ def progress_bar(enabled: bool, **kw: Any):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
+    tqdm.monitor_interval = 0       # no monitor thread left behind (diff forks only when alone)
     kw.setdefault("leave", False)
     return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
 

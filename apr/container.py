@@ -397,8 +397,9 @@ class AprFile:
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "AprFile":
-        """Open and validate an APR v2 file (reads header, metadata and index only)."""
+    def open(cls, path: str | os.PathLike, metadata: bool = True) -> "AprFile":
+        """Open and validate an APR v2 file (reads header, metadata and index only);
+        ``metadata=False`` leaves the metadata JSON unparsed (`metadata` is then empty)."""
         path = Path(path)
         if path_kind(path) != "file":
             raise FormatError(f"{path}: no such file")
@@ -408,13 +409,13 @@ class AprFile:
             header = _parse_header(path, head, size)
             metadata_size, index_offset, data_offset = header[6], header[7], header[8]
             f.seek(HEADER_SIZE)
-            metadata = _parse_metadata(path, f.read(metadata_size))
+            meta = _parse_metadata(path, f.read(metadata_size)) if metadata else {}
             f.seek(index_offset)
             index = f.read(data_offset - index_offset)
             f.seek(size - FOOTER_SIZE)
             footer = int.from_bytes(f.read(FOOTER_SIZE), "little")
         tensors = _parse_index(path, index, header[4], data_offset, size)
-        return cls(path, header, metadata, tensors, size, footer)
+        return cls(path, header, meta, tensors, size, footer)
 
     # ---------------------------------------------------------------- data
     def _map(self) -> np.memmap:

@@ -116,13 +116,46 @@ class _Cursor:
             return float(str(np.float32(v))) if vtype == VT.FLOAT32 else v
         raise FormatError(f"{self.where}: unknown value type {vtype} at byte {self.pos}")
 
+    def skip_array(self, depth: int = 0) -> None:
+        """Step over an array value (after its type) without building it: a string array's
+        lengths are walked, a scalar array's bytes jumped."""
+        if depth >= MAX_ARRAY_DEPTH:
+            raise FormatError(f"{self.where}: arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {self.pos}")
+        item, count = self.scalar("<I"), self.scalar("<Q")
+        if count > len(self.buf) - self.pos:
+            raise FormatError(f"{self.where}: an array of {count} elements at byte {self.pos} "
+                              f"cannot fit the file")
+        if item == VT.STRING:
+            buf, pos, size, unpack = self.buf, self.pos, len(self.buf), _U64.unpack_from
+            try:
+                for _ in range(count):
+                    pos += 8 + unpack(buf, pos)[0]
+                    if pos > size:
+                        break
+            except struct.error:
+                pos = size + 1
+            if pos > size:
+                raise FormatError(f"{self.where}: truncated: a string array runs past the end "
+                                  f"of the file ({size} bytes)")
+            self.pos = pos
+        elif item in _SCALAR:
+            self.take(count * struct.calcsize(_SCALAR[item]))
+        elif item == VT.ARRAY:
+            for _ in range(count):
+                self.skip_array(depth + 1)
+        else:
+            for _ in range(count):
+                self.value(item, depth + 1)
+
 
 class GgufFile:
     """Header, key/values and tensor infos of a GGUF file, parsed at open; tensor data is
     memory-mapped or read on demand. (gguf's GGUFReader builds an array per token string:
-    seconds for a 150k-token vocabulary, which every open of a Qwen2 GGUF would pay.)"""
+    seconds for a 150k-token vocabulary, which every open of a Qwen2 GGUF would pay.)
+    ``arrays=False`` steps over array values instead of building them (they are then absent
+    from `kv`): the tensor infos of a large vocabulary's file in a few milliseconds."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, arrays: bool = True):
         self.path = Path(path)
         where = str(self.path)
         if path_kind(self.path) != "file":
@@ -143,8 +176,11 @@ class GgufFile:
                               f"a {size}-byte file")
         self.kv: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = c.string()
-            self.kv[key] = c.value(c.scalar("<I"))
+            key, vtype = c.string(), c.scalar("<I")
+            if vtype == VT.ARRAY and not arrays:
+                c.skip_array()
+            else:
+                self.kv[key] = c.value(vtype)
         infos = []
         for _ in range(n_tensors):
             name = c.string()

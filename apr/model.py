@@ -289,6 +289,33 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path}: not a model file (APR, GGUF or safetensors; starts with {head[:8]!r})")
 
 
+@dataclass(frozen=True)
+class StoredSpan:
+    """Where a tensor's bytes lie in its file."""
+    offset: int           # absolute byte offset
+    nbytes: int
+    dtype: str
+
+
+def stored_spans(path: str | os.PathLike) -> dict[str, StoredSpan]:
+    """Where each tensor of a single-file APR or GGUF model lies, by canonical name, read from
+    the file's index alone (no metadata JSON, no key/value arrays, no config): for work done
+    ahead of `open_model`, which stays the reader that validates a file. Raises AprError for
+    other formats and for a malformed index."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "apr":
+        f = AprFile.open(p, metadata=False)
+        return {n: StoredSpan(f.data_offset + e.offset, e.size, e.dtype.name) for n, e in f.tensors.items()}
+    if fmt == "gguf":
+        g = GgufFile(p, arrays=False)
+        arch = g.kv.get("general.architecture")
+        family = names.family_of_gguf_arch(arch if isinstance(arch, str) else None)
+        return {names.gguf_to_hf_name(n, family) or n: StoredSpan(e.offset, e.nbytes, e.dtype.name)
+                for n, e in g.entries.items()}
+    raise AprError(f"{p}: no tensor index to read ahead in a {fmt} model")
+
+
 def open_model(path: str | os.PathLike, verify: bool | str = False) -> ModelView:
     """Open any supported model file or HF directory. `verify` also checks whole-file
     checksums where the format has them (APR's footer CRC) and raises on a mismatch;

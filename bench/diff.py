@@ -10,7 +10,10 @@ reused 1 MiB buffer (the fastest of 256 KiB .. 16 MiB measured). The diff runs
 process; its peak RSS is that process's VmHWM (not ru_maxrss, which Linux carries over from
 the parent across exec). Both see the same page-cache state (every file is read once before
 anything is timed); peer and diff are interleaved and the fastest of each is kept. The
-diff's time is split into opening both files (`open_model`) and comparing.
+diff's time is split into opening both files (`open_model`) and comparing. The diff
+compares the tensors' bytes in a child process while it opens both files (`diff.ahead`); that
+child's peak RSS is reported apart (`helper_peak_rss_mb`; the pages it shares with the diff
+count in both) and the memory target holds for the sum.
 """
 from __future__ import annotations
 
@@ -31,16 +34,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 CHILD = """
-import json, re, sys, time
+import json, re, resource, sys, time
 t0 = time.perf_counter()
 from diff import compare
 t1 = time.perf_counter()
 report = compare(sys.argv[1], sys.argv[2], logits=None)
 t2 = time.perf_counter()
 hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+helper = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"import_s": t1 - t0, "total_s": t2 - t1, **report.timings,
-                  "peak_rss_mb": hwm / 1024, "diagnosis": report.diagnosis.line,
-                  "logits": report.logits.note}))
+                  "peak_rss_mb": hwm / 1024, "helper_peak_rss_mb": helper / 1024,
+                  "diagnosis": report.diagnosis.line, "logits": report.logits.note}))
 """
 BUFFER = 1024 * 1024         # the fastest of 256 KiB .. 16 MiB on the 2-core VM
 
@@ -103,6 +107,7 @@ def main() -> None:
         read_s = min(reads)
         best = min(diffs, key=lambda r: r["total_s"])
         compare_s = best["tensors_s"] + best["logits_s"]
+        rss = best["peak_rss_mb"] + best["helper_peak_rss_mb"]     # pages they share count twice
         result = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -116,8 +121,10 @@ def main() -> None:
             "ratio_compare": round(compare_s / read_s, 2),
             "import_s": round(best["import_s"], 3),
             "peak_rss_mb": round(best["peak_rss_mb"]),
-            "target_met_total": best["total_s"] / read_s <= 2.0 and best["peak_rss_mb"] < 1024,
-            "target_met_compare": compare_s / read_s <= 2.0 and best["peak_rss_mb"] < 1024,
+            "helper_peak_rss_mb": round(best["helper_peak_rss_mb"]),
+            "answers_ahead": best["answers_ahead"],
+            "target_met_total": best["total_s"] / read_s <= 2.0 and rss < 1024,
+            "target_met_compare": compare_s / read_s <= 2.0 and rss < 1024,
             "diagnosis": best["diagnosis"],
             "logits": best["logits"],
         }

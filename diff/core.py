@@ -16,6 +16,7 @@ from apr.errors import AprError
 from apr.model import ModelView, in_background, open_model
 
 from . import relations
+from .ahead import BytesAhead
 from . import report as R
 from .logits import (AUTO_MAX_PARAMS, DEFAULT_TOKENS, SHORT_TOKENS, compare_logits, default_tokens,
                      param_count, run_dtype)
@@ -216,15 +217,20 @@ def _this_threads_warnings_last():
 
 def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool | None = True,
             tokens: Sequence[int] | None = None, prompt: str | None = None,
-            progress: bool = False) -> R.DiffReport:
+            progress: bool = False, ahead: bool = True) -> R.DiffReport:
     """Compare two model files (APR, GGUF, .safetensors or HF directory), B against A.
 
     logits: True compares the reference models' logits when both files hold a model; None
     does so only up to AUTO_MAX_PARAMS parameters; False never. tokens: the ids to run
     (default: a fixed sequence valid for both vocabularies); prompt: text encoded with an
-    embedded tokenizer instead. Raises AprError when a file cannot be read."""
+    embedded tokenizer instead. ahead: compare the tensors' bytes in a child process while
+    both files are opened (two large APR or GGUF files, where a fork is safe). Raises
+    AprError when a file cannot be read."""
     t0 = time.perf_counter()
     with ExitStack() as files:
+        bytes_ahead = BytesAhead.start(a_path, b_path) if ahead else None
+        if bytes_ahead is not None:
+            files.callback(bytes_ahead.close)
         # A opens in a thread while B is parsed: a tied-copy check's byte comparison (in
         # place, a NumPy call per 16 MiB window) runs without the GIL beside the parsing;
         # A's warnings and errors still come first
@@ -237,7 +243,7 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
         t1 = time.perf_counter()
         with progress_bar(progress, total=tensor_bytes(va, vb), unit="B", unit_scale=True,
                           desc="comparing") as bar:
-            tensors = list(compare_tensors(va, vb, bar.update))
+            tensors = list(compare_tensors(va, vb, bar.update, bytes_ahead))
         relations.apply(va, vb, tensors)
         config = compare_configs(va.config, vb.config)
         tokenizer = compare_tokenizers(va, vb)
@@ -251,4 +257,5 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
                             config=config, tokenizer=tokenizer, logits=lg,
                             diagnosis=diagnose(tensors, config, tokenizer, lg), notes=notes,
                             metadata_only=metadata_only(va, vb),
-                            timings={"open_s": t1 - t0, "tensors_s": t2 - t1, "logits_s": t3 - t2})
+                            timings={"open_s": t1 - t0, "tensors_s": t2 - t1, "logits_s": t3 - t2,
+                                     "answers_ahead": bytes_ahead.used if bytes_ahead else 0})

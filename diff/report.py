@@ -161,7 +161,7 @@ class DiffReport:
     diagnosis: Diagnosis
     notes: list[str] = field(default_factory=list)
     metadata_only: list[str] = field(default_factory=list)  # other differing keys (not defects)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: open, tensors, logits
+    timings: dict[str, float] = field(default_factory=dict)  # seconds; answers_ahead: a count
 
     @property
     def equivalent(self) -> bool:

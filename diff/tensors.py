@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -28,9 +28,11 @@ EMBED, LM_HEAD = names.EMBED, names.LM_HEAD
 
 @dataclass
 class Readers:
-    """One block reader per side, so that a block of A and a block of B can coexist."""
+    """One block reader per side, so that a block of A and a block of B can coexist, and
+    answers about equal bytes worked out ahead (`diff.ahead.BytesAhead`), if any."""
     a: BlockReader = field(default_factory=BlockReader)
     b: BlockReader = field(default_factory=BlockReader)
+    ahead: Any = None
 
     def raw_pairs(self, ra: TensorRef, rb: TensorRef) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stored bytes of A's and B's tensor, row block by row block."""
@@ -59,7 +61,11 @@ def same_storage(ra: TensorRef, rb: TensorRef) -> bool:
 
 
 def bytes_equal(ra: TensorRef, rb: TensorRef, rd: Readers) -> bool:
-    """Whether the stored bytes of two tensors are equal, read block by block."""
+    """Whether the stored bytes of two tensors are equal: as compared ahead, else read block
+    by block."""
+    known = rd.ahead.equal(ra, rb) if rd.ahead is not None else None
+    if known is not None:
+        return known
     if blockwise(ra) and blockwise(rb):
         return all(equal_bytes(x, y) for x, y in rd.raw_pairs(ra, rb))
     return equal_bytes(rd.a.read_bytes(ra, 0, ra.nbytes), rd.b.read_bytes(rb, 0, rb.nbytes))
@@ -212,7 +218,7 @@ def missing_or_extra(name: str, ra: TensorRef | None, rb: TensorRef | None) -> R
                            dtype_b=rb.dtype.name, shape_b=list(rb.shape))
 
 
-def _order(name: str) -> tuple:
+def model_order(name: str) -> tuple:
     """Model order: embedding, layers by index, final norm, lm_head, anything else."""
     layer = names.layer_of(name)
     if name == EMBED:
@@ -230,18 +236,19 @@ def aligned_names(va: ModelView, vb: ModelView) -> list[str]:
     """Every canonical name in A or B except lm_head (handled by `compare_lm_head`)."""
     union = set(va.tensors) | set(vb.tensors)
     union.discard(LM_HEAD)
-    return sorted(union, key=_order)
+    return sorted(union, key=model_order)
 
 
 def tensor_bytes(va: ModelView, vb: ModelView) -> int:
     return sum(r.nbytes for r in va.tensors.values()) + sum(r.nbytes for r in vb.tensors.values())
 
 
-def compare_tensors(va: ModelView, vb: ModelView,
-                    tick: Callable[[int], None] = lambda n: None) -> Iterator[R.TensorFinding]:
-    """Findings for every aligned name, streamed one tensor at a time, then lm_head."""
+def compare_tensors(va: ModelView, vb: ModelView, tick: Callable[[int], None] = lambda n: None,
+                    ahead: Any = None) -> Iterator[R.TensorFinding]:
+    """Findings for every aligned name, streamed one tensor at a time, then lm_head; `ahead`
+    answers byte comparisons worked out in advance (`diff.ahead.BytesAhead`)."""
     ctx = make_context(va, vb)
-    rd = Readers()
+    rd = Readers(ahead=ahead)
     try:
         for name in aligned_names(va, vb):
             ra, rb = va.tensors.get(name), vb.tensors.get(name)
