@@ -105,7 +105,12 @@ class BytesAhead:
     def __init__(self, a_path: Path, b_path: Path):
         self.a_path, self.b_path = a_path, b_path
         r, w = os.pipe()
-        self.pid = os.fork()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
         if self.pid == 0:                                   # the child
             try:
                 os.close(r)
@@ -131,7 +136,10 @@ class BytesAhead:
                 return None
         except (OSError, AprError):         # the open says what is wrong
             return None
-        return cls(a, b)
+        try:
+            return cls(a, b)
+        except OSError:                     # no process or pipe to be had: compared here
+            return None
 
     def _read(self, n: int) -> bytes | None:
         data = bytearray()

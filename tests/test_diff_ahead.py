@@ -273,6 +273,16 @@ def test_a_child_without_answers_leaves_the_comparison_to_this_process(forced, m
     assert "model.layers.0.self_attn.v_proj.weight" in on.diagnosis.line
 
 
+def test_no_process_to_be_had(forced, monkeypatch):
+    def refuse():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(ahead.os, "fork", refuse)
+    fds = len(os.listdir("/proc/self/fd"))
+    on, _ = both_ways(clean("qwen2", "apr"), flipped(clean("qwen2", "gguf"), "model.norm.weight", "first"))
+    assert on.timings["answers_ahead"] == 0 and "model.norm.weight" in on.diagnosis.line
+    assert len(os.listdir("/proc/self/fd")) == fds               # the pipe closed
+
+
 def test_answers_up_to_where_the_child_stopped(forced, monkeypatch):
     monkeypatch.setattr(ahead, "_child", _answers_stop_halfway)
     on, _ = both_ways(clean("qwen2", "apr"), clean("qwen2", "gguf"))
