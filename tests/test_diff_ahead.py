@@ -344,3 +344,41 @@ def test_a_progress_bar_leaves_no_thread_behind():
 
 def test_small_files_are_compared_here():
     assert ahead.BytesAhead.start(clean("qwen2", "apr"), clean("qwen2", "gguf")) is None
+
+
+# --------------------------------------------------------------------------- mutants
+
+MUTANTS = 45         # per format, a fixed draw
+
+
+@pytest.mark.parametrize("fmt", ["apr", "gguf"])
+def test_mutants_get_the_same_report_or_error_with_and_without_the_child(forced, fmt, tmp_path):
+    """The fuzz campaign's mutators (damaged headers, indexes, key/values, tensor bytes,
+    truncations) on a clean file: the index read ahead returns or raises AprError, never
+    anything else, and `compare` says the same with the child as without it."""
+    import random
+
+    from apr.errors import AprError
+    from tests.fuzz.mutators import apr_mutators, gguf_mutators
+    seed = clean("qwen2", fmt)
+    mutators = (apr_mutators if fmt == "apr" else gguf_mutators)(seed)
+    rng = random.Random(1234)
+    outcomes = {"report": 0, "error": 0, "answered": 0}
+    for i in range(MUTANTS):
+        mutant = tmp_path / f"m{i}.{fmt}"
+        rng.choice(mutators)(seed, mutant, rng)
+        try:
+            stored_spans(mutant)
+        except AprError:
+            pass
+        results = []
+        for flag in (True, False):
+            try:
+                r = compare(seed, mutant, logits=False, ahead=flag)
+                results.append(("report", findings(r), r.timings["answers_ahead"]))
+            except AprError as e:
+                results.append(("error", str(e), 0))
+        assert results[0][:2] == results[1][:2], (i, mutant)
+        outcomes[results[0][0]] += 1
+        outcomes["answered"] += results[0][2] > 0
+    assert outcomes["report"] >= 5 and outcomes["error"] >= 5 and outcomes["answered"] >= 5, outcomes
