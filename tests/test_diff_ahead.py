@@ -382,3 +382,40 @@ def test_mutants_get_the_same_report_or_error_with_and_without_the_child(forced,
         outcomes[results[0][0]] += 1
         outcomes["answered"] += results[0][2] > 0
     assert outcomes["report"] >= 5 and outcomes["error"] >= 5 and outcomes["answered"] >= 5, outcomes
+
+
+def test_the_command_prints_the_same_with_the_child(tmp_path):
+    """`cli.py diff` in a process of its own, the child forced on for small files: the same
+    output and exit code as without it, nothing of the child's on either stream."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    a = clean("qwen2", "apr")
+    b = flipped(clean("qwen2", "gguf"), "model.layers.0.mlp.up_proj.weight", "middle")
+    script = ("import sys, diff.ahead as ahead\n"
+              "ahead.MIN_BYTES = int(sys.argv[1])\n"
+              "answers = sys.argv[2]\n"
+              "import diff.core as core\n"
+              "compare = core.compare\n"
+              "def spy(*args, **kw):\n"
+              "    r = compare(*args, **kw)\n"
+              "    open(answers, 'w').write(str(r.timings['answers_ahead']))\n"
+              "    return r\n"
+              "core.compare = spy\n"
+              "import cli\n"
+              "sys.argv = ['cli.py', 'diff', sys.argv[3], sys.argv[4], '--json']\n"
+              "cli.main()\n")
+    runs = []
+    for min_bytes in (0, 1 << 60):
+        answers = tmp_path / f"answers-{min_bytes}"
+        p = subprocess.run([sys.executable, "-c", script, str(min_bytes), str(answers), str(a), str(b)],
+                           capture_output=True, text=True, cwd=root, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+        out = json.loads(p.stdout)
+        out.pop("timings", None)                    # seconds differ from run to run
+        runs.append((p.returncode, out, p.stderr, int(answers.read_text())))
+    assert runs[0][:3] == runs[1][:3]
+    assert runs[0][0] == 1 and "model.layers.0.mlp.up_proj.weight" in runs[0][1]["diagnosis"]["line"]
+    assert runs[0][3] > 0 and runs[1][3] == 0
