@@ -172,6 +172,12 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
                 f"changes the tokenizer: {len(lost)} added tokens strip whitespace differently "
                 f"in llama.cpp (e.g. {tok.vocab[lost[0]]!r}): GGUF cannot say lstrip/rstrip, "
                 "llama.cpp decides by the model's name")
+        if fmt == "gguf" and tok.normalized:
+            shown = sorted(tok.normalized)
+            report.changes.append(
+                f"changes the tokenizer: {len(shown)} added tokens are matched in the normalized "
+                f"text (e.g. {tok.vocab[shown[0]]!r}); GGUF cannot say so, and llama.cpp matches "
+                "every added token in the raw text")
         pads = config.vocab_size - view.tokenizer.vocab_size
         if fmt == "gguf" and pads > 0:
             report.notes.append(f"token list padded with {pads} unused row pads to the embedding's "

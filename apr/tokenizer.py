@@ -133,6 +133,10 @@ class TokenizerData:
     # when matched in text (HF AddedToken lstrip / rstrip; Phi-3's <|user|> ... are rstrip)
     lstrip: frozenset[int] = frozenset()
     rstrip: frozenset[int] = frozenset()
+    # added tokens that HF matches in the normalized text, not the raw text (AddedToken
+    # normalized), kept only for a tokenizer that has a normalizer (without one the two are
+    # the same); llama.cpp matches every added token in the raw text
+    normalized: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -149,7 +153,8 @@ class TokenizerData:
         if not self.token_type:
             self.token_type = [NORMAL] * len(self.vocab)
         self.lstrip, self.rstrip = frozenset(self.lstrip), frozenset(self.rstrip)
-        for name in ("lstrip", "rstrip"):
+        self.normalized = frozenset(self.normalized)
+        for name in ("lstrip", "rstrip", "normalized"):
             outside = [i for i in getattr(self, name) if not 0 <= i < len(self.vocab)]
             if outside:
                 raise ConfigError(f"tokenizer {name} token id {outside[0]} is outside the "
@@ -357,7 +362,8 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec | None, add_bos: b
     # every token, added ones included, is in the BPE vocabulary at its own id.
     # llama.cpp matches unknown-typed tokens ("<unk>") in text as it does control tokens.
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": i in td.lstrip,
-              "rstrip": i in td.rstrip, "normalized": False, "special": types[i] != USER_DEFINED}
+              "rstrip": i in td.rstrip, "normalized": i in td.normalized,
+              "special": types[i] != USER_DEFINED}
              for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
     post_processor: dict[str, Any] | None = (
         None if spec is None else _byte_level(use_regex=False, trim_offsets=False))
@@ -561,15 +567,17 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
         raise UnsupportedError("tokenizer BPE with a subword prefix/suffix is not supported")
 
     by_id: dict[int, tuple[str, int]] = {int(i): (t, NORMAL) for t, i in model["vocab"].items()}
-    strip: dict[str, set[int]] = {"lstrip": set(), "rstrip": set()}
+    strip: dict[str, set[int]] = {"lstrip": set(), "rstrip": set(), "normalized": set()}
     for a in doc.get("added_tokens") or []:
         by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
         if a.get("single_word"):
             raise UnsupportedError(f"tokenizer added token {a['content']!r} is single_word "
                                    "(matched only as a whole word); that is not supported")
         for key in strip:
-            if a.get(key):
+            if a.get(key) is True:
                 strip[key].add(int(a["id"]))
+    if not doc.get("normalizer"):           # matched in the raw text or the normalized one alike
+        strip["normalized"] = set()
     n = max(by_id) + 1 if by_id else 0
     if n > min(MAX_TOKENS, 4 * len(by_id) + 65536):
         raise FormatError(f"tokenizer.json: token id {n - 1} is implausible for {len(by_id)} tokens "
@@ -626,7 +634,7 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
             space_prefix=prefix, add_bos_token=bool(add_bos),
             chat_template=chat_template if isinstance(chat_template, str) else None,
             add_eos_token=bool(cv.get("add_eos_token", bool, default=False)),
-            lstrip=strip["lstrip"], rstrip=strip["rstrip"])
+            **strip)
     return TokenizerData(
         vocab=vocab, merges=merges, token_type=token_type,
         bos_token_id=token_id(bos, "bos"), eos_token_id=token_id(eos, "eos"),
@@ -634,7 +642,7 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
         pre_type=_detect_pre_type(doc), add_bos_token=bool(add_bos),
         chat_template=chat_template if isinstance(chat_template, str) else None,
         add_eos_token=bool(cv.get("add_eos_token", bool, default=False)),
-        lstrip=strip["lstrip"], rstrip=strip["rstrip"])
+        **strip)
 
 
 def from_hf_dir(path: str | Path) -> TokenizerData | None:
@@ -675,7 +683,7 @@ def to_apr_metadata(td: TokenizerData) -> dict[str, Any]:
         "tokenizer.add_eos_token": True if td.add_eos_token else None,
         "tokenizer.chat_template": td.chat_template,
     }
-    for name in ("lstrip", "rstrip"):
+    for name in ("lstrip", "rstrip", "normalized"):
         if getattr(td, name):
             meta[f"tokenizer.{name}_ids"] = sorted(getattr(td, name))
     if td.is_spm:
@@ -732,7 +740,7 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
             if i is not None:
                 token_type[i] = CONTROL
     strip = {name: v.items(f"tokenizer.{name}_ids", int, default=[])
-             for name in ("lstrip", "rstrip")}
+             for name in ("lstrip", "rstrip", "normalized")}
     return TokenizerData(
         vocab=vocab, merges=merges, **special, **spm_fields, **strip,
         model_type=model_type, pre_type=pre_type or None,

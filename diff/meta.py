@@ -188,6 +188,12 @@ def _field_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
             out.append(TokenizerFinding(key, f"{len(x ^ y)} added tokens {key} (swallow the "
                                              f"whitespace {'before' if key == 'lstrip' else 'after'} "
                                              f"them) on one side only: {shown}"))
+    x, y = ta.normalized, tb.normalized
+    if x != y:
+        shown = ", ".join(f"{i} {(ta if i in x else tb).vocab[i]!r}" for i in sorted(x ^ y)[:SHOW])
+        out.append(TokenizerFinding("normalized", f"{len(x ^ y)} added tokens matched in the "
+                                                  f"normalized text on one side, in the raw text "
+                                                  f"on the other: {shown}"))
     for key in ("bos_token_id", "eos_token_id", "add_bos_token", "add_eos_token"):
         x, y = getattr(ta, key), getattr(tb, key)
         if x != y:

@@ -106,6 +106,8 @@ def tokenizer_hash(td: TokenizerData) -> str:
            "model": td.model_type.upper()}
     if td.lstrip or td.rstrip:
         doc.update(lstrip=sorted(td.lstrip), rstrip=sorted(td.rstrip))
+    if td.normalized:
+        doc.update(normalized=sorted(td.normalized))
     if td.is_spm:       # SentencePiece-style: the merge order may come from scores (GGUF)
         doc.update(prefix=td.space_prefix, unk=td.unknown_token_id)
     blob = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -395,3 +395,98 @@ def test_prompt_gets_bos_as_the_models_tokenizer_says(spm_models, tmp_path):
                                      "def f(x): return x", "--json", *extra])
         assert r.exit_code == 0, r.output
         assert json.loads(r.output)["tokens"] == expect
+
+
+# --------------------------------------------------------------------------- normalized added tokens
+
+NORMALIZED_TEXTS = ["ba", "aba b", " ba", "a b a", "x\u2581b", "ab\u2581b", "ba ba", "cafe\u0301>", "xcaf\u00e9>y",
+                    "<tool>", "a<tool>b"]
+
+
+def _qwen2_doc() -> dict:
+    from apr.tokenizer import _QWEN2_REGEX
+    from tests.oracles import tokenizer_json
+    doc = json.loads(tokenizer_json(400))
+    doc["normalizer"] = {"type": "NFC"}
+    doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    return doc
+
+
+def _with_added(doc: dict, contents: list[str], normalized: bool, first_id: int) -> dict:
+    doc = json.loads(json.dumps(doc))
+    doc["added_tokens"] = [{"id": first_id + k, "content": c, "single_word": False, "lstrip": False,
+                            "rstrip": False, "normalized": normalized, "special": False}
+                           for k, c in enumerate(contents)]
+    return doc
+
+
+@pytest.mark.parametrize("layout", ["prepend+replace", "replace", "metaspace", "qwen2-nfc"])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_added_tokens_matched_in_the_normalized_text_encode_like_tokenizers(layout, normalized):
+    """HF matches an added token with `normalized: true` (transformers' default for a token
+    added with add_tokens) in the normalized text: where a normalizer prepends or replaces,
+    that splits differently. Read from tokenizer.json, through APR and back to tokenizer.json,
+    it encodes as the tokenizers library does on the original file."""
+    import tokenizers
+    if layout == "qwen2-nfc":
+        doc = _with_added(_qwen2_doc(), ["caf\u00e9>", "<tool>"], normalized, 400)
+    else:
+        norm, pre = {"prepend+replace": (
+            {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, REPLACE]}, None),
+            "replace": (REPLACE, None),
+            "metaspace": (None, {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                                 "split": False})}[layout]
+        doc = _with_added(_doc(pre, norm), ["ba", "a b", "\u2581b"], normalized, 262)
+    theirs = tokenizers.Tokenizer.from_str(json.dumps(doc))
+    td = from_hf_tokenizer_json(doc)
+    assert td.normalized == ({a["id"] for a in doc["added_tokens"]} if normalized and doc["normalizer"]
+                             else set())
+    files = to_hf_files(td)
+    for back in (td, from_apr_metadata(json.loads(json.dumps(to_apr_metadata(td)))),
+                 from_hf_tokenizer_json(files["tokenizer.json"], files["tokenizer_config.json"])):
+        assert back.normalized == td.normalized
+        ours = build_tokenizer(back)
+        for text in NORMALIZED_TEXTS:
+            assert ours.encode(text).ids == theirs.encode(text, add_special_tokens=False).ids, repr(text)
+
+
+def test_tokens_added_by_transformers_encode_alike(tmp_path):
+    """transformers' own add_tokens on a Llama-2-layout tokenizer (Prepend + Replace): the saved
+    directory reads back and encodes as transformers does."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tokenizer.json").write_text(json.dumps(_doc(None, {
+        "type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, REPLACE]})))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "src" / "tokenizer.json"),
+                                               unk_token="<unk>")
+    assert tok.add_tokens(["ba", "a b"]) == 2
+    tok.save_pretrained(tmp_path / "saved")
+    td = from_hf_dir(tmp_path / "saved")
+    assert {td.vocab[i] for i in td.normalized} == {"ba", "a b"}
+    ours = build_tokenizer(td)
+    for text in NORMALIZED_TEXTS:
+        assert ours.encode(text).ids == tok.encode(text, add_special_tokens=False), repr(text)
+
+
+def test_normalized_added_tokens_to_gguf_are_a_listed_change(models_dir, tmp_path):
+    """GGUF cannot say `normalized` (llama.cpp matches every added token in the raw text):
+    an export is refused without --allow-changes, and diff names the token."""
+    td = _gguf_tokenizer(vocab_path(models_dir, "llama-spm"))
+    eos = td.vocab.index("</s>")
+    flagged = TokenizerData(**{**td.__dict__, "normalized": frozenset({eos})})
+    d, _ = save_hf(tmp_path, "llama-linear-rope", vocab_rows=td.vocab_size + 64)
+    for fname, text in to_hf_files(flagged).items():
+        (d / fname).write_text(text, encoding="utf-8")
+    assert from_hf_dir(d).normalized == {eos}
+    runner = CliRunner()
+    out = str(tmp_path / "m.gguf")
+    r = runner.invoke(cli.main, ["convert", str(d), "-o", out, "--quiet"])
+    assert r.exit_code == 2 and "matched in the normalized text" in r.stderr and "'</s>'" in r.stderr, r.output
+    r = runner.invoke(cli.main, ["convert", str(d), "-o", out, "--quiet", "--allow-changes"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli.main, ["diff", str(d), out])
+    assert r.exit_code == 1 and "normalized" in r.output and "'</s>'" in r.output, r.output[-1500:]
+    r = runner.invoke(cli.main, ["convert", str(d), "-o", str(tmp_path / "m.apr"), "--quiet"])
+    assert r.exit_code == 0, r.output                       # APR keeps it: no change
+    assert open_model(tmp_path / "m.apr").tokenizer.normalized == {eos}
