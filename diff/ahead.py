@@ -77,12 +77,13 @@ def _child(a_path: Path, b_path: Path, w: int) -> None:
     sys.stdout = sys.stderr = open(os.devnull, "w")
     warnings.simplefilter("ignore")
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    out = os.fdopen(w, "wb", buffering=0)
+    out = os.fdopen(w, "wb")            # buffered: a write of any size goes out whole
     try:
         pairs = plan(a_path, b_path)[:MAX_PAIRS]
     except Exception:                   # the full open reports what is wrong
         pairs = []
     out.write(_COUNT.pack(len(pairs)) + b"".join(_PAIR.pack(*p) for p in pairs))
+    out.flush()
     bufs = (bytearray(BLOCK), bytearray(BLOCK))
     with open(a_path, "rb", buffering=0) as fa, open(b_path, "rb", buffering=0) as fb:
         for oa, ob, n in pairs:
@@ -91,6 +92,7 @@ def _child(a_path: Path, b_path: Path, w: int) -> None:
             except OSError:
                 answer = UNREADABLE
             out.write(bytes((answer,)))
+            out.flush()
 
 
 def others_running() -> bool:

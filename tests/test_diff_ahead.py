@@ -283,6 +283,17 @@ def test_no_process_to_be_had(forced, monkeypatch):
     assert len(os.listdir("/proc/self/fd")) == fds               # the pipe closed
 
 
+def test_a_plan_longer_than_a_pipe_holds(forced, monkeypatch):
+    """5,000 extra pairs in front (120 KB of plan, more answers than the pipe buffers before
+    the parent reads): the child waits for the parent and the answers still line up."""
+    real = ahead.plan
+    monkeypatch.setattr(ahead, "plan", lambda a, b: [(0, 0, 8 + k) for k in range(5000)] + real(a, b))
+    b = flipped(clean("qwen2", "gguf"), "model.layers.1.self_attn.o_proj.weight", "last")
+    on, _ = both_ways(clean("qwen2", "apr"), b)
+    assert on.timings["answers_ahead"] > 0
+    assert [t.name for t in on.tensors if t.defect] == ["model.layers.1.self_attn.o_proj.weight"]
+
+
 def test_answers_up_to_where_the_child_stopped(forced, monkeypatch):
     monkeypatch.setattr(ahead, "_child", _answers_stop_halfway)
     on, _ = both_ways(clean("qwen2", "apr"), clean("qwen2", "gguf"))
