@@ -291,29 +291,33 @@ def detect_format(path: Path) -> str:
 
 @dataclass(frozen=True)
 class StoredSpan:
-    """Where a tensor's bytes lie in its file."""
-    offset: int           # absolute byte offset
+    """Where a tensor's bytes lie."""
+    path: Path
+    offset: int           # absolute byte offset in `path`
     nbytes: int
     dtype: str
 
 
 def stored_spans(path: str | os.PathLike) -> dict[str, StoredSpan]:
-    """Where each tensor of a single-file APR or GGUF model lies, by canonical name, read from
-    the file's index alone (no metadata JSON, no key/value arrays, no config): for work done
-    ahead of `open_model`, which stays the reader that validates a file. Raises AprError for
-    other formats and for a malformed index."""
+    """Where each tensor of a model lies, by canonical name, read from the files' indexes alone
+    (an APR's index without its metadata JSON, a GGUF's tensor infos with its key/value
+    arrays stepped over, safetensors headers; no config): for work done ahead of
+    `open_model`, which stays the reader that validates. Raises AprError for a malformed
+    index."""
     p = Path(path)
     fmt = detect_format(p)
     if fmt == "apr":
         f = AprFile.open(p, metadata=False)
-        return {n: StoredSpan(f.data_offset + e.offset, e.size, e.dtype.name) for n, e in f.tensors.items()}
+        return {n: StoredSpan(p, f.data_offset + e.offset, e.size, e.dtype.name) for n, e in f.tensors.items()}
     if fmt == "gguf":
         g = GgufFile(p, arrays=False)
         arch = g.kv.get("general.architecture")
         family = names.family_of_gguf_arch(arch if isinstance(arch, str) else None)
-        return {names.gguf_to_hf_name(n, family) or n: StoredSpan(e.offset, e.nbytes, e.dtype.name)
+        return {names.gguf_to_hf_name(n, family) or n: StoredSpan(p, e.offset, e.nbytes, e.dtype.name)
                 for n, e in g.entries.items()}
-    raise AprError(f"{p}: no tensor index to read ahead in a {fmt} model")
+    files = [SafetensorsFile(p)] if fmt == "safetensors" else [SafetensorsFile(f) for f in hf_weight_files(p)]
+    return {n: StoredSpan(st.path, e.begin, e.end - e.begin, e.dtype.name)
+            for st in files for n, e in st.entries.items()}
 
 
 def open_model(path: str | os.PathLike, verify: bool | str = False) -> ModelView:

@@ -4,9 +4,10 @@ Opening two large files is mostly Python work (a GGUF's 150k-token vocabulary, a
 metadata JSON, both tokenizers) and comparing them is mostly memory traffic. On a machine
 with two cores the two can only run side by side in two processes: one interpreter runs one
 thread of Python at a time. So `compare` forks a child first. The child reads where the
-tensors lie from the files' indexes alone (`apr.model.stored_spans`), pairs A's and B's
-tensors by canonical name, and compares each pair's stored bytes. It sends its plan (the
-pairs, in model order), then one byte per pair as it goes: equal, different, or unreadable.
+tensors lie from the files' indexes alone (`apr.model.stored_spans`: an APR's index, a
+GGUF's tensor infos, safetensors headers), pairs A's and B's tensors by canonical name, and
+compares each pair's stored bytes. It sends its plan (the pairs' files and byte ranges, in
+model order, as JSON), then one byte per pair as it goes: equal, different, or unreadable.
 
 The answers are facts about byte ranges, so a plan that differs from what the full open
 finds (a name mapped differently, a permuted Q/K) costs only wasted work: `equal` answers
@@ -17,16 +18,20 @@ reach the terminal: its output goes nowhere and it ends with `os._exit`.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
 import sys
 import threading
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from apr.errors import AprError
 from apr.model import TensorRef, detect_format, stored_spans
+from apr.safetensors_io import hf_weight_files
 
 from .reader import BLOCK_VALUES
 from .tensors import model_order
@@ -34,20 +39,22 @@ from .tensors import model_order
 EQUAL, DIFFERENT, UNREADABLE = 1, 0, 2
 BLOCK = 2 * BLOCK_VALUES            # bytes per read: both blocks stay in the CPU cache
 MIN_BYTES = 64 << 20                # below this, a fork costs more than it saves
-MAX_PAIRS = 1 << 20
-_PAIR = struct.Struct("<QQQ")       # A's offset, B's offset, bytes
-_COUNT = struct.Struct("<Q")
+MAX_PLAN_BYTES = 1 << 28
+_LENGTH = struct.Struct("<Q")       # the plan's length in bytes, then the plan as JSON
 
 
-def plan(a_path: Path, b_path: Path) -> list[tuple[int, int, int]]:
-    """(A's offset, B's offset, bytes) of every name both files hold in the same dtype and
-    size, in model order."""
+Pair = tuple[str, int, str, int, int]     # A's file, offset, B's file, offset, bytes
+
+
+def plan(a_path: Path, b_path: Path) -> list[Pair]:
+    """Where the bytes of every name both models hold in the same dtype and size lie, in
+    model order."""
     sa, sb = stored_spans(a_path), stored_spans(b_path)
     pairs = []
     for name in sorted(sa.keys() & sb.keys(), key=model_order):     # as compare_tensors asks
         x, y = sa[name], sb[name]
         if x.nbytes == y.nbytes and x.dtype == y.dtype and x.nbytes:
-            pairs.append((x.offset, y.offset, x.nbytes))
+            pairs.append((str(x.path), x.offset, str(y.path), y.offset, x.nbytes))
     return pairs
 
 
@@ -79,20 +86,44 @@ def _child(a_path: Path, b_path: Path, w: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     out = os.fdopen(w, "wb")            # buffered: a write of any size goes out whole
     try:
-        pairs = plan(a_path, b_path)[:MAX_PAIRS]
+        pairs = plan(a_path, b_path)
     except Exception:                   # the full open reports what is wrong
         pairs = []
-    out.write(_COUNT.pack(len(pairs)) + b"".join(_PAIR.pack(*p) for p in pairs))
+    text = json.dumps(pairs).encode("utf-8")
+    if len(text) > MAX_PLAN_BYTES:
+        pairs, text = [], b"[]"
+    out.write(_LENGTH.pack(len(text)) + text)
     out.flush()
     bufs = (bytearray(BLOCK), bytearray(BLOCK))
-    with open(a_path, "rb", buffering=0) as fa, open(b_path, "rb", buffering=0) as fb:
-        for oa, ob, n in pairs:
+    with ExitStack() as files:
+        handles: dict[str, Any] = {}
+
+        def handle(path: str):
+            if path not in handles:
+                handles[path] = files.enter_context(open(path, "rb", buffering=0))
+            return handles[path]
+        for pa, oa, pb, ob, n in pairs:
             try:
-                answer = equal_spans(fa, fb, oa, ob, n, bufs)
+                answer = equal_spans(handle(pa), handle(pb), oa, ob, n, bufs)
             except OSError:
                 answer = UNREADABLE
             out.write(bytes((answer,)))
             out.flush()
+
+
+def _pair(p: Any) -> Pair:
+    """A plan entry as the child wrote it, checked for its shape (else TypeError)."""
+    if not (isinstance(p, list) and len(p) == 5 and isinstance(p[0], str) and isinstance(p[2], str)
+            and all(type(p[k]) is int and p[k] >= 0 for k in (1, 3, 4))):
+        raise TypeError(f"not a plan entry: {p!r}")
+    return tuple(p)
+
+
+def _weight_bytes(path: Path) -> int:
+    """The size of a model file, or of an HF directory's weight files."""
+    if detect_format(path) == "hf":
+        return sum(f.stat().st_size for f in hf_weight_files(path))
+    return path.stat().st_size
 
 
 def others_running() -> bool:
@@ -102,10 +133,10 @@ def others_running() -> bool:
 
 
 class BytesAhead:
-    """A child process comparing A's and B's tensor bytes; `equal` asks it about one pair."""
+    """A child process comparing A's and B's tensor bytes; `equal` asks it about one pair.
+    (`start` decides whether there is one.)"""
 
     def __init__(self, a_path: Path, b_path: Path):
-        self.a_path, self.b_path = a_path, b_path
         r, w = os.pipe()
         try:
             self.pid = os.fork()
@@ -121,20 +152,19 @@ class BytesAhead:
                 os._exit(0)
         os.close(w)
         self._pipe = os.fdopen(r, "rb", buffering=0)
-        self._index: dict[tuple[int, int, int], int] | None = None
+        self._index: dict[Pair, int] | None = None
         self._answers = bytearray()
         self.used = 0                                       # answers handed out
 
     @classmethod
     def start(cls, a_path, b_path) -> "BytesAhead | None":
-        """A child for two large single files, or None where a fork is unavailable or unsafe
+        """A child for two large models, or None where a fork is unavailable or unsafe
         (another thread is running) or not worth it."""
         a, b = Path(a_path), Path(b_path)
         if not hasattr(os, "fork") or others_running():
             return None
         try:
-            if a.stat().st_size + b.stat().st_size < MIN_BYTES or \
-                    {detect_format(a), detect_format(b)} - {"apr", "gguf"}:
+            if _weight_bytes(a) + _weight_bytes(b) < MIN_BYTES:
                 return None
         except (OSError, AprError):         # the open says what is wrong
             return None
@@ -152,14 +182,17 @@ class BytesAhead:
             data += got
         return bytes(data)
 
-    def _plan(self) -> dict[tuple[int, int, int], int]:
+    def _plan(self) -> dict[Pair, int]:
         if self._index is None:
             self._index = {}
-            head = self._read(_COUNT.size)
-            count = _COUNT.unpack(head)[0] if head else 0
-            body = self._read(count * _PAIR.size) if 0 < count <= MAX_PAIRS else None
-            if body:
-                self._index = {p: i for i, p in enumerate(_PAIR.iter_unpack(body))}
+            head = self._read(_LENGTH.size)
+            size = _LENGTH.unpack(head)[0] if head else 0
+            body = self._read(size) if 0 < size <= MAX_PLAN_BYTES else None
+            try:
+                pairs = json.loads(body) if body else []
+                self._index = {_pair(p): i for i, p in enumerate(pairs)}
+            except (ValueError, TypeError):
+                self._index = {}
         return self._index
 
     def equal(self, ra: TensorRef, rb: TensorRef) -> bool | None:
@@ -167,9 +200,8 @@ class BytesAhead:
         ranges and could read them; else None."""
         if ra.file_span is None or rb.file_span is None or ra.nbytes != rb.nbytes:
             return None
-        if ra.file_span[0] != self.a_path or rb.file_span[0] != self.b_path:
-            return None
-        i = self._plan().get((ra.file_span[1], rb.file_span[1], ra.nbytes))
+        (pa, oa), (pb, ob) = ra.file_span, rb.file_span
+        i = self._plan().get((str(pa), oa, str(pb), ob, ra.nbytes))
         if i is None:
             return None
         while len(self._answers) <= i:

@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import os
-import sys
-import threading
 import time
-import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Sequence
 
 import numpy as np
 
 from apr.console import progress_bar
 from apr.errors import AprError
-from apr.model import ModelView, in_background, open_model
+from apr.model import ModelView, open_model
 
 from . import relations
 from .ahead import BytesAhead
@@ -183,38 +180,6 @@ def summarize(path: str | os.PathLike, v: ModelView) -> R.FileSummary:
                          f"{tok.vocab_size} tokens, {len(tok.merges)} merges" if tok else "none")
 
 
-@contextmanager
-def _short_switch_interval(seconds: float = 5e-4):
-    """Hand the GIL over every ``seconds`` instead of every 5 ms, so that a thread whose NumPy
-    call has ended gets it back soon while another thread parses in Python."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, seconds))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
-
-
-@contextmanager
-def _this_threads_warnings_last():
-    """Warnings raised in this thread are shown when the block ends, after those that other
-    threads raise meanwhile (shown as they come)."""
-    show, me, held = warnings.showwarning, threading.get_ident(), []
-
-    def hold(*args, **kwargs):
-        if threading.get_ident() == me:
-            held.append((args, kwargs))
-        else:
-            show(*args, **kwargs)
-    warnings.showwarning = hold
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
-        for args, kwargs in held:
-            show(*args, **kwargs)
-
-
 def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool | None = True,
             tokens: Sequence[int] | None = None, prompt: str | None = None,
             progress: bool = False, ahead: bool = True) -> R.DiffReport:
@@ -224,22 +189,16 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
     does so only up to AUTO_MAX_PARAMS parameters; False never. tokens: the ids to run
     (default: a fixed sequence valid for both vocabularies); prompt: text encoded with an
     embedded tokenizer instead. ahead: compare the tensors' bytes in a child process while
-    both files are opened (two large APR or GGUF files, where a fork is safe). Raises
+    both files are opened (two large models, where a fork is safe). Raises
     AprError when a file cannot be read."""
     t0 = time.perf_counter()
     with ExitStack() as files:
+        # the tensors' bytes compared in a child process while both files are opened here
         bytes_ahead = BytesAhead.start(a_path, b_path) if ahead else None
         if bytes_ahead is not None:
             files.callback(bytes_ahead.close)
-        # A opens in a thread while B is parsed: a tied-copy check's byte comparison (in
-        # place, a NumPy call per 16 MiB window) runs without the GIL beside the parsing;
-        # A's warnings and errors still come first
-        with _this_threads_warnings_last(), _short_switch_interval():
-            opening_a = in_background(lambda: open_model(a_path))
-            try:
-                vb = files.enter_context(open_model(b_path))
-            finally:                                    # A's error first, as if opened first
-                va = files.enter_context(opening_a())
+        va = files.enter_context(open_model(a_path))
+        vb = files.enter_context(open_model(b_path))
         t1 = time.perf_counter()
         with progress_bar(progress, total=tensor_bytes(va, vb), unit="B", unit_scale=True,
                           desc="comparing") as bar:

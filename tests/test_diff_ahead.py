@@ -5,6 +5,7 @@ report against the same comparison made without it, on clean and corrupted files
 children that die, cannot read, or send a nonsense plan."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -80,7 +81,8 @@ def flipped(src, name: str, where: str):
 # --------------------------------------------------------------------------- the plan
 
 @pytest.mark.parametrize("family,kind", [("llama", "apr"), ("llama", "gguf"), ("qwen2", "apr-f16"),
-                                         ("qwen2", "gguf-q8_0"), ("llama", "apr-q8_0")])
+                                         ("qwen2", "gguf-q8_0"), ("llama", "apr-q8_0"), ("qwen2", "hf"),
+                                         ("llama", "hf-bf16")])
 def test_stored_spans_are_where_the_full_open_finds_the_tensors(family, kind):
     path = clean(family, kind)
     spans = stored_spans(path)
@@ -88,7 +90,7 @@ def test_stored_spans_are_where_the_full_open_finds_the_tensors(family, kind):
         assert v.tensors
         for name, ref in v.tensors.items():
             s = spans[name]
-            assert (str(path), s.offset, s.nbytes, s.dtype) == \
+            assert (str(s.path), s.offset, s.nbytes, s.dtype) == \
                 (str(ref.file_span[0]), ref.file_span[1], ref.nbytes, ref.dtype.name)
 
 
@@ -99,6 +101,44 @@ def test_stored_spans_of_llama_cpps_converter_output(llama_cpp_gguf):
         assert len(v.tensors) == 21
         assert {n: (s.offset, s.nbytes, s.dtype) for n, s in spans.items() if n in v.tensors} == \
             {n: (r.file_span[1], r.nbytes, r.dtype.name) for n, r in v.tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """An HF directory that transformers' save_pretrained splits into shards (an index and
+    several files), and our APR of it."""
+    import torch
+    import transformers
+    from apr.convert import convert
+    src = clean("qwen2", "hf")
+    d = tmp_path_factory.mktemp("sharded") / "hf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.save_pretrained(d, max_shard_size="60KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(src / f, d / f)
+    assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("*.safetensors"))) > 3
+    apr_path = d.parent / "m.apr"
+    convert(d, apr_path)
+    return d, apr_path
+
+
+def test_stored_spans_of_a_sharded_directory(sharded):
+    d, _ = sharded
+    spans = stored_spans(d)
+    with open_model(d) as v:
+        assert len({r.file_span[0] for r in v.tensors.values()}) > 3
+        for name, ref in v.tensors.items():
+            s = spans[name]
+            assert (s.path, s.offset, s.nbytes) == (ref.file_span[0], ref.file_span[1], ref.nbytes)
+
+
+def test_a_sharded_directory_against_its_apr(forced, sharded):
+    d, apr_path = sharded
+    on, _ = both_ways(d, apr_path)
+    assert on.diagnosis.line.startswith("DIAGNOSIS: equivalent") and on.timings["answers_ahead"] > 20
+    bad = flipped(apr_path, "model.layers.1.mlp.gate_proj.weight", "first")
+    on, _ = both_ways(d, bad)
+    assert [t.name for t in on.tensors if t.defect] == ["model.layers.1.mlp.gate_proj.weight"]
 
 
 def _gguf_with_every_array(path):
@@ -161,10 +201,12 @@ def test_the_plan_pairs_by_canonical_name_in_model_order():
     sa, sb = stored_spans(a), stored_spans(b)
     with open_model(a) as va:
         names = [n for n in va.tensors if n in sb]
+
+    def pair(n):
+        return (str(a), sa[n].offset, str(b), sb[n].offset, sa[n].nbytes)
     assert len(pairs) == len(names) > 20
-    assert pairs[0] == (sa["model.embed_tokens.weight"].offset, sb["model.embed_tokens.weight"].offset,
-                        sa["model.embed_tokens.weight"].nbytes)
-    assert set(pairs) == {(sa[n].offset, sb[n].offset, sa[n].nbytes) for n in names}
+    assert pairs[0] == pair("model.embed_tokens.weight")
+    assert set(pairs) == {pair(n) for n in names}
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -199,10 +241,7 @@ def test_equal_spans_says_what_the_bytes_say(tmp_path, monkeypatch, block):
 def test_clean_pairs_agree_and_use_the_answers(forced, family, a, b):
     on, _ = both_ways(clean(family, a), clean(family, b))
     assert on.diagnosis.line.startswith("DIAGNOSIS: equivalent")
-    if a == "hf":                                   # a directory: no child
-        assert on.timings["answers_ahead"] == 0
-    else:
-        assert on.timings["answers_ahead"] > 0
+    assert on.timings["answers_ahead"] > 0
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
@@ -243,28 +282,43 @@ def _dies(a_path, b_path, w):
     os._exit(3)
 
 
+def _send(w, text: bytes) -> None:
+    with os.fdopen(w, "wb") as out:
+        out.write(ahead._LENGTH.pack(len(text)) + text)
+
+
 def _unreadable(a_path, b_path, w):
     pairs = ahead.plan(a_path, b_path)
-    os.write(w, ahead._COUNT.pack(len(pairs)) + b"".join(ahead._PAIR.pack(*p) for p in pairs))
+    os.write(w, ahead._LENGTH.pack(len(json.dumps(pairs))) + json.dumps(pairs).encode())
     os.write(w, bytes([ahead.UNREADABLE]) * len(pairs))
 
 
-def _nonsense_count(a_path, b_path, w):
-    os.write(w, ahead._COUNT.pack(1 << 40) + bytes(100))
+def _nonsense_length(a_path, b_path, w):
+    os.write(w, ahead._LENGTH.pack(1 << 40) + bytes(100))
 
 
 def _short_plan(a_path, b_path, w):
+    text = json.dumps(ahead.plan(a_path, b_path)).encode()
+    os.write(w, ahead._LENGTH.pack(len(text)) + text[:len(text) // 2])
+
+
+def _not_json(a_path, b_path, w):
+    _send(w, b"[[1, 2, 3")
+
+
+def _wrong_entries(a_path, b_path, w):
     pairs = ahead.plan(a_path, b_path)
-    os.write(w, ahead._COUNT.pack(len(pairs)) + ahead._PAIR.pack(*pairs[0]))
+    _send(w, json.dumps([[p[1], p[0], p[3], p[2], p[4]] for p in pairs]).encode())
 
 
 def _answers_stop_halfway(a_path, b_path, w):
     pairs = ahead.plan(a_path, b_path)
-    os.write(w, ahead._COUNT.pack(len(pairs)) + b"".join(ahead._PAIR.pack(*p) for p in pairs))
+    os.write(w, ahead._LENGTH.pack(len(json.dumps(pairs))) + json.dumps(pairs).encode())
     os.write(w, bytes([ahead.EQUAL]) * (len(pairs) // 2))
 
 
-@pytest.mark.parametrize("child", [_dies, _unreadable, _nonsense_count, _short_plan])
+@pytest.mark.parametrize("child", [_dies, _unreadable, _nonsense_length, _short_plan, _not_json,
+                                   _wrong_entries])
 def test_a_child_without_answers_leaves_the_comparison_to_this_process(forced, monkeypatch, child):
     monkeypatch.setattr(ahead, "_child", child)
     b = flipped(clean("qwen2", "gguf"), "model.layers.0.self_attn.v_proj.weight", "middle")
@@ -287,7 +341,8 @@ def test_a_plan_longer_than_a_pipe_holds(forced, monkeypatch):
     """5,000 extra pairs in front (120 KB of plan, more answers than the pipe buffers before
     the parent reads): the child waits for the parent and the answers still line up."""
     real = ahead.plan
-    monkeypatch.setattr(ahead, "plan", lambda a, b: [(0, 0, 8 + k) for k in range(5000)] + real(a, b))
+    monkeypatch.setattr(ahead, "plan", lambda a, b: [(str(a), 0, str(b), 0, 8 + k) for k in range(5000)]
+                        + real(a, b))
     b = flipped(clean("qwen2", "gguf"), "model.layers.1.self_attn.o_proj.weight", "last")
     on, _ = both_ways(clean("qwen2", "apr"), b)
     assert on.timings["answers_ahead"] > 0
@@ -342,7 +397,6 @@ def test_no_fork_beside_another_thread(forced, monkeypatch):
     finally:
         stop.set()
         t.join()
-    assert ahead.BytesAhead.start(a, clean("qwen2", "hf")) is None       # a directory
 
 
 def test_a_progress_bar_leaves_no_thread_behind():
@@ -362,7 +416,7 @@ def test_small_files_are_compared_here():
 MUTANTS = 45         # per format, a fixed draw
 
 
-@pytest.mark.parametrize("fmt", ["apr", "gguf"])
+@pytest.mark.parametrize("fmt", ["apr", "gguf", "hf"])
 def test_mutants_get_the_same_report_or_error_with_and_without_the_child(forced, fmt, tmp_path):
     """The fuzz campaign's mutators (damaged headers, indexes, key/values, tensor bytes,
     truncations) on a clean file: the index read ahead returns or raises AprError, never
@@ -370,13 +424,13 @@ def test_mutants_get_the_same_report_or_error_with_and_without_the_child(forced,
     import random
 
     from apr.errors import AprError
-    from tests.fuzz.mutators import apr_mutators, gguf_mutators
+    from tests.fuzz.mutators import apr_mutators, gguf_mutators, hf_mutators
     seed = clean("qwen2", fmt)
-    mutators = (apr_mutators if fmt == "apr" else gguf_mutators)(seed)
+    mutators = {"apr": apr_mutators, "gguf": gguf_mutators, "hf": hf_mutators}[fmt](seed)
     rng = random.Random(1234)
     outcomes = {"report": 0, "error": 0, "answered": 0}
     for i in range(MUTANTS):
-        mutant = tmp_path / f"m{i}.{fmt}"
+        mutant = tmp_path / (f"m{i}" if fmt == "hf" else f"m{i}.{fmt}")
         rng.choice(mutators)(seed, mutant, rng)
         try:
             stored_spans(mutant)

@@ -1,7 +1,7 @@
-"""What `diff.compare` does to run the tied-copy check's byte comparison beside its parsing:
-the stored bytes compared in place through memory maps (`apr.model._equal_mapped`, used by
-`_same_values`), and A opened in a thread while B is parsed. Each is checked against the
-files' bytes read directly, and for its errors and its order of warnings."""
+"""The tied-copy check's byte comparison in place through memory maps
+(`apr.model._equal_mapped`, used by `_same_values`), checked against the files' bytes read
+directly; and `diff.compare`'s order of warnings and errors: A's before B's, also when A is
+slow to open."""
 from __future__ import annotations
 
 import subprocess
@@ -80,8 +80,8 @@ def _tied_but_different(directory: Path, seed: int) -> Path:
 
 
 def test_warnings_of_both_files_print_in_file_order(tmp_path, monkeypatch):
-    """A opens in a thread while B opens: A's warnings still come before B's, also when A
-    takes longer to open (here made to), and through the CLI."""
+    """A's warnings come before B's, also when A takes longer to open (here made to), and
+    through the CLI."""
     import time
     import warnings
     import diff.core as core
@@ -109,8 +109,7 @@ def test_warnings_of_both_files_print_in_file_order(tmp_path, monkeypatch):
 
 
 def test_errors_of_both_files_come_in_file_order(tmp_path):
-    """A opens in a thread while B opens; the error reported is A's when both are bad, B's
-    when only B is, as when they opened one after the other."""
+    """The error reported is A's when both are bad, B's when only B is."""
     good = _tied_but_different(tmp_path / "good", 1)
     bad_a, bad_b = tmp_path / "bad_a.apr", tmp_path / "bad_b.gguf"
     bad_a.write_bytes(b"APR2" + bytes(60))
