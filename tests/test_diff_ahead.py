@@ -349,6 +349,12 @@ def test_a_plan_longer_than_a_pipe_holds(forced, monkeypatch):
     assert [t.name for t in on.tensors if t.defect] == ["model.layers.1.self_attn.o_proj.weight"]
 
 
+def test_a_plan_over_its_bound_is_sent_empty(forced, monkeypatch):
+    monkeypatch.setattr(ahead, "MAX_PLAN_BYTES", 200)
+    on, _ = both_ways(clean("qwen2", "apr"), flipped(clean("qwen2", "gguf"), "model.norm.weight", "last"))
+    assert on.timings["answers_ahead"] == 0 and "model.norm.weight" in on.diagnosis.line
+
+
 def test_answers_up_to_where_the_child_stopped(forced, monkeypatch):
     monkeypatch.setattr(ahead, "_child", _answers_stop_halfway)
     on, _ = both_ways(clean("qwen2", "apr"), clean("qwen2", "gguf"))
