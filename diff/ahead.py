@@ -39,7 +39,7 @@ from .tensors import model_order
 EQUAL, DIFFERENT, UNREADABLE = 1, 0, 2
 BLOCK = 2 * BLOCK_VALUES            # bytes per read: both blocks stay in the CPU cache
 MIN_BYTES = 64 << 20                # below this, a fork costs more than it saves
-MAX_PLAN_BYTES = 1 << 26             # about 400,000 pairs; a longer plan is sent empty
+MAX_PLAN_BYTES = 1 << 26            # about 400,000 pairs; a longer plan is sent empty
 _LENGTH = struct.Struct("<Q")       # the plan's length in bytes, then the plan as JSON
 
 
