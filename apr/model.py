@@ -12,11 +12,9 @@ layout as stored (for example GGUF llama rotary order). Nothing is read until as
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import threading
 import warnings
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -179,15 +177,9 @@ def _resolve_tied(view: ModelView) -> ModelView:
     return view
 
 
-# bytes of each tensor compared at a time when read into buffers: small enough that a chunk
-# is still in the CPU cache when it is compared after its read (16 MiB chunks compared at half
-# the speed of 2 MiB ones)
+# bytes of each tensor compared at a time: small enough that a chunk is still in the CPU cache
+# when it is compared after its read (16 MiB chunks compared at half the speed of 2 MiB ones)
 COMPARE_CHUNK = 1 << 21
-# bytes compared at a time in place, through memory maps: one NumPy call a window (the GIL
-# released for its loop, so that the comparison runs beside another thread's parsing: a
-# window is few hand-overs of the GIL), and the window's pages dropped from the process after
-# it, so that two windows stay resident
-MAP_WINDOW = 1 << 24
 
 
 def equal_bytes(x: np.ndarray, y: np.ndarray) -> bool:
@@ -199,54 +191,16 @@ def equal_bytes(x: np.ndarray, y: np.ndarray) -> bool:
                 and np.array_equal(x[n8:], y[n8:]))
 
 
-def _equal_mapped(a: TensorRef, b: TensorRef) -> bool | None:
-    """Whether the stored bytes of two file-backed tensors are equal, compared where they lie
-    through read-only memory maps (no copy into a buffer); None when a file cannot be mapped
-    (an empty or special file). A span past the end of its file is a truncated tensor."""
-    with ExitStack() as stack:
-        maps = []
-        for t in (a, b):
-            try:
-                with open(t.file_span[0], "rb") as f:
-                    maps.append(stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)))
-            except (OSError, ValueError):
-                return None
-            if t.file_span[1] + t.nbytes > len(maps[-1]):
-                raise FormatError(f"{t.file_span[0]}: tensor {t.source_name!r} is truncated")
-        for start in range(0, a.nbytes, MAP_WINDOW):
-            n = min(MAP_WINDOW, a.nbytes - start)
-            x, y = (np.frombuffer(m, np.uint8, n, t.file_span[1] + start) for m, t in zip(maps, (a, b)))
-            same = equal_bytes(x, y)
-            del x, y                          # (a map with views into it cannot be closed)
-            for m, t in zip(maps, (a, b)):
-                _drop_pages(m, t.file_span[1] + start, n)
-            if not same:
-                return False
-        return True
-
-
-def _drop_pages(m: mmap.mmap, start: int, n: int) -> None:
-    """Unmap the pages of bytes start .. start + n from the process (the page cache keeps
-    them), so that a compared window no longer counts to its resident set."""
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is not None:
-        first = start - start % mmap.PAGESIZE
-        m.madvise(advice, first, start + n - first)
-
-
 def _same_values(a: TensorRef, b: TensorRef) -> bool:
-    """Whether two tensors of one shape hold the same values: their bytes when they are
-    stored alike (an APR's lm_head copy), in place or slice by slice, else the decoded
-    values."""
+    """Whether two tensors of one shape hold the same values: their bytes, slice by slice,
+    when they are stored alike (an APR's lm_head copy), else the decoded values."""
     if a.dtype != b.dtype or a.nbytes != b.nbytes or a.rotary_heads != b.rotary_heads:
         return bool(np.array_equal(a.numpy(np.float32), b.numpy(np.float32)))
     if a.file_span is None or b.file_span is None:
         ra, rb = (np.asarray(t.raw()).reshape(-1).view(np.uint8) for t in (a, b))
         return all(equal_bytes(ra[i:i + COMPARE_CHUNK], rb[i:i + COMPARE_CHUNK])
                    for i in range(0, ra.size, COMPARE_CHUNK))
-    same = _equal_mapped(a, b)
-    if same is not None:
-        return same
+    # read, not mapped: pages of a large file do not stay resident once compared
     bufs = [bytearray(min(COMPARE_CHUNK, a.nbytes)) for _ in range(2)]
     with open(a.file_span[0], "rb", buffering=0) as fa, open(b.file_span[0], "rb", buffering=0) as fb:
         fa.seek(a.file_span[1])
@@ -347,7 +301,7 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
                 "was written")
     pending = None
     if verify == "background":
-        pending = in_background(f.verify_footer)
+        pending = _in_background(f.verify_footer)
     elif verify:
         info["checksum_valid"] = f.verify_footer()
         if not info["checksum_valid"]:
@@ -383,7 +337,7 @@ def _open_apr(path: Path, verify: bool) -> ModelView:
     return view
 
 
-def in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
+def _in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Run ``fn`` in a daemon thread (zlib's CRC releases the GIL, so it overlaps the caller's
     reads and writes); the returned function waits for it and returns its result or raises
     its exception."""

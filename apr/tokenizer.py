@@ -100,6 +100,10 @@ def pre_tokenizer_spec(pre_type: str | None) -> PreTokenizerSpec | None:
 # ---------------------------------------------------------------------------------------------
 
 MODEL_TYPES = ("BPE", "SPM")   # byte-level BPE; SentencePiece-style BPE (GGUF "llama")
+# token types matched in text before the model runs (HF added tokens), and the flags such a
+# token may carry (HF AddedToken's lstrip, rstrip, normalized)
+ADDED_TYPES = (CONTROL, USER_DEFINED, UNKNOWN)
+ADDED_TOKEN_FLAGS = ("lstrip", "rstrip", "normalized")
 
 
 @dataclass
@@ -152,16 +156,20 @@ class TokenizerData:
             raise ConfigError("SentencePiece tokenizer has neither scores nor merges")
         if not self.token_type:
             self.token_type = [NORMAL] * len(self.vocab)
-        self.lstrip, self.rstrip = frozenset(self.lstrip), frozenset(self.rstrip)
-        self.normalized = frozenset(self.normalized)
-        for name in ("lstrip", "rstrip", "normalized"):
-            outside = [i for i in getattr(self, name) if not 0 <= i < len(self.vocab)]
-            if outside:
-                raise ConfigError(f"tokenizer {name} token id {outside[0]} is outside the "
-                                  f"vocabulary (size {len(self.vocab)})")
         if len(self.token_type) != len(self.vocab):
             raise ConfigError(f"tokenizer has {len(self.vocab)} tokens but "
                               f"{len(self.token_type)} token types")
+        for name in ADDED_TOKEN_FLAGS:
+            ids = frozenset(getattr(self, name))
+            setattr(self, name, ids)
+            outside = [i for i in ids if not 0 <= i < len(self.vocab)]
+            if outside:
+                raise ConfigError(f"tokenizer {name} token id {outside[0]} is outside the "
+                                  f"vocabulary (size {len(self.vocab)})")
+            plain = sorted(i for i in ids if self.token_type[i] not in ADDED_TYPES)
+            if plain:
+                raise ConfigError(f"tokenizer {name} token id {plain[0]} ({self.vocab[plain[0]]!r}) "
+                                  "is not an added (control, user-defined or unknown) token")
         for name in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < len(self.vocab):
@@ -364,7 +372,7 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec | None, add_bos: b
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": i in td.lstrip,
               "rstrip": i in td.rstrip, "normalized": i in td.normalized,
               "special": types[i] != USER_DEFINED}
-             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED, UNKNOWN)]
+             for i in range(len(tokens)) if types[i] in ADDED_TYPES]
     post_processor: dict[str, Any] | None = (
         None if spec is None else _byte_level(use_regex=False, trim_offsets=False))
     bos = tokens[td.bos_token_id] if add_bos and td.bos_token_id is not None else None
@@ -567,7 +575,7 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
         raise UnsupportedError("tokenizer BPE with a subword prefix/suffix is not supported")
 
     by_id: dict[int, tuple[str, int]] = {int(i): (t, NORMAL) for t, i in model["vocab"].items()}
-    strip: dict[str, set[int]] = {"lstrip": set(), "rstrip": set(), "normalized": set()}
+    strip: dict[str, set[int]] = {name: set() for name in ADDED_TOKEN_FLAGS}
     for a in doc.get("added_tokens") or []:
         by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
         if a.get("single_word"):
@@ -683,7 +691,7 @@ def to_apr_metadata(td: TokenizerData) -> dict[str, Any]:
         "tokenizer.add_eos_token": True if td.add_eos_token else None,
         "tokenizer.chat_template": td.chat_template,
     }
-    for name in ("lstrip", "rstrip", "normalized"):
+    for name in ADDED_TOKEN_FLAGS:
         if getattr(td, name):
             meta[f"tokenizer.{name}_ids"] = sorted(getattr(td, name))
     if td.is_spm:
@@ -740,7 +748,7 @@ def from_apr_metadata(meta: Mapping[str, Any]) -> TokenizerData | None:
             if i is not None:
                 token_type[i] = CONTROL
     strip = {name: v.items(f"tokenizer.{name}_ids", int, default=[])
-             for name in ("lstrip", "rstrip", "normalized")}
+             for name in ADDED_TOKEN_FLAGS}
     return TokenizerData(
         vocab=vocab, merges=merges, **special, **spm_fields, **strip,
         model_type=model_type, pre_type=pre_type or None,
@@ -836,7 +844,7 @@ def llama_cpp_rstrip(name: str | None, vocab: list[str], token_type: list[int]) 
     lowered = (name or "").lower()
     if "phi-3" not in lowered and "phi3" not in lowered:
         return frozenset()
-    out = {i for i, t in enumerate(token_type) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
+    out = {i for i, t in enumerate(token_type) if t in ADDED_TYPES}
     ids = {tok: i for i, tok in enumerate(vocab)}
     if "</s>" in ids:
         out.add(ids["</s>"])

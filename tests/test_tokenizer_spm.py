@@ -490,3 +490,17 @@ def test_normalized_added_tokens_to_gguf_are_a_listed_change(models_dir, tmp_pat
     r = runner.invoke(cli.main, ["convert", str(d), "-o", str(tmp_path / "m.apr"), "--quiet"])
     assert r.exit_code == 0, r.output                       # APR keeps it: no change
     assert open_model(tmp_path / "m.apr").tokenizer.normalized == {eos}
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "normalized"])
+def test_an_apr_flag_on_a_token_that_is_not_added_is_refused(flag):
+    """tokenizer.<flag>_ids of an APR file name added tokens only (a plain token is never
+    matched in text before the model runs, so no tokenizer.json could say it)."""
+    doc = _with_added(_doc(None, {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, REPLACE]}), ["ba"], True, 262)
+    meta = json.loads(json.dumps(to_apr_metadata(from_hf_tokenizer_json(doc))))
+    assert from_apr_metadata(meta).normalized == {262}
+    for ids, match in [([2], "not an added"), ([263], "outside the vocabulary"), (["x"], "")]:
+        bad = {**meta, f"tokenizer.{flag}_ids": ids}
+        with pytest.raises(ConfigError, match=match):
+            from_apr_metadata(bad)

@@ -1,7 +1,6 @@
-"""The tied-copy check's byte comparison in place through memory maps
-(`apr.model._equal_mapped`, used by `_same_values`), checked against the files' bytes read
-directly; and `diff.compare`'s order of warnings and errors: A's before B's, also when A is
-slow to open."""
+"""Opening both files of a diff: the tied-copy check's byte comparison (`apr.model._same_values`)
+against the files' bytes read directly, and `diff.compare`'s order of warnings and errors:
+A's before B's, also when A is slow to open."""
 from __future__ import annotations
 
 import subprocess
@@ -27,41 +26,32 @@ def ref(path: Path, offset: int, nbytes: int, name: str = "t") -> TensorRef:
                      nbytes=nbytes, _raw=lambda: None, file_span=(path, offset))
 
 
-@pytest.mark.parametrize("window", [M.MAP_WINDOW, 4096 + 3, 64])
-def test_mapped_comparison_equals_what_the_bytes_say(tmp_path, monkeypatch, window):
-    """Spans of two files, equal or differing in one byte anywhere (first, last, a window's
+@pytest.mark.parametrize("chunk", [M.COMPARE_CHUNK, 4096 + 3, 64])
+def test_tied_copy_check_equals_what_the_bytes_say(tmp_path, monkeypatch, chunk):
+    """Spans of two files, equal or differing in one byte anywhere (first, last, a chunk's
     edge, the unaligned tail), against comparing the bytes read directly."""
-    monkeypatch.setattr(M, "MAP_WINDOW", window)
+    monkeypatch.setattr(M, "COMPARE_CHUNK", chunk)
     rng = np.random.default_rng(0)
-    n = 3 * 4096 + 10                                   # not a multiple of 8 or of a window
+    n = 3 * 4096 + 10                                   # not a multiple of 8 or of a chunk
     body = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"x" * 24 + body)
-    for flip in [None, 0, n - 1, window - 1, window, n - 3, n // 2]:
+    for flip in [None, 0, n - 1, chunk - 1, chunk, n - 3, n // 2]:
         other = bytearray(body)
         if flip is not None and flip < n:
             other[flip] ^= 0x40
         b.write_bytes(b"yy" + bytes(other) + b"zz")      # another offset in the other file
         expected = a.read_bytes()[24:24 + n] == b.read_bytes()[2:2 + n]
-        assert M._equal_mapped(ref(a, 24, n), ref(b, 2, n)) == expected, flip
         assert M._same_values(ref(a, 24, n), ref(b, 2, n)) == expected, flip
-        # and through its reads, where a file cannot be mapped
-        monkeypatch.setattr(M, "_equal_mapped", lambda *refs: None)
-        assert M._same_values(ref(a, 24, n), ref(b, 2, n)) == expected, flip
-        monkeypatch.undo()
-        monkeypatch.setattr(M, "MAP_WINDOW", window)
 
 
-def test_a_span_past_the_end_is_a_truncated_tensor_and_an_empty_file_is_read(tmp_path):
+def test_a_span_past_the_end_is_a_truncated_tensor_and_an_empty_span_is_equal(tmp_path):
     a = tmp_path / "a.bin"
     a.write_bytes(bytes(100))
-    with pytest.raises(FormatError, match="truncated"):
-        M._equal_mapped(ref(a, 0, 64), ref(a, 50, 64))
     with pytest.raises(FormatError, match="truncated"):
         M._same_values(ref(a, 0, 64), ref(a, 50, 64))
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    assert M._equal_mapped(ref(a, 0, 0), ref(empty, 0, 0)) is None     # an empty file cannot be mapped
     assert M._same_values(ref(a, 0, 0), ref(empty, 0, 0)) is True
 
 
