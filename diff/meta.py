@@ -23,8 +23,8 @@ import numpy as np
 from apr.config import ModelConfig
 from apr.errors import AprError
 from apr.model import ModelView
-from apr.tokenizer import (CONTROL, UNKNOWN, UNUSED, TokenizerData, build_tokenizer, is_row_pad,
-                           row_pad_start)
+from apr.tokenizer import (ADDED_TOKEN_FLAGS, CONTROL, UNKNOWN, UNUSED, TokenizerData, build_tokenizer,
+                           is_row_pad, row_pad_start)
 
 from .chat import render_chat
 
@@ -164,6 +164,11 @@ def _vocab_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
     return out
 
 
+_FLAG_MEANING = {"lstrip": "lstrip (swallow the whitespace before them)",
+                 "rstrip": "rstrip (swallow the whitespace after them)",
+                 "normalized": "normalized (matched in the normalized text, not the raw text)"}
+
+
 def _field_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFinding]:
     out = []
     if ta.model_type != tb.model_type:
@@ -181,19 +186,12 @@ def _field_findings(ta: TokenizerData, tb: TokenizerData) -> list[TokenizerFindi
                      min(len(ta.merges), len(tb.merges)))
         out.append(TokenizerFinding("merges", f"merges differ from #{first} "
                                               f"({len(ta.merges)} vs {len(tb.merges)})"))
-    for key in ("lstrip", "rstrip"):
+    for key in ADDED_TOKEN_FLAGS:
         x, y = getattr(ta, key), getattr(tb, key)
         if x != y:
             shown = ", ".join(f"{i} {(ta if i in x else tb).vocab[i]!r}" for i in sorted(x ^ y)[:SHOW])
-            out.append(TokenizerFinding(key, f"{len(x ^ y)} added tokens {key} (swallow the "
-                                             f"whitespace {'before' if key == 'lstrip' else 'after'} "
-                                             f"them) on one side only: {shown}"))
-    x, y = ta.normalized, tb.normalized
-    if x != y:
-        shown = ", ".join(f"{i} {(ta if i in x else tb).vocab[i]!r}" for i in sorted(x ^ y)[:SHOW])
-        out.append(TokenizerFinding("normalized", f"{len(x ^ y)} added tokens matched in the "
-                                                  f"normalized text on one side, in the raw text "
-                                                  f"on the other: {shown}"))
+            out.append(TokenizerFinding(key, f"{len(x ^ y)} added tokens {_FLAG_MEANING[key]} on "
+                                             f"one side only: {shown}"))
     for key in ("bos_token_id", "eos_token_id", "add_bos_token", "add_eos_token"):
         x, y = getattr(ta, key), getattr(tb, key)
         if x != y:
