@@ -24,13 +24,13 @@ import numpy as np
 from . import names
 from .config import Mismatch, ModelConfig
 from .container import AprFile
-from .dtypes import DTYPES as DTYPES_BY_NAME, DType, decode
+from .dtypes import DTYPES as DTYPES_BY_NAME, DType, _as_bytes, decode, nbytes as stored_nbytes
 from .errors import AprError, AprWarning, ConfigError, FormatError
 from .gguf_io import GgufFile
 from .layout import adjacent_to_halves
 from .safetensors_io import SafetensorsFile, hf_weight_files, read_json
 from .tokenizer import TokenizerData, from_apr_metadata, from_gguf_kv, from_hf_dir
-from .untrusted import is_file, path_kind
+from .untrusted import is_file, load_json, path_kind
 
 FORMATS = ("apr", "gguf", "safetensors", "hf")
 
@@ -69,15 +69,40 @@ class TensorRef:
         uses it so that pages of a large file do not stay resident once a tensor is done."""
         if self.file_span is None:
             return np.array(self._raw())
-        path, offset = self.file_span
-        flat = np.empty(self.nbytes, dtype=np.uint8)
-        with open(path, "rb", buffering=0) as f:
-            got = f.readinto(flat) if f.seek(offset) == offset else 0
-        if got != self.nbytes:
-            raise FormatError(f"{path}: tensor {self.source_name!r} is truncated")
+        flat = self._read_span(0, self.nbytes)
         if self.dtype.numpy is None:
             return flat
         return flat.view(self.dtype.numpy).reshape(self.shape)
+
+    def _read_span(self, start: int, size: int) -> np.ndarray:
+        """``size`` stored bytes from byte ``start`` of the tensor, read from its file."""
+        path, offset = self.file_span
+        flat = np.empty(size, dtype=np.uint8)
+        with open(path, "rb", buffering=0) as f:
+            got = f.readinto(flat) if f.seek(offset + start) == offset + start else 0
+        if got != size:
+            raise FormatError(f"{path}: tensor {self.source_name!r} is truncated")
+        return flat
+
+    def numpy_rows(self, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+        """Rows ``start`` .. ``stop`` - 1 of a 2-D tensor, decoded as `numpy` decodes them
+        (stored row order), reading only those rows' bytes where the storage keeps rows apart
+        (plain dtypes, GGML blocks, APR_Q4 with whole blocks per row); the same values as
+        ``numpy(dtype)[start:stop]``."""
+        rows, width = self.shape
+        one = stored_nbytes(self.dtype, (1, width))
+        if one * rows != self.nbytes:            # blocks or a scale that span rows (APR_Q8)
+            return self.numpy(dtype)[start:stop]
+        if self.file_span is not None:
+            data = self._read_span(start * one, (stop - start) * one)
+        else:
+            data = _as_bytes(self._raw())[start * one:stop * one]
+        values = decode(data, self.dtype, (stop - start, width))
+        if dtype is not None and values.dtype != dtype:
+            values = values.astype(dtype)
+        if self.offset:
+            values = values - values.dtype.type(self.offset)
+        return values
 
     def numpy(self, dtype=np.float32, order: str = "stored") -> np.ndarray:
         """Decoded values with the HF shape. order="hf" undoes a stored rotary permutation so
@@ -364,10 +389,7 @@ def _apply_origins(tensors: dict[str, TensorRef], recorded: Any, path: Path) -> 
     if recorded is None:
         return
     if isinstance(recorded, str):          # safetensors metadata holds strings only
-        try:
-            recorded = json.loads(recorded)
-        except ValueError:
-            raise FormatError(f"{path}: {names.DEQUANTIZED_KEY} is not JSON") from None
+        recorded = load_json(recorded, f"{path}: {names.DEQUANTIZED_KEY}")
     if not isinstance(recorded, dict):
         raise FormatError(f"{path}: {names.DEQUANTIZED_KEY} must map tensor names to dtype names")
     for name, dtype_name in recorded.items():
@@ -449,6 +471,11 @@ def _open_gguf(path: Path, verify: bool) -> ModelView:
             "embedding_rows": emb[0] if emb else None}
     if note:
         info["config_note"] = note
+    refused = config.gguf_refusals() if config is not None else []
+    if refused:     # what llama.cpp would not load (rope_freqs it ignores, biases it lacks...)
+        msg = f"{path}: llama.cpp would refuse this file or compute it otherwise: " + "; ".join(refused)
+        info.setdefault("warnings", []).append(msg)
+        warnings.warn(msg, AprWarning, stacklevel=3)
     return ModelView(path, "gguf", config, tok, kv, tensors, {}, info, [])
 
 

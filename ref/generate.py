@@ -131,8 +131,8 @@ def generate(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
     # built per call, so never older than the parameters; only for a generation long enough
     # to repay the build (a copy of every weight matrix: it costs about as much as
     # DECODE_LAYOUT_MIN_TOKENS single-token steps save), and not under bf16 products,
-    # which the decode layout does not round
-    use = max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS and model.matmul is None
+    # which the decode layout does not round, nor for a model streamed from its file
+    use = max_new_tokens >= DECODE_LAYOUT_MIN_TOKENS and model.matmul is None and not model.streamed
     weights = model.decode_weights() if use else None
     setup_seconds = time.perf_counter() - t0
     cache = model.new_kv_cache(1, len(prompt) + max_new_tokens)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from apr.names import EMBED, FINAL_NORM, LM_HEAD
 
 from . import kernels, ops, precision
 from .backend import Backend, array_module, blas_threads_settable, cpu_backend, single_threaded_blas
+from .weights import StreamedWeights
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -218,7 +219,10 @@ class Model:
                            "bf16 products need float32 master weights")
         self.matmul = matmul
         self.ops = kernels.ops_for(self.backend)     # ref.ops, or fused kernels on a GPU
-        self.params: dict[str, Array] = self._check_params(params)
+        # every parameter in memory, or (a model larger than its memory budget) read from the
+        # file a layer at a time (`ref.weights`): a StreamedWeights, for inference only
+        self.streamed = isinstance(params, StreamedWeights)
+        self.params: Mapping[str, Array] = params if self.streamed else self._check_params(params)
         self._names: dict[tuple[int, str], Optional[str]] = {}    # (layer, kind) -> name
 
     @classmethod
@@ -472,26 +476,31 @@ class Model:
         ``caches``: a list to receive every backward cache (training) or None (inference);
         ``hidden``: a list to receive the embedding output, every layer's output and the
         final norm's output (L + 2 arrays), or None."""
+        for x in self._trunk_stages(ids, start, kv, caches, dw):
+            if hidden is not None:
+                hidden.append(x)
+        return x
+
+    def _trunk_stages(self, ids: Array, start: int, kv: Optional[KVCache],
+                      caches: Optional[list], dw: Optional[DecodeWeights] = None) -> Iterator[Array]:
+        """`_trunk_forward` a stage at a time: yields the embedding output, each layer's
+        output and the final norm's output as each is computed."""
         x, c_embed = ops.embedding_forward(ids, self.params[EMBED], self.config.pad_token_id)
         if self.config.embed_scale != 1.0:           # Gemma: rows times sqrt(hidden_size)
             x = x * x.dtype.type(self.config.embed_scale)
         ropes = self._rope(start, ids.shape[1])
         layer_caches = []
-        if hidden is not None:
-            hidden.append(x)
+        yield x
         for i in range(self.config.num_layers):
             x, c_attn = self._attention_forward(i, x, *ropes[i], kv, dw)
             x, c_mlp = self._mlp_forward(i, x, dw)
             if caches is not None:
                 layer_caches.append((c_attn, c_mlp))
-            if hidden is not None:
-                hidden.append(x)
+            yield x
         x, c_norm = self._norm_forward(x, self.params[FINAL_NORM])
-        if hidden is not None:
-            hidden.append(x)
         if caches is not None:
             caches.extend([c_embed, layer_caches, c_norm])
-        return x
+        yield x
 
     def _trunk_backward(self, dx: Array, caches: list, grads: dict[str, Array]) -> None:
         """Backward through final norm, layers (last to first) and embedding; fills ``grads``
@@ -507,8 +516,15 @@ class Model:
         grads[EMBED] = ops.embedding_backward(dx, c_embed, grads.get(EMBED))   # tied: added in place
 
     def _head_forward(self, x: Array, dw: Optional[DecodeWeights] = None) -> tuple[Array, tuple]:
-        """The output projection, soft-capped where the config says (Gemma 2)."""
-        if dw is None:
+        """The output projection, soft-capped where the config says (Gemma 2). Streamed, it
+        is multiplied a block of its rows at a time (no backward cache then)."""
+        if self.streamed:
+            blocks = []
+            for w in self.lm_head.blocks():
+                blocks.append(precision.linear_forward(x, w, None, self.matmul)[0])
+                del w                   # before the next block is read: one held at a time
+            logits, c_head = self.backend.xp.concatenate(blocks, axis=-1), None
+        elif dw is None:
             logits, c_head = precision.linear_forward(x, self.lm_head, None, self.matmul)
         else:
             logits, c_head = dw.linear(x, (dw.head, None)), None
@@ -535,6 +551,16 @@ class Model:
         x = self._trunk_forward(self._ids(ids), 0, None, None, hidden)
         logits, _ = self._head_forward(x)
         return (logits, hidden) if capture_hidden else logits
+
+    def stages(self, ids: Any) -> Iterator[Array]:
+        """`forward(ids, capture_hidden=True)` a stage at a time, as each is computed: the
+        L + 2 hidden states (embeddings, each decoder layer's output, the final norm's
+        output), then the logits. Two models read this way in step hold one layer each at a
+        time when streamed (`diff`)."""
+        x = None
+        for x in self._trunk_stages(self._ids(ids), 0, None, None):
+            yield x
+        yield self._head_forward(x)[0]
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = ops.IGNORE_INDEX) -> float:
         """Mean cross-entropy of the logits for ``ids`` against ``targets`` (same shape,
@@ -626,6 +652,9 @@ class Model:
         """The current parameters in the decode layout (`DecodeWeights`) for `forward_step`.
         Build them again after any change of the parameters: they are copies. Not with
         bf16 products (``matmul``): the decode layout multiplies in the parameters' dtype."""
+        if self.streamed:
+            raise AprError("decode weights are a copy of every parameter: not for a model "
+                           "streamed from its file")
         if self.matmul is not None:
             raise AprError(f"decode weights multiply in {self.dtype}; this model's products are "
                            f"{self.matmul} (use forward_step without weights)")
@@ -639,7 +668,7 @@ class Model:
         return only the last position's logits, (batch, 1, vocab). ``weights``: from
         `decode_weights` of this model (the same numbers in fewer, larger products); a step
         of one new token of one sequence on the CPU then takes `_step_forward`."""
-        if weights is not None and weights.params is not self.params:
+        if weights is not None and (self.streamed or weights.params is not self.params):
             raise AprError("forward_step: the decode weights were built for another model")
         ids = self._ids(ids)
         b, t = ids.shape

@@ -56,6 +56,7 @@ class QaContext:
     max_ppl: float | None
     min_tps: float | None
     gguf: bool
+    max_memory: str | None = None        # --max-memory (None: the default budget)
     view: ModelView | None = None
     model: Any = None
     tokenizer: Any = None
@@ -133,8 +134,9 @@ def gate_tensors(ctx: QaContext):
     wrong = [m for m in view.mismatches() if m.kind in ("missing", "shape")]
     problems = [f"{m.name} missing" if m.kind == "missing" else f"{m.name} shape {list(m.found)} != "
                 f"{list(m.expected)}" for m in wrong]
+    skip = {m.name for m in wrong}
     for name in cfg.tensor_shapes():
-        if any(m.name == name for m in wrong):
+        if name in skip:
             continue
         values = view.tensors[name].numpy(np.float32)
         if not np.isfinite(values).all():
@@ -172,8 +174,8 @@ def gate_tied_embeddings(ctx: QaContext):
 
 def gate_forward(ctx: QaContext):
     view = _need_config(ctx)
-    from ref.load import model_from_view
-    ctx.model = model_from_view(view)
+    from ref.load import model_from_view, plan_memory
+    ctx.model = model_from_view(view, memory=plan_memory(view, max_memory=ctx.max_memory))
     ids = ctx.sample_ids or list(range(min(32, view.config.vocab_size)))
     arr = np.array([ids])
     logits = ctx.model.forward(arr)
@@ -264,8 +266,9 @@ def sample_text() -> str:
 
 
 def run_qa(path: str | Path, max_ppl: float | None = None, min_tps: float | None = None,
-           gguf: bool = True, progress: Callable[[Gate], None] | None = None) -> QaReport:
-    ctx = QaContext(Path(path), max_ppl, min_tps, gguf)
+           gguf: bool = True, progress: Callable[[Gate], None] | None = None,
+           max_memory: str | None = None) -> QaReport:
+    ctx = QaContext(Path(path), max_ppl, min_tps, gguf, max_memory)
     report = QaReport(str(path), True)
     for name, fn in GATES:
         t = time.perf_counter()

@@ -1,0 +1,155 @@
+"""Where a reference model's parameters are while it runs.
+
+A model whose parameters fit its memory budget holds them all, converted to the compute
+dtype, in a dict (`ref.load.model_from_view`). One that does not gets a `StreamedWeights`:
+the parameters stay in the file in their stored dtype (F32, BF16, F16, quantized blocks),
+and a decoder layer's are converted (dequantized) when the layer runs and dropped when the
+next layer starts. The two vocabulary-sized matrices are never converted whole: the
+embedding gives the rows of the tokens asked for, the output projection blocks of rows
+(`RowReader`). The model reads both kinds through the same Mapping (``params[name]``), and
+the ops never know where a weight came from. On a GPU a layer's weights are copied to the
+device when it runs.
+
+Streamed values are the same numbers as loaded ones: each tensor is converted by the same
+function (`TensorRef.numpy`), a row or a block of rows of it by the same elementwise
+conversion, so logits, hidden states and decoded tokens are bit-identical.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from apr import names
+from apr.config import ModelConfig
+from apr.errors import AprError
+from apr.model import ModelView
+
+from .backend import Backend
+from .memory import format_size
+
+EMBED, LM_HEAD = names.EMBED, names.LM_HEAD
+# the output projection is multiplied a block of rows at a time, each at most this large
+HEAD_BLOCK_BYTES = 32 << 20
+
+
+@dataclass
+class MemoryPlan:
+    """How a model's parameters will be held, and why: ``streamed`` when their compute-dtype
+    size exceeds the budget."""
+    budget: int
+    source: str              # where the budget came from ("--max-memory", "default: ...")
+    total: int               # every parameter in the compute dtype
+    largest_layer: int       # the largest decoder layer's parameters in the compute dtype
+    streamed: bool
+
+    @classmethod
+    def of(cls, config: ModelConfig, dtype: Any, budget: int, source: str) -> "MemoryPlan":
+        size = np.dtype(dtype).itemsize
+        per_layer: dict[int | None, int] = {}
+        for name, shape in config.tensor_shapes().items():
+            layer = names.layer_of(name)
+            per_layer[layer] = per_layer.get(layer, 0) + math.prod(shape) * size
+        total = sum(per_layer.values())
+        largest = max((n for layer, n in per_layer.items() if layer is not None), default=0)
+        return cls(budget, source, total, largest, total > budget)
+
+    @property
+    def peak_weights(self) -> int:
+        """Weight bytes held at once: all of them, or one layer plus a head block."""
+        return self.largest_layer + HEAD_BLOCK_BYTES if self.streamed else self.total
+
+    def describe(self) -> str:
+        what = (f"parameters {format_size(self.total)} > budget {format_size(self.budget)} "
+                f"({self.source}): streamed from the file a layer at a time, about "
+                f"{format_size(self.peak_weights)} of weights held at once"
+                if self.streamed else
+                f"parameters {format_size(self.total)} within budget {format_size(self.budget)} "
+                f"({self.source}): held in memory")
+        if self.streamed and self.largest_layer > self.budget:
+            what += f" (one layer, {format_size(self.largest_layer)}, is more than the budget)"
+        return "memory: " + what
+
+
+class RowReader:
+    """A (rows, columns) matrix of the file, read a row or a block of rows at a time in the
+    compute dtype: ``reader[ids]`` gathers rows (an embedding lookup), ``blocks()`` yields
+    consecutive blocks (an output projection)."""
+
+    def __init__(self, ref, backend: Backend, dtype: Any):
+        self.ref, self.backend, self.dtype = ref, backend, np.dtype(dtype)
+        self.shape = tuple(ref.shape)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, ids: Any) -> Any:
+        host = np.asarray(self.backend.to_numpy(ids)).astype(np.int64, copy=False)
+        unique, inverse = np.unique(host.reshape(-1), return_inverse=True)
+        rows = np.empty((len(unique), self.shape[1]), dtype=self.dtype)
+        for j, i in enumerate(unique.tolist()):
+            rows[j] = self.ref.numpy_rows(i, i + 1, self.dtype)[0]
+        return self.backend.to_device(rows[inverse.reshape(host.shape)], self.dtype)
+
+    def blocks(self) -> Iterator[Any]:
+        """Consecutive blocks of rows, in order, each at most HEAD_BLOCK_BYTES, on the device."""
+        n, width = self.shape
+        step = max(1, HEAD_BLOCK_BYTES // max(1, width * self.dtype.itemsize))
+        for start in range(0, n, step):
+            yield self.backend.to_device(self.ref.numpy_rows(start, min(n, start + step), self.dtype),
+                                         self.dtype)
+
+
+class StreamedWeights(Mapping):
+    """The parameters of ``config.tensor_shapes()`` read from ``view`` when used: a decoder
+    layer's converted on first use and kept until a parameter of another layer is asked for;
+    the embedding and output projection as `RowReader`s; the rest (the final norm) converted
+    once. Read-only: a streamed model is for inference."""
+
+    def __init__(self, view: ModelView, config: ModelConfig, backend: Backend, dtype: Any):
+        self.view, self.config, self.backend, self.dtype = view, config, backend, np.dtype(dtype)
+        self.shapes = config.tensor_shapes()
+        missing = [n for n in self.shapes if n not in view.tensors]
+        if missing:
+            raise AprError(f"parameters do not match the config: missing {len(missing)} "
+                           f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        self.layer_of = {name: names.layer_of(name) for name in self.shapes}
+        self.layer_names: dict[int, list[str]] = {}
+        for name, layer in self.layer_of.items():
+            if layer is not None:
+                self.layer_names.setdefault(layer, []).append(name)
+        self.readers = {name: RowReader(view.tensors[name], backend, dtype)
+                        for name in (EMBED, LM_HEAD) if name in self.shapes}
+        self.resident = {name: self._convert(name) for name, layer in self.layer_of.items()
+                         if layer is None and name not in self.readers}
+        self.layer: int | None = None        # the layer whose parameters are in `current`
+        self.current: dict[str, Any] = {}
+        self.loads = 0                       # layers converted so far (tests, progress)
+
+    def _convert(self, name: str) -> Any:
+        host = self.view.tensors[name].numpy(self.dtype, order="stored")
+        return self.backend.to_device(host, self.dtype)
+
+    def _enter(self, layer: int) -> None:
+        self.current = {}                    # the previous layer's arrays go before the next come
+        self.layer = None
+        self.current = {name: self._convert(name) for name in self.layer_names[layer]}
+        self.layer = layer
+        self.loads += 1
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.resident:
+            return self.resident[name]
+        if name in self.readers:
+            return self.readers[name]
+        layer = self.layer_of[name]          # KeyError for a name the config does not have
+        if layer != self.layer:
+            self._enter(layer)
+        return self.current[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
