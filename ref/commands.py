@@ -202,6 +202,14 @@ def one_report(fn: Callable) -> Callable:
               help="Train even below the tokens-per-parameter floor (20 from scratch, 0.1 fine-tune).")
 @click.option("--allow-untrained-init", is_flag=True,
               help="Fine-tune even when the init model is no better than chance at step 0.")
+@click.option("--max-memory", metavar="SIZE", default=None,
+              help="Memory the run may use (e.g. 12G, 512M): before step 1 the peak of a step "
+                   "(weights, gradients, AdamW state, activations) is estimated and a run above "
+                   "it refused, naming the flags that would make it fit. Default: half the "
+                   "memory the machine has available (on a GPU: 90% of its free memory); under "
+                   "mpirun, for the ranks of one machine together.")
+@click.option("--allow-memory-overrun", is_flag=True,
+              help="Train even when the estimated peak memory exceeds --max-memory.")
 @click.option("--resume", type=click.Path(), help="A run directory (its latest checkpoint) or "
               "a checkpoint to continue from.")
 @click.option("--stop-after", type=click.IntRange(min=0), default=None,
@@ -217,14 +225,19 @@ def pretrain_command(ctx: click.Context, **values: Any) -> None:
     """Train a model from scratch (--arch) or fine-tune one (--init) on a corpus, with every
     data and configuration gate checked before step 1."""
     from .train import RunConfig, resume_run, start_run, train
+    from .memory import parse_size
     quiet, as_json = values["quiet"], values["as_json"]
     progress, log = show_progress(quiet), log_lines(quiet)
+    if values["max_memory"] is not None:
+        parse_size(values["max_memory"])        # a bad size is refused before anything runs
+    memory = {"max_memory": values["max_memory"],
+              "allow_memory_overrun": values["allow_memory_overrun"]}
     if values["resume"]:
         given = _given(ctx, values)
         shape = _shape(values)
         if shape:
             given["shape"] = shape
-        run = resume_run(values["resume"], given, progress=progress, log=log)
+        run = resume_run(values["resume"], given, progress=progress, log=log, **memory)
     else:
         missing = [f"--{n.replace('_', '-')}" for n in ("dataset", "run_dir") if not values[n]]
         if missing:
@@ -232,7 +245,7 @@ def pretrain_command(ctx: click.Context, **values: Any) -> None:
         mode = values["mode"] or ("fine-tune" if values["init"] else "from-scratch")
         fields = {n: values[n] for n in TRAIN_OPTION_FIELDS if n != "mode"}
         cfg = RunConfig(mode=mode, shape=_shape(values), **fields)
-        run = start_run(cfg, force=values["force"], progress=progress, log=log)
+        run = start_run(cfg, force=values["force"], progress=progress, log=log, **memory)
     summary = train(run, stop_after=values["stop_after"], progress=progress, log=log)
     if not run.main:
         return                          # rank 0 reports for a data-parallel run

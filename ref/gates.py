@@ -7,6 +7,10 @@
 * ``--device cuda`` without a usable GPU (no CPU fallback);
 * a tokenizer with more tokens than the model's ``vocab_size``; a ``--seq-length`` above
   ``max_position_embeddings``; a shape flag that disagrees with the ``--init`` file;
+* memory: the estimated peak of a step (`ref.train_memory`: weights, gradients, AdamW state,
+  activations) above the budget, ``--max-memory`` or by default half the memory the machine
+  has available (`ref.memory`), unless ``--allow-memory-overrun``; the refusal names the
+  flags that would make it fit;
 * data starvation: planned training tokens (steps x batch x seq) per parameter below
   `FROM_SCRATCH_MIN_TOKENS_PER_PARAM` (20, the compute-optimal ratio of Hoffmann et al. 2022)
   from scratch, or below `FINE_TUNE_MIN_TOKENS_PER_PARAM` (0.1) for a fine-tune, unless
@@ -34,9 +38,11 @@ from apr.tokenizer import TokenizerData
 
 from .backend import Backend, get_backend
 from .data import PreparedData, TrainBatches, required_steps, tokenizer_hash
+from .memory import format_size
 from .precision import PRECISIONS
 from .run import (DEFAULT_LR, MODES, PATH_FIELDS, RESUME_OVERRIDABLE, RunConfig, flag,
                   flag_value)
+from .train_memory import MemoryEstimate
 
 FROM_SCRATCH_MIN_TOKENS_PER_PARAM = 20.0
 FINE_TUNE_MIN_TOKENS_PER_PARAM = 0.1
@@ -147,6 +153,26 @@ def gate_tokens_per_param(cfg: RunConfig, params: int) -> None:
         f"{planned:,} training tokens is {planned / params:.3g} tokens per parameter for "
         f"{params:,} parameters; {kind} needs at least {floor:g}: raise --steps to {need:,} "
         f"(or --batch-size/--seq-length), use a smaller model, or pass --allow-data-starvation")
+
+
+def gate_memory(estimate: MemoryEstimate, budget: int, where: str, fixes: list[str],
+                allow: bool) -> None:
+    """Refuse a run whose estimated peak memory exceeds the budget, unless
+    --allow-memory-overrun; ``where``: the budget's source, ``fixes``: the flags that would
+    make the run fit (`ref.train_memory.what_fits`)."""
+    if estimate.peak <= budget or allow:
+        return
+    process = estimate.part("process")
+    if fixes:
+        change = f"use {' or '.join(fixes)}, "
+    elif process >= budget:
+        change = f"no run fits (the process alone holds {format_size(process)} already): "
+    else:
+        change = "use a smaller model (no single flag brings it within the budget), "
+    raise GateError(
+        f"memory: training needs an estimated {estimate.describe()} at its peak, above the "
+        f"budget of {format_size(budget)} ({where}): {change}raise --max-memory, or pass "
+        "--allow-memory-overrun")
 
 
 def gate_data(data: PreparedData, td: TokenizerData, config: ModelConfig, where: str) -> None:

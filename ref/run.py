@@ -193,6 +193,8 @@ class RunPlan:
     val_batches: int
     ln_vocab: float
     device: str
+    # the memory gate's estimate and budget (`ref.train.check_memory`): peak_bytes, parts, ...
+    memory: Optional[dict[str, Any]] = None
 
 
 @dataclass

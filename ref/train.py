@@ -49,16 +49,17 @@ from apr.errors import AprError, ConfigError, UnsupportedError
 from apr.model import ModelView, open_model
 from apr.tokenizer import TokenizerData
 
-from .backend import Backend, blas_threads
+from .backend import Backend, blas_threads, blas_threads_settable
 from .checkpoint import (CHECKPOINT_FORMAT, TrainingError, checkpoint_path, find_resume_checkpoint,
                          last_checkpoint, stop_error, write_checkpoint)
 from .data import (DataPosition, PreparedData, TrainBatches, is_prepared, load_tokenizer,
                    open_prepared, prepare_dataset, read_manifest, tokenizer_hash,
                    validation_batches)
 from .gates import (GateError, check_shape_flags, gate_data, gate_device, gate_init_loss,
-                    gate_resume_overrides, gate_seq_length, gate_tokens_per_param,
+                    gate_memory, gate_resume_overrides, gate_seq_length, gate_tokens_per_param,
                     gate_train_supply, gate_vocab, min_tokens_per_param, resolve_config)
 from .load import model_from_view
+from .memory import format_size
 from .model import Model
 from .optim import clip_grad_norm
 from .parallel import MpiCollectives, NcclCollectives, World, params_digest, world
@@ -66,6 +67,8 @@ from .plot import plot_losses
 from .run import (BEST, CKPT_DIR, DATA_DIR, FINAL, METRICS, PLOT, RUN_JSON, SHAPE_FIELDS,
                   MetricsLog, Run, RunConfig, RunPlan, RunSummary, StepRecord, Timings,
                   TrainState, atomic_text)
+from .train_memory import (StepShape, estimate_training_memory, process_rss,
+                           resolve_training_budget, what_fits)
 from .zero import ShardedAdamW, make_optimizer, optimizer_state_nbytes
 
 __all__ = [
@@ -148,8 +151,50 @@ def resolve_data(cfg: RunConfig, td: TokenizerData, run_dir: Path,
     return target.resolve()
 
 
+def step_workers(w: Optional[World]) -> int:
+    """Threads `Model.loss_and_grads` may split a step's rows over on this rank: on the CPU
+    as many as its BLAS has (each of them then single-threaded); ranks of a data-parallel
+    run already share the cores, so one each."""
+    return 1 if w is not None and w.size > 1 else blas_threads()
+
+
+def _ranks_on_host(w: World) -> int:
+    """The ranks of the run on this rank's host (their memory adds up); collective."""
+    if w.size == 1 or w.comm is None:
+        return 1
+    from mpi4py import MPI
+    node = w.comm.Split_type(MPI.COMM_TYPE_SHARED, key=w.rank)
+    try:
+        return node.Get_size()
+    finally:
+        node.Free()
+
+
+def check_memory(cfg: RunConfig, config: ModelConfig, backend: Backend, w: World,
+                 max_memory: Optional[str], allow: bool) -> dict[str, Any]:
+    """The memory gate (`ref.gates.gate_memory`): the estimated peak of a step against the
+    budget (``--max-memory``, or the default of `ref.train_memory.resolve_training_budget`),
+    judged on rank 0 alone (each rank's reading of the free memory differs) for every rank.
+    Returns the plan's ``memory`` entry."""
+    threads = step_workers(w) if backend.xp is np and blas_threads_settable() else 1
+    shape = StepShape(batch=cfg.batch_size, seq=cfg.seq_length, dtype=cfg.dtype, threads=threads,
+                      ranks=w.size, zero=cfg.zero,
+                      ranks_here=1 if backend.is_gpu else _ranks_on_host(w), gpu=backend.is_gpu)
+
+    def judge() -> dict[str, Any]:
+        budget, where = resolve_training_budget(max_memory, backend.is_gpu)
+        process = 0 if backend.is_gpu else process_rss()
+        estimate = estimate_training_memory(config, shape, process)
+        fixes = what_fits(config, shape, process, budget) if estimate.peak > budget else []
+        gate_memory(estimate, budget, where, fixes, allow)
+        return {**estimate.to_dict(), "estimate": estimate.describe(), "budget_bytes": budget,
+                "budget": where, "device": "gpu" if backend.is_gpu else "host",
+                "over_budget": estimate.peak > budget}
+    return _on_main(w, judge)
+
+
 def make_plan(cfg: RunConfig, config: ModelConfig, data: PreparedData, batches: TrainBatches,
-              backend: Backend) -> RunPlan:
+              backend: Backend, memory: Optional[dict[str, Any]] = None) -> RunPlan:
     params = config.param_count()
     planned = cfg.steps * cfg.global_batch * cfg.seq_length
     return RunPlan(
@@ -159,7 +204,7 @@ def make_plan(cfg: RunConfig, config: ModelConfig, data: PreparedData, batches: 
         planned_epochs=cfg.steps / batches.batches_per_epoch,
         train_batches_per_epoch=batches.batches_per_epoch, val_tokens=len(data.val),
         val_batches=cfg.val_batches, ln_vocab=math.log(config.vocab_size),
-        device=backend.description)
+        device=backend.description, memory=memory)
 
 
 def _owned_params(model: Model) -> None:
@@ -184,7 +229,8 @@ def _wrap_notice(cfg: RunConfig, log: Callable[[str], None]) -> Callable[[int], 
 def _assemble_run(cfg: RunConfig, *, backend: Backend, tokenizer: TokenizerData,
                   config: ModelConfig, data: PreparedData, view: Optional[ModelView],
                   state: TrainState, log: Callable[[str], None],
-                  init_format: Optional[str] = None, resumed_from: Optional[Path] = None) -> Run:
+                  init_format: Optional[str] = None, resumed_from: Optional[Path] = None,
+                  memory: Optional[dict[str, Any]] = None) -> Run:
     """The run that `start_run` and `resume_run` both end in, with the data's gates in their
     order: the data fits the tokenizer and the embedding, the train split supplies the steps,
     the validation split its batches. The batches go on from ``state``'s data position; the
@@ -214,15 +260,19 @@ def _assemble_run(cfg: RunConfig, *, backend: Backend, tokenizer: TokenizerData,
     return Run(cfg=cfg, run_dir=Path(cfg.run_dir), backend=backend, tokenizer=tokenizer, world=world(),
                model=model, optimizer=optimizer, schedule=cfg.schedule(), data=data,
                batches=batches, val=val, state=state,
-               plan=make_plan(cfg, config, data, batches, backend), init_format=init_format,
+               plan=make_plan(cfg, config, data, batches, backend, memory),
+               init_format=init_format,
                resumed_from=str(resumed_from) if resumed_from is not None else None)
 
 
 def start_run(cfg: RunConfig, *, force: bool = False, progress: bool = False,
-              log: Callable[[str], None] = lambda s: None) -> Run:
+              log: Callable[[str], None] = lambda s: None, max_memory: Optional[str] = None,
+              allow_memory_overrun: bool = False) -> Run:
     """Check every gate, prepare data, build the model and evaluate step 0. Under mpirun,
     every rank checks the same gates; rank 0 alone prepares the run directory and the data
-    and the others read what it made."""
+    and the others read what it made. ``max_memory``: --max-memory (a size as people write
+    it; None: the default budget); the memory gate is the machine's, not the run's, so it is
+    not part of `RunConfig` and a resumed run takes it from its own command line."""
     w = world()
     log = log if w.main else _quiet
     cfg = resolve_config(dataclasses.replace(cfg, ranks=w.size))
@@ -234,12 +284,14 @@ def start_run(cfg: RunConfig, *, force: bool = False, progress: bool = False,
         gate_vocab(td, config, cfg)
         gate_seq_length(cfg, config)
         gate_tokens_per_param(cfg, config.param_count())
+        memory = check_memory(cfg, config, backend, w, max_memory, allow_memory_overrun)
         data_dir = _on_main(w, lambda: (prepare_run_dir(run_dir, force),
                                         str(resolve_data(cfg, td, run_dir, progress)))[1])
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir), data_dir=data_dir)
         run = _assemble_run(cfg, backend=backend, tokenizer=td, config=config,
                             data=open_prepared(cfg.data_dir), view=init, state=TrainState(),
-                            log=log, init_format=init.format if init is not None else None)
+                            log=log, init_format=init.format if init is not None else None,
+                            memory=memory)
     finally:
         if init is not None:
             init.close()
@@ -301,7 +353,8 @@ def _on_main(w: World, work: Callable[[], Any]) -> Any:
 
 
 def resume_run(path: str, given: dict[str, Any] | None = None, *, progress: bool = False,
-               log: Callable[[str], None] = lambda s: None) -> Run:
+               log: Callable[[str], None] = lambda s: None, max_memory: Optional[str] = None,
+               allow_memory_overrun: bool = False) -> Run:
     """Rebuild a run from a checkpoint (or RUN_DIR's latest) so that it continues exactly (with
     the same number of ranks; with another, the global batch changes and the data goes on
     from the same sequence, as near as the new batch allows)."""
@@ -339,13 +392,15 @@ def resume_run(path: str, given: dict[str, Any] | None = None, *, progress: bool
         if td is None:
             raise GateError(f"--resume {ckpt}: no embedded tokenizer")
         gate_tokens_per_param(cfg, config.param_count())
+        memory = check_memory(cfg, config, backend, w, max_memory, allow_memory_overrun)
         data = open_prepared(cfg.data_dir)
         if data.manifest.content_hash != meta.get("training.data_hash"):
             raise GateError(f"--resume {ckpt}: the data in {cfg.data_dir} changed since the "
                             "checkpoint (content hash differs); restore it or start a new run")
         run = _assemble_run(cfg, backend=backend, tokenizer=td, config=config, data=data,
                             view=view, state=state, log=log,
-                            init_format=meta.get("original_format"), resumed_from=ckpt)
+                            init_format=meta.get("original_format"), resumed_from=ckpt,
+                            memory=memory)
     finally:
         view.close()
     if run.main:
@@ -386,6 +441,12 @@ def log_plan(run: Run, log: Callable[[str], None]) -> None:
         f"{allowed}; {p.unique_tokens_per_param:.3g} unique train tokens/parameter; "
         f"{p.planned_epochs:.3g} passes over the train split")
     log(f"device: {p.device}")
+    if p.memory:
+        mem = p.memory
+        over = (" (above it: allowed by --allow-memory-overrun)" if mem["over_budget"] else "")
+        where = " of GPU memory" if mem["device"] == "gpu" else ""
+        log(f"memory: estimated peak {mem['estimate']} of a {format_size(mem['budget_bytes'])}"
+            f"{where} budget ({mem['budget']}){over}")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -446,10 +507,7 @@ class _Leg:
         self.run, self.progress, self.log = run, progress, log
         self.timings = Timings()
         self.first_step, self.prior_seconds = run.state.step, run.state.seconds
-        # on the CPU, the rank's rows in as many threads as its BLAS has (each of them then
-        # single-threaded: `Model.loss_and_grads`); ranks of a data-parallel run already
-        # share the cores, so one each
-        self.workers = 1 if run.world is not None and run.world.size > 1 else blas_threads()
+        self.workers = step_workers(run.world)      # threads of Model.loss_and_grads
         self.start = time.perf_counter()
         self.metrics = MetricsLog(run.run_dir / METRICS) if run.main else None
         self.bar = progress_bar(progress, total=run.cfg.steps, initial=run.state.step,

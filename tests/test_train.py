@@ -168,6 +168,11 @@ GATES = {
                         ["tokenized with another tokenizer", "prepare-data"]),
     "no arch": (lambda ws: ["--dataset", ws / "data", "--tokenizer", ws / "tokenizer.json"],
                 ["needs --arch PRESET"]),
+    "memory over budget": (lambda ws: small(ws, "--steps", 5, "--batch-size", 256,
+                                            "--seq-length", 256, "--max-memory", "600M"),
+                           ["memory: training needs an estimated", "activations",
+                            "above the budget of 600.0 MiB (--max-memory)", "use --batch-size ",
+                            " or --seq-length ", "raise --max-memory", "--allow-memory-overrun"]),
 }
 
 
