@@ -49,6 +49,7 @@ FLAG_COLUMN_MAJOR = 0x0800
 # data offset, header CRC, 20 reserved bytes
 _HEADER = struct.Struct("<4sBBHIQIQQI20s")
 _ENTRY_FIXED = 2 + 1 + 1 + 8 + 8            # name length, dtype, ndim, offset, size
+_ENTRY_MAX = _ENTRY_FIXED + MAX_NAME_BYTES + 8 * MAX_NDIM
 _CRC_CHUNK = 16 * 1024 * 1024
 
 # aprender serializes these known keys even when unset, with its serde defaults.
@@ -529,6 +530,9 @@ def _parse_header(path: Path, head: bytes, size: int) -> tuple:
     if count * _ENTRY_FIXED > data_off - index_off:
         raise FormatError(f"{path}: {count} tensors cannot fit in a {data_off - index_off}-byte "
                           "index")
+    if data_off - index_off > pad64(count * _ENTRY_MAX):     # checked before the index is read
+        raise FormatError(f"{path}: data offset {data_off} leaves a {data_off - index_off}-byte "
+                          f"index, longer than {count} tensor entries can be")
     return fields
 
 

@@ -5,6 +5,7 @@ GgufFile for why) and memory-maps the data."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -198,14 +199,22 @@ class GgufFile:
         for name, ne, ggml_type, offset in infos:
             dtype = dtype_from_ggml(ggml_type)
             shape = check_shape(tuple(int(d) for d in reversed(ne)), f"{where}: tensor {name!r}")
-            n = nbytes(dtype, shape)
+            n = nbytes(dtype, shape)              # Python ints; offsets are u64 in the file
             start = data_start + offset
             if start + n > size:
                 raise FormatError(f"{where}: truncated: tensor {name!r} ends at byte {start + n} "
                                   f"but the file has {size} bytes")
+            if offset % align:
+                raise FormatError(f"{where}: tensor {name!r}: offset {offset} is not a multiple of "
+                                  f"the alignment {align}")
             if name in self.entries:
                 raise FormatError(f"{where}: tensor {name!r} appears twice")
             self.entries[name] = GgufEntry(name, dtype, shape, start, n)
+        by_offset = sorted((e for e in self.entries.values() if e.nbytes), key=lambda e: e.offset)
+        for a, b in zip(by_offset, by_offset[1:]):
+            if a.offset + a.nbytes > b.offset:
+                raise FormatError(f"{where}: tensors {a.name!r} and {b.name!r} overlap (bytes "
+                                  f"{a.offset}-{a.offset + a.nbytes} and {b.offset}-{b.offset + b.nbytes})")
 
     def raw(self, name: str) -> np.ndarray:
         """Stored bytes, memory-mapped: a typed view with the row-major shape for plain dtypes,
@@ -297,7 +306,7 @@ def write_gguf(path: str | os.PathLike, arch: str, kv: Iterable[tuple[str, Any, 
             if t.dtype.numpy is not None:
                 w.add_tensor_info(t.name, t.shape, t.dtype.numpy, t.nbytes, raw_dtype=t.dtype.ggml)
             else:
-                row_bytes = t.nbytes // max(1, int(np.prod(t.shape[:-1], dtype=np.int64)))
+                row_bytes = t.nbytes // max(1, math.prod(t.shape[:-1]))
                 w.add_tensor_info(t.name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8), t.nbytes,
                                   raw_dtype=t.dtype.ggml)
         w.write_header_to_file()

@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .dtypes import DType, dtype_by_name
+from .dtypes import DType, dtype_by_name, nbytes
 from .errors import ConfigError, FormatError, UnsupportedError
-from .untrusted import Values, describe, is_file, load_json, load_json_object, path_kind, read_text
+from .untrusted import (Values, check_offset, describe, is_file, load_json, load_json_object, path_kind,
+                        read_text)
 
 MAX_HEADER = 100 * 1024 * 1024
 # safetensors dtype strings we read and write (our DType names coincide)
@@ -66,23 +67,31 @@ class SafetensorsFile:
             try:
                 dt = v.get("dtype", str)
                 shape = tuple(v.items("shape", int, default=[None]))
-                offsets = v.items("data_offsets", int)
+                offsets = v.get("data_offsets", list)
             except ConfigError as err:
                 raise FormatError(str(err)) from None
             if dt is None or offsets is None or len(offsets) != 2 or None in shape or any(d < 0 for d in shape):
                 raise FormatError(f"{where}: tensor {name!r}: malformed header entry") from None
-            b, e = offsets
+            # byte offsets are 64-bit (a 5 GB shard), checked against the file's size below
+            b, e = (check_offset(x, f"data_offsets[{i}]", f"{where}: tensor {name!r}")
+                    for i, x in enumerate(offsets))
             if dt not in SAFETENSORS_DTYPES:
                 raise UnsupportedError(f"{where}: tensor {name!r} has dtype {dt}, not supported")
             dtype = dtype_by_name(dt)
             expect = math.prod(shape) * dtype.numpy.itemsize          # Python ints: no wrap-around
-            if e - b != expect or b < 0:
+            if e - b != expect:
                 raise FormatError(f"{where}: tensor {name!r}: {e - b} bytes for shape {list(shape)} {dt} "
                                   f"(expected {expect})")
             if self.data_start + e > size:
                 raise FormatError(f"{where}: truncated: tensor {name!r} ends at byte {self.data_start + e} "
                                   f"but the file has {size} bytes")
             self.entries[name] = SafetensorsEntry(name, dtype, shape, self.data_start + b, self.data_start + e)
+        by_begin = sorted((x for x in self.entries.values() if x.end > x.begin), key=lambda x: x.begin)
+        for x, y in zip(by_begin, by_begin[1:]):
+            if x.end > y.begin:
+                raise FormatError(f"{where}: tensors {x.name!r} and {y.name!r} overlap (data_offsets "
+                                  f"[{x.begin - self.data_start}, {x.end - self.data_start}] and "
+                                  f"[{y.begin - self.data_start}, {y.end - self.data_start}])")
         self._mm: np.memmap | None = None
 
     def raw(self, name: str) -> np.ndarray:
@@ -103,23 +112,31 @@ class StTensor:
     data: Callable[[], np.ndarray]
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Iterable[StTensor],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Stream tensors into a safetensors file at `path` (the caller makes it atomic)."""
-    tensors = list(tensors)
+def safetensors_header(tensors: list[StTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The first bytes of a safetensors file holding ``tensors`` in this order: the header's
+    length (u64) and the header, space-padded to a multiple of 8. Offsets are exact Python
+    ints (a shard of several GB has offsets past 2^32)."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for t in tensors:
         if t.dtype.name not in SAFETENSORS_DTYPES:
             raise UnsupportedError(f"safetensors cannot store {t.dtype.name} (tensor {t.name!r})")
-        n = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.numpy.itemsize
-        header[t.name] = {"dtype": t.dtype.name, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        n = nbytes(t.dtype, t.shape)
+        header[t.name] = {"dtype": t.dtype.name, "shape": [int(d) for d in t.shape],
+                          "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Iterable[StTensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Stream tensors into a safetensors file at `path` (the caller makes it atomic)."""
+    tensors = list(tensors)
+    head = safetensors_header(tensors, metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for t in tensors:
             arr = np.asarray(t.data())
             if arr.dtype != t.dtype.numpy or tuple(arr.shape) != tuple(t.shape):

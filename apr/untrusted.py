@@ -16,6 +16,9 @@ from .errors import ConfigError, FormatError
 
 # Counts and sizes beyond this are not a model a reference can run (and would wrap int64).
 MAX_SIZE = 2 ** 31 - 1
+# Byte offsets and byte sizes in a file are 64-bit (a published shard holds 2-5 GB); each
+# reader also checks them against the file's real size (`check_offset`).
+MAX_OFFSET = 2 ** 63 - 1
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                list: "a list", dict: "an object"}
@@ -135,6 +138,18 @@ def read_text(path: str | os.PathLike, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def check_offset(value: Any, key: str, where: str, limit: int = MAX_OFFSET) -> int:
+    """A byte offset or byte size read from a file, as an int (no bool) in [0, ``limit``]:
+    a reader passes the size of the region the bytes must lie in (the file, its data
+    section), not a plausibility bound, so a 5 GB shard's offsets pass and a value past the
+    end of the file is one FormatError naming ``where`` and ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FormatError(f"{where}: {key} is {describe(value)}, expected a byte offset (an integer)")
+    if not 0 <= value <= min(limit, MAX_OFFSET):
+        raise FormatError(f"{where}: {key} = {value} is outside [0, {min(limit, MAX_OFFSET)}]")
+    return value
 
 
 def check_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
