@@ -227,11 +227,20 @@ _bench_dtype_opt = click.option(
                             "bfloat16 operands in the linear layers' products).")
 
 
-def _load(model_path: str, device: str, compute: str, quiet: bool = True):
+_memory_opt = click.option(
+    "--max-memory", metavar="SIZE", default=None,
+    help="Memory the model's weights may take, e.g. 4G or 512M (default: half the memory "
+         "available). A model larger than this runs streamed: its weights stay in the file "
+         "and are converted a layer at a time (same logits, slower).")
+
+
+def _load(model_path: str, device: str, compute: str, quiet: bool = True,
+          max_memory: str | None = None):
     from ref.load import load_model
     from ref.precision import matmul_precision
+    say = None if quiet else (lambda line: click.echo(line, err=True))
     model, view = load_model(model_path, device=device, dtype=_compute_dtype(compute),
-                             matmul=matmul_precision(compute))
+                             matmul=matmul_precision(compute), max_memory=max_memory, say=say)
     if device == "auto" and not quiet:
         click.echo(f"device: {model.backend.description}", err=True)
     return model, view
@@ -256,7 +265,14 @@ def _tokenizer(view, tokenizer_path: str | None):
 
 def _encode_prompt(tok, prompt: str, no_bos: bool) -> list[int]:
     """The prompt's ids as the model's own tokenizer gives them (llama.cpp and transformers put
-    BOS in front when the tokenizer says add_bos_token); ``no_bos`` leaves it out."""
+    BOS in front when the tokenizer says add_bos_token); ``no_bos`` leaves it out. A prompt
+    that is not UTF-8 (bytes the shell passed as they were) is an AprError."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:     # the command line's bytes, kept as surrogate escapes
+        bad = prompt[e.start]
+        what = f"byte 0x{ord(bad) - 0xDC00:02X}" if 0xDC80 <= ord(bad) <= 0xDCFF else repr(bad)
+        raise AprError(f"the prompt is not UTF-8 text ({what} at character {e.start})") from None
     return tok.encode(prompt, add_special_tokens=not no_bos).ids
 
 
@@ -293,16 +309,17 @@ def _token_ids(view, tokens: str | None, prompt: str | None, tokenizer_path: str
 @click.option("--top", default=5, show_default=True, help="Show the top N next tokens per position.")
 @_device_opt
 @_cdtype_opt
+@_memory_opt
 @_json_opt
 @handle_errors
 def logits(model_path, tokens, prompt, no_bos, tokenizer_path, output, force, top, device, compute,
-           as_json):
+           max_memory, as_json):
     """Logits of the reference model for a token sequence."""
     import numpy as np
     from apr.atomic import atomic_file, check_output
     if output:
         check_output(output, force)
-    model, view = _load(model_path, device, compute, quiet=as_json)
+    model, view = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
     ids = _token_ids(view, tokens, prompt, tokenizer_path, no_bos)
     out = model.backend.to_numpy(model.forward(np.array([ids])))[0]
     if output:
@@ -334,23 +351,32 @@ def logits(model_path, tokens, prompt, no_bos, tokenizer_path, output, force, to
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely (0: all).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Sampling seed (0 or more).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(),
               help="tokenizer.json or HF directory, for a model without an embedded tokenizer.")
 @_no_bos_opt
 @_device_opt
 @_cdtype_opt
+@_memory_opt
 @_json_opt
 @handle_errors
 def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokenizer_path, no_bos,
-        device, compute, as_json):
+        device, compute, max_memory, as_json):
     """Generate a continuation of PROMPT with the reference model (KV cache)."""
     from ref.generate import generate
-    model, view = _load(model_path, device, compute, quiet=as_json)
+    model, view = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
     td, tok = _tokenizer(view, tokenizer_path)
     ids = _encode_prompt(tok, prompt, no_bos)
     if not ids:
         raise AprError("the prompt encodes to no tokens")
+    context = view.config.max_position_embeddings
+    if len(ids) + max_tokens > context:         # said before any token is generated
+        room = f"use --max-tokens {context - len(ids)} or less" if len(ids) < context else \
+            "shorten the prompt"
+        raise AprError(f"the prompt ({len(ids)} tokens) and --max-tokens {max_tokens} need "
+                       f"{len(ids) + max_tokens} positions; the model's context is {context} "
+                       f"(max_position_embeddings): {room}")
     eos = [t for t in (td.eos_token_id,) if t is not None]
     res = generate(model, ids, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, eos_ids=eos)
@@ -373,15 +399,17 @@ def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokeniz
 @click.option("--warmup", default=1, show_default=True, help="Iterations run first and not measured.")
 @_device_opt
 @_bench_dtype_opt
+@_memory_opt
 @_json_opt
 @handle_errors
-def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, compute, as_json):
+def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, compute, max_memory,
+          as_json):
     """Prefill and decode speed of the reference model (greedy, KV cache)."""
     import numpy as np
     from ref.generate import generate
     if iterations < 1 or prompt_tokens < 1 or gen_tokens < 1 or warmup < 0:
         raise AprError("--iterations, --prompt-tokens and --gen-tokens must be >= 1, --warmup >= 0")
-    model, view = _load(model_path, device, compute, quiet=as_json)
+    model, view = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
     cfg = view.config
     if prompt_tokens + gen_tokens > cfg.max_position_embeddings:
         raise AprError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds "
@@ -420,9 +448,10 @@ def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, com
 @click.option("--max-ppl", type=float, default=None, help="Fail if perplexity on a text sample exceeds this.")
 @click.option("--min-tps", type=float, default=None, help="Fail if decode tokens/s is below this.")
 @click.option("--no-gguf", is_flag=True, help="Skip the GGUF export gate (llama.cpp).")
+@_memory_opt
 @_json_opt
 @handle_errors
-def qa(model_path, max_ppl, min_tps, no_gguf, as_json):
+def qa(model_path, max_ppl, min_tps, no_gguf, max_memory, as_json):
     """Gates a model file must pass: format, metadata, tokenizer, tensors, tied embeddings,
     forward, golden output, throughput, GGUF export. Exit 1 if any gate fails."""
     from pathlib import Path
@@ -439,7 +468,11 @@ def qa(model_path, max_ppl, min_tps, no_gguf, as_json):
 
     if not as_json:
         click.echo(f"qa {model_path}")
-    report = run_qa(model_path, max_ppl=max_ppl, min_tps=min_tps, gguf=not no_gguf, progress=show)
+    if max_memory is not None:
+        from ref.memory import parse_size
+        parse_size(max_memory)           # a bad size is bad input, before any gate runs
+    report = run_qa(model_path, max_ppl=max_ppl, min_tps=min_tps, gguf=not no_gguf, progress=show,
+                    max_memory=max_memory)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:

@@ -113,6 +113,8 @@ def _logits_lines(lg: R.LogitsReport) -> list[str]:
     head = (f"logits: {len(lg.tokens)} tokens, {lg.dtype}: max |Δ| {lg.max_abs:.2e}, rel L2 "
             f"{lg.rel_l2:.2e} (tolerance {lg.tolerance:.1e}), KL {lg.kl_mean:.2e} (max "
             f"{lg.kl_max:.2e}), top-1 agreement {lg.top1_agreement:.0%}")
+    if lg.streamed:
+        head += f" ({' and '.join(lg.streamed)} streamed from the file a layer at a time)"
     lines = [head, f"  {lg.message}"]
     if not lg.agree:
         lines += [f"    {s.stage:<12} rel L2 {s.rel_l2:.2e}  max |Δ| {s.max_abs:.2e}"
@@ -138,14 +140,20 @@ def format_report(report: R.DiffReport, show_all: bool = False, pattern: str | N
 def _check_outputs(a: str, b: str, report_path: str | None, plot_path: str | None) -> None:
     """--report and --plot are two different files, neither of them an input nor inside an
     input directory (an HF model's own files)."""
+    import os
     from pathlib import Path
     from apr.errors import AprError
+
+    def resolve(p: str) -> Path:       # a symbolic link loop is the readers' error to give
+        return Path(os.path.realpath(p))
     outs = [(opt, p) for opt, p in (("--report", report_path), ("--plot", plot_path)) if p]
-    if len(outs) == 2 and Path(report_path).resolve() == Path(plot_path).resolve():
+    if not outs:
+        return
+    if len(outs) == 2 and resolve(report_path) == resolve(plot_path):
         raise AprError(f"--report and --plot both name {report_path}")
-    inputs = {Path(x).resolve() for x in (a, b)}
+    inputs = {resolve(x) for x in (a, b)}
     for opt, p in outs:
-        out = Path(p).resolve()
+        out = resolve(p)
         if out in inputs or any(i.is_dir() and i in out.parents for i in inputs):
             raise AprError(f"{opt} {p} is, or is inside, a model compared: write it elsewhere")
         if Path(p).is_dir():
@@ -155,9 +163,13 @@ def _check_outputs(a: str, b: str, report_path: str | None, plot_path: str | Non
 @click.command("diff")
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
-@click.option("--logits/--no-logits", default=None,
-              help="Compare the reference models' logits (default: when both files hold a "
-                   "model of at most 100M parameters).")
+@click.option("--logits/--no-logits", default=True, show_default=True,
+              help="Compare the reference models' logits, layer by layer (whenever both files "
+                   "hold a model, at any size: models larger than memory run streamed from "
+                   "their files).")
+@click.option("--max-memory", metavar="SIZE", default=None,
+              help="Memory both models' weights may take together, e.g. 8G (default: half the "
+                   "memory available); a model larger than its half runs streamed.")
 @click.option("--tokens", default=None, help="Token ids to run, e.g. 1,2,3.")
 @click.option("--prompt", default=None, help="Text to run, encoded with an embedded tokenizer.")
 @click.option("--all", "show_all", is_flag=True, help="List identical tensors too.")
@@ -174,7 +186,7 @@ def _check_outputs(a: str, b: str, report_path: str | None, plot_path: str | Non
 @handle_errors
 def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt: str | None,
                  show_all: bool, pattern: str | None, limit: int, as_json: bool, quiet: bool,
-                 report_path: str | None, plot_path: str | None) -> None:
+                 report_path: str | None, plot_path: str | None, max_memory: str | None) -> None:
     """Compare two model files (APR, GGUF, .safetensors or HF directory) and name the
     defect class and the tensor. Exit 0: equivalent; 1: a defect; 2: unreadable input."""
     from apr.errors import AprError
@@ -186,11 +198,14 @@ def diff_command(a: str, b: str, logits: bool | None, tokens: str | None, prompt
             re.compile(pattern)
         except re.error as e:
             raise AprError(f"--filter {pattern!r}: {e}") from None
+    if max_memory is not None:
+        from ref.memory import parse_size
+        parse_size(max_memory)
     _check_outputs(a, b, report_path, plot_path)
     if plot_path is not None and logits is False:
         raise AprError("--plot draws the logits' divergence curve: drop --no-logits")
     report = compare(a, b, logits=True if plot_path is not None else logits, prompt=prompt,
-                     progress=show_progress(quiet),
+                     progress=show_progress(quiet), max_memory=max_memory,
                      tokens=None if tokens is None else parse_token_ids(tokens))
     from .html import write_outputs
     write_outputs(report, report_path, plot_path)

@@ -15,8 +15,8 @@ from apr.model import ModelView, open_model
 from . import relations
 from .ahead import BytesAhead
 from . import report as R
-from .logits import (AUTO_MAX_PARAMS, DEFAULT_TOKENS, SHORT_TOKENS, compare_logits, default_tokens,
-                     param_count, run_dtype)
+from .logits import (DEFAULT_TOKENS, SHORT_TOKENS, compare_logits, default_tokens, param_count,
+                     run_dtype)
 from .meta import compare_configs, compare_tokenizers, layout_notes, metadata_only
 from .tensors import compare_tensors, tensor_bytes
 from .values import lossiest
@@ -58,23 +58,20 @@ def _full_model(v: ModelView) -> bool:
     return v.config is not None
 
 
-def run_logits(va: ModelView, vb: ModelView, logits: bool | None, tokens: Sequence[int] | None,
-               prompt: str | None, tensors: list[R.TensorFinding], config: list[R.ConfigFinding]) -> R.LogitsReport:
-    """logits: True runs them whenever both files hold a model; None (auto) also skips a
-    model above AUTO_MAX_PARAMS parameters; False skips them."""
+def run_logits(va: ModelView, vb: ModelView, logits: bool, tokens: Sequence[int] | None,
+               prompt: str | None, tensors: list[R.TensorFinding], config: list[R.ConfigFinding],
+               max_memory: str | None = None, progress: bool = False) -> R.LogitsReport:
+    """logits: True runs them whenever both files hold a model, at any size (a model larger
+    than its half of ``max_memory`` streamed from its file); False skips them."""
     if logits is False:
         return R.LogitsReport(ran=False, note="skipped (--no-logits)")
     missing = [s for s, v in (("A", va), ("B", vb)) if not _full_model(v)]
     if missing:
         who = "A and B hold" if len(missing) == 2 else f"{missing[0]} holds"
         return R.LogitsReport(ran=False, note=f"{who} no model architecture: logits not compared")
-    params = param_count(va, vb)
-    if logits is None and params > AUTO_MAX_PARAMS:
-        return R.LogitsReport(ran=False, note=f"skipped: {params / 1e6:.0f}M parameters "
-                                              "(pass --logits to run them in float32)")
-    dtype = run_dtype(params)
+    dtype = run_dtype(param_count(va, vb))
     ids = resolve_tokens(va, vb, tokens, prompt, short=dtype == np.float32)
-    return compare_logits(va, vb, ids, dtype, tensors, config)
+    return compare_logits(va, vb, ids, dtype, tensors, config, max_memory, progress)
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -182,11 +179,13 @@ def summarize(path: str | os.PathLike, v: ModelView) -> R.FileSummary:
 
 def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool | None = True,
             tokens: Sequence[int] | None = None, prompt: str | None = None,
-            progress: bool = False, ahead: bool = True) -> R.DiffReport:
+            progress: bool = False, ahead: bool = True,
+            max_memory: str | None = None) -> R.DiffReport:
     """Compare two model files (APR, GGUF, .safetensors or HF directory), B against A.
 
-    logits: True compares the reference models' logits when both files hold a model; None
-    does so only up to AUTO_MAX_PARAMS parameters; False never. tokens: the ids to run
+    logits: True (or None) compares the reference models' logits when both files hold a
+    model, of any size: models larger than their half of ``max_memory`` (--max-memory; None:
+    the default budget) run streamed from their files, in lockstep; False never. tokens: the ids to run
     (default: a fixed sequence valid for both vocabularies); prompt: text encoded with an
     embedded tokenizer instead. ahead: compare the tensors' bytes in a child process while
     both files are opened (two large models, where a fork is safe). Raises
@@ -207,7 +206,8 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
         config = compare_configs(va.config, vb.config)
         tokenizer = compare_tokenizers(va, vb)
         t2 = time.perf_counter()
-        lg = run_logits(va, vb, logits, tokens, prompt, tensors, config)
+        lg = run_logits(va, vb, logits is not False, tokens, prompt, tensors, config, max_memory,
+                        progress)
         t3 = time.perf_counter()
         notes = layout_notes(va, vb)
         if lg.note:

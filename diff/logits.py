@@ -1,33 +1,38 @@
 """Both reference models on the same token ids: logits, and where they start to differ.
 
-Each file runs in its own stored layout (`ref.load.model_from_view`), A first, then B; only
-A's logits and hidden states are kept while B runs. When the logits disagree, the hidden
-states (embeddings, each decoder layer's output, the final norm) locate the first stage that
-diverges, and that stage is tied to the tensor findings of that layer. When no tensor
-finding explains it, each differing config key is tried on B with A's value: if B then
-agrees, that key is the confirmed culprit (a wrong rope_theta or rms_norm_eps with identical
-tensors shows up only here).
+Each file runs in its own stored layout (`ref.load.model_from_view`). A and B run in
+lockstep, a stage at a time (`Model.stages`: the embeddings, each decoder layer, the final
+norm, the logits), so that two models larger than memory, streamed from their files, each
+hold one layer's weights at a time; the hidden states of both are kept (a few rows each).
+When the logits disagree, the hidden states locate the first stage that diverges, and that
+stage is tied to the tensor findings of that layer. When no tensor finding explains it,
+each differing config key is tried on B with A's value: if B then agrees, that key is the
+confirmed culprit (a wrong rope_theta or rms_norm_eps with identical tensors shows up only
+here).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Any, Sequence
 
 import numpy as np
 
 from apr import names
+from apr.console import progress_bar
 from apr.errors import AprError
 from apr.model import ModelView
 from ref.backend import cpu_backend
 from ref.load import model_from_view
+from ref.memory import resolve_budget
 from ref.model import Model
+from ref.weights import MemoryPlan
 
 from .report import ROUNDING, ConfigFinding, LogitsReport, StageDelta, TensorFinding
 from .values import dtype_tolerance, rel_l2
 
 DEFAULT_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
 SHORT_TOKENS = 8                     # for a float32 run of a large model
-AUTO_MAX_PARAMS = 100_000_000        # by default, logits only for models up to this size
 FLOAT64_MAX_PARAMS = 50_000_000      # float64 up to this size, float32 above
 LOGIT_FACTOR = 10.0                  # logits may differ this many times the worst tensor tolerance
 LOGIT_FLOOR = {np.float64: 1e-9, np.float32: 1e-5}
@@ -57,11 +62,33 @@ def run_dtype(params: int) -> Any:
     return np.float64 if params <= FLOAT64_MAX_PARAMS else np.float32
 
 
+def _host(model: Model, x: Any) -> np.ndarray:
+    return np.asarray(model.backend.to_numpy(x)[0], np.float64)
+
+
+def _run(outputs: list[np.ndarray]) -> Run:
+    return Run(outputs[-1], outputs[:-1])
+
+
 def _forward(model: Model, ids: Sequence[int]) -> Run:
-    logits, hidden = model.forward(np.asarray([ids], dtype=np.int64), capture_hidden=True)
-    host = model.backend.to_numpy
-    return Run(np.asarray(host(logits)[0], np.float64),
-               [np.asarray(host(h)[0], np.float64) for h in hidden])
+    return _run([_host(model, x) for x in model.stages(np.asarray([ids], dtype=np.int64))])
+
+
+def _lockstep(model_a: Model, model_b: Model, ids: Sequence[int], progress: bool) -> tuple[Run, Run]:
+    """Both models' stages (`Model.stages`), A's and B's of the same index one after the
+    other (a model with fewer layers finishes first), with a bar over the stages."""
+    arr = np.asarray([ids], dtype=np.int64)
+    out_a: list[np.ndarray] = []
+    out_b: list[np.ndarray] = []
+    stages = max(m.config.num_layers for m in (model_a, model_b)) + 3
+    with progress_bar(progress, total=stages, unit="stage", desc="logits") as bar:
+        for xa, xb in zip_longest(model_a.stages(arr), model_b.stages(arr)):
+            if xa is not None:
+                out_a.append(_host(model_a, xa))
+            if xb is not None:
+                out_b.append(_host(model_b, xb))
+            bar.update(1)
+    return _run(out_a), _run(out_b)
 
 
 def _stage_names(num_layers: int) -> list[tuple[str, int | None]]:
@@ -147,9 +174,12 @@ class _CannotRun(Exception):
     """A side's tensors do not make a model its config describes."""
 
 
-def _build(side: str, view: ModelView, dtype: Any) -> Model:
+def _build(side: str, view: ModelView, dtype: Any, budget: tuple[int, str]) -> Model:
+    """``side``'s model, streamed from its file when it does not fit ``budget`` (bytes, and
+    where the figure came from)."""
     try:
-        return model_from_view(view, cpu_backend(), dtype)
+        config = view.check_runnable()
+        return model_from_view(view, cpu_backend(), dtype, memory=MemoryPlan.of(config, dtype, *budget))
     except AprError as e:
         raise _CannotRun(f"{side} cannot be run: {e}") from None
 
@@ -180,22 +210,28 @@ def _explain(rep: LogitsReport, findings: list[TensorFinding], config: list[Conf
 
 
 def compare_logits(va: ModelView, vb: ModelView, ids: Sequence[int], dtype: Any,
-                   findings: list[TensorFinding], config: list[ConfigFinding]) -> LogitsReport:
-    """Run both models on `ids` and compare (see the module notes)."""
+                   findings: list[TensorFinding], config: list[ConfigFinding],
+                   max_memory: str | None = None, progress: bool = False) -> LogitsReport:
+    """Run both models on `ids` and compare (see the module notes). ``max_memory``: the
+    budget of both models together (--max-memory; None: the default), half each."""
     tol = logit_tolerance(findings, dtype)
     rep = LogitsReport(ran=True, tokens=list(ids), dtype=np.dtype(dtype).name, tolerance=tol)
+    budget, source = resolve_budget(max_memory)
     with np.errstate(all="ignore"):      # inf/nan weights: reported below, not as warnings
-        return _compare_logits(rep, va, vb, ids, dtype, findings, config, tol)
+        return _compare_logits(rep, va, vb, ids, dtype, findings, config, tol,
+                               (budget // 2, f"half of {source}"), progress)
 
 
 def _compare_logits(rep: LogitsReport, va: ModelView, vb: ModelView, ids: Sequence[int], dtype: Any,
-                    findings: list[TensorFinding], config: list[ConfigFinding], tol: float) -> LogitsReport:
+                    findings: list[TensorFinding], config: list[ConfigFinding], tol: float,
+                    budget: tuple[int, str], progress: bool) -> LogitsReport:
     try:
-        ra = _forward(_build("A", va, dtype), ids)
-        model_b = _build("B", vb, dtype)
+        model_a = _build("A", va, dtype, budget)
+        model_b = _build("B", vb, dtype, budget)
     except _CannotRun as e:
         return LogitsReport(ran=False, note=str(e), tokens=list(ids))
-    rb = _forward(model_b, ids)
+    rep.streamed = [side for side, m in (("A", model_a), ("B", model_b)) if m.streamed]
+    ra, rb = _lockstep(model_a, model_b, ids, progress)
     _logit_metrics(rep, ra, rb)
     rep.stages = _stages(ra, rb)
     rep.agree = ra.logits.shape == rb.logits.shape and rep.rel_l2 <= tol \

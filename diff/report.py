@@ -126,6 +126,7 @@ class LogitsReport:
     culprit_config: list[str] = field(default_factory=list)
     confirmed: bool = False         # re-running B with A's config values makes them agree
     message: str = ""
+    streamed: list[str] = field(default_factory=list)   # sides whose weights were read a layer at a time
 
 
 @dataclass

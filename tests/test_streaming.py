@@ -203,3 +203,28 @@ def test_qwen2_7b_width_streamed_against_transformers(tmp_path):
         got = model.forward(np.array([ids]))[0]
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel <= 1e-4, rel
+
+
+def test_diff_streamed_in_lockstep_matches_loaded():
+    """`diff` with a budget below two layers per model runs both sides streamed, in
+    lockstep, and says what the loaded run says: the same logit and stage numbers, the same
+    first divergent layer and tensor, for a transposed square weight in the last layer."""
+    from diff import compare
+    from diff import report as R
+    from test_diff_helpers import MODELS, clean, hf_tensors, layer_name, write_variant
+    family = "llama"
+    last = MODELS[family]["layers"] - 1
+    name = layer_name(last, "self_attn.o_proj.weight")
+    t = hf_tensors(family)
+    t[name] = np.ascontiguousarray(t[name].T)
+    b = write_variant("gguf", family, t, {})
+    loaded = compare(clean(family, "hf"), b)
+    streamed = compare(clean(family, "hf"), b, max_memory="8K")
+    assert streamed.logits.streamed == ["A", "B"] and loaded.logits.streamed == []
+    for rep in (loaded, streamed):
+        assert rep.diagnosis.cls == R.TRANSPOSED and rep.diagnosis.tensors[0] == name
+        assert rep.logits.first_divergent_layer == last and name in rep.logits.culprit_tensors
+    assert [(s.stage, s.rel_l2, s.max_abs) for s in loaded.logits.stages] == \
+        [(s.stage, s.rel_l2, s.max_abs) for s in streamed.logits.stages]
+    assert (loaded.logits.rel_l2, loaded.logits.kl_mean, loaded.logits.top1_agreement) == \
+        (streamed.logits.rel_l2, streamed.logits.kl_mean, streamed.logits.top1_agreement)
