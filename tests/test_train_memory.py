@@ -73,7 +73,8 @@ def test_estimate_matches_what_a_step_allocates(name, workers):
 def test_estimate_against_a_real_runs_peak_rss(ws, tmp_path):
     """A 30M-parameter model (120 MB of float32 weights, 480 MB with gradients and AdamW
     state) and a batch whose activations are a third of the whole: the run's peak RSS above
-    the process at the gate is within 15% of the estimate of that (measured: 0.98)."""
+    the process at the gate is at most 10% above the estimate of that, and at most 20%
+    below (measured: 0.89; the arrays alone 0.98, the estimate adds 10% for the allocator)."""
     hwm = ("import atexit, sys\n"
            "def hwm():\n"
            "    for line in open('/proc/self/status'):\n"
@@ -96,23 +97,22 @@ def test_estimate_against_a_real_runs_peak_rss(ws, tmp_path):
     assert mem["parts"]["weights"] == 4 * json.loads(r.stdout)["params"]
     estimated, measured = mem["peak_bytes"] - process, peak_rss - process
     assert mem["parts"]["activations"] > estimated / 4
-    assert 0.85 <= measured / estimated <= 1.15, (measured, estimated, mem["parts"])
+    assert 0.8 <= measured / estimated <= 1.1, (measured, estimated, mem["parts"])
 
 
 def test_qwen2_0_5b_shape():
     """A Qwen2.5-0.5B step: 494,032,768 parameters, so 1.84 GiB each of weights and
     gradients and 3.68 of AdamW state in float32. `pretrain --arch qwen2-0.5b --batch-size 1
     --seq-length 256 --steps 2` (one BLAS thread) peaked at 8,832 MiB VmHWM with 53 MiB
-    at the gate; at that size the optimizer step is the peak (AdamW's temporaries the size
-    of the 545 MB embedding), from 1 x 1024 the backward."""
+    at the gate."""
     config = preset("qwen2-0.5b")
     est = estimate_training_memory(config, StepShape(1, 256, "f32"), 53 << 20)
     assert est.part("weights") == 4 * 494_032_768
     assert est.part("gradients") == est.part("weights")
     assert est.part("AdamW") == 2 * est.part("weights")
-    assert est.phase == "step" and 0.9 <= (8832 << 20) / est.peak <= 1.1
+    assert 0.9 <= (8832 << 20) / est.peak <= 1.1
     long = estimate_training_memory(config, StepShape(1, 1024, "f32"))
-    assert long.phase == "backward" and 2 * GiB < long.part("activations") < 4 * GiB
+    assert 2 * GiB < long.part("activations") < 4 * GiB
     two = estimate_training_memory(config, StepShape(2, 256, "f32", threads=2))
     assert two.part("gradients") == 2 * est.part("gradients")     # one set per thread
     zero = estimate_training_memory(config, StepShape(1, 256, "f32", ranks=4, zero=1))
