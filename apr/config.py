@@ -18,7 +18,8 @@ from .names import (ACTIVATIONS, APR_INERT_KEYS, APR_INERT_PREFIXES, APR_KEY_ALI
                     ATTENTION_BIAS_KEY, EMBED, FAMILIES, FULL_ATTENTION, GGUF_CONFIG_KEYS,
                     GGUF_DEFAULT_ONLY, GGUF_INERT_KEYS, GGUF_INERT_PREFIXES, GGUF_KEY_LENGTH_KEY,
                     GGUF_ATTN_SOFTCAP_KEY, GGUF_FINAL_SOFTCAP_KEY, GGUF_ROPE_BASE_SWA_KEY, GGUF_ROPE_DIM_KEY,
-                    GGUF_ROPE_SCALING_FACTOR, GGUF_ROPE_SCALING_TYPE, GGUF_SLIDING_WINDOW_KEY,
+                    GGUF_ROPE_SCALING_FACTOR, GGUF_ROPE_SCALING_TYPE, GGUF_SLIDING_PATTERN_KEY,
+                    GGUF_SLIDING_WINDOW_KEY, GGUF_ROPE_FREQS,
                     GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY, HF_CONFIG_KEYS,
                     HF_DEFAULT_ONLY, HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_ADJACENT, ROPE_HALVES,
                     LM_HEAD, PAD_KEY, SLIDING_ATTENTION, TIED_KEY, family_from_any, kinds_for,
@@ -197,6 +198,33 @@ def _llama_cpp_query_scalar(family: str, num_layers: int, hidden: int, heads: in
     model (known by its layer count), head_dim otherwise (llama.cpp reads no
     query_pre_attn_scalar key)."""
     return hidden // heads if num_layers == _LLAMA_CPP_27B_LAYERS.get(family) else head_dim
+
+
+def _gguf_gemma_windows(v: Values, a: dict[str, str], vals: dict[str, Any], fam: str,
+                        where: str) -> None:
+    """The sliding layers of llama.cpp's gemma2/gemma3: sliding_window_pattern (a bool per
+    layer, or n: every n-th layer full; default 2 and 6) with sliding_window (gemma2: 4096
+    when absent; gemma3: no sliding layer at all when absent or 0)."""
+    family = FAMILIES[fam]
+    window = v.get(GGUF_SLIDING_WINDOW_KEY.format(**a), int)
+    if family.local_rope and not window:
+        vals["layer_types"], vals["sliding_window"] = (), 0
+        return
+    key = GGUF_SLIDING_PATTERN_KEY.format(**a)
+    pattern = v.data.get(key)
+    n = vals["num_layers"]
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != n or not all(isinstance(x, bool) for x in pattern):
+            raise ConfigError(f"{where}: {key} must hold one bool per layer ({n}), got "
+                              f"{describe(pattern)}")
+        types = tuple(SLIDING_ATTENTION if x else FULL_ATTENTION for x in pattern)
+    else:
+        pattern = v.get(key, int)
+        if pattern is not None and pattern < 1:
+            raise ConfigError(f"{where}: {key} = {pattern} must be at least 1")
+        types = _gemma_pattern(n, pattern or family.window_pattern)
+    vals["layer_types"] = types
+    vals["sliding_window"] = window or 4096
 
 
 def _mistral_window(v: Values, vals: dict[str, Any], default: int | None) -> None:
@@ -534,9 +562,12 @@ class ModelConfig:
             name = arch0 or model_type
             raise UnsupportedError(f"{where}: architecture {name!r} is not supported "
                                    f"(supported: {', '.join(f.hf_architecture for f in FAMILIES.values())})")
+        default_only = dict(HF_DEFAULT_ONLY)
+        if not FAMILIES[fam].attention_bias_option:     # Phi-3's config says attention_bias:
+            default_only["attention_bias"] = FAMILIES[fam].attention_bias   # false; its class
         check_closed_world(cfg, where, modeled=set(HF_CONFIG_KEYS.values()) | HF_MODELED_KEYS[fam]
-                           | {"architectures", "model_type"},
-                           inert=HF_INERT_KEYS, default_only=HF_DEFAULT_ONLY, ignore=ignore)
+                           | {"architectures", "model_type"},       # has no biases to switch
+                           inert=HF_INERT_KEYS, default_only=default_only, ignore=ignore)
         vals: dict[str, Any] = {}
         for fld, key in HF_CONFIG_KEYS.items():
             kind = bool if fld == "tie_word_embeddings" else float if fld in ("rope_theta", "rms_norm_eps") else int
@@ -799,8 +830,12 @@ class ModelConfig:
                                            GGUF_VALUE_LENGTH_KEY, GGUF_VOCAB_SIZE_KEY,
                                            GGUF_ROPE_SCALING_TYPE, GGUF_ROPE_SCALING_FACTOR)}
         if FAMILIES[fam].post_norms:
-            modeled |= {k.format(**a) for k in (GGUF_SLIDING_WINDOW_KEY, GGUF_ATTN_SOFTCAP_KEY,
+            modeled |= {k.format(**a) for k in (GGUF_SLIDING_WINDOW_KEY, GGUF_SLIDING_PATTERN_KEY,
                                                 GGUF_FINAL_SOFTCAP_KEY, GGUF_ROPE_BASE_SWA_KEY)}
+            if FAMILIES[fam].attn_softcap:
+                modeled.add(GGUF_ATTN_SOFTCAP_KEY.format(**a))
+        elif FAMILIES[fam].sliding_all_layers:      # phi3: the window of every layer
+            modeled.add(GGUF_SLIDING_WINDOW_KEY.format(**a))
         check_closed_world(kv, where, modeled=modeled, inert={k.format(**a) for k in GGUF_INERT_KEYS},
                            default_only={k.format(**a): d for k, d in GGUF_DEFAULT_ONLY.items()},
                            inert_prefixes=GGUF_INERT_PREFIXES, ignore=ignore)
@@ -838,40 +873,48 @@ class ModelConfig:
         vals["rope_scaling"] = _gguf_rope(v, a, rope_freqs, where)
         family = FAMILIES[fam]
         vals["hidden_act"] = family.default_act
-        if family.local_rope:               # llama.cpp's gemma3: no caps, a local rope base
+        if family.local_rope:               # llama.cpp's gemma3: a final cap where the key
             vals["rope_local_theta"] = v.get(GGUF_ROPE_BASE_SWA_KEY.format(**a), float) or 10000.0
+            cap = v.get(GGUF_FINAL_SOFTCAP_KEY.format(**a), float)    # says one (0: none)
+            vals["final_logit_softcapping"] = cap or None
         elif family.softcap_option:         # llama.cpp's gemma2 always caps (defaults 50, 30)
             vals["attn_logit_softcapping"] = v.get(GGUF_ATTN_SOFTCAP_KEY.format(**a), float) or 50.0
             vals["final_logit_softcapping"] = v.get(GGUF_FINAL_SOFTCAP_KEY.format(**a), float) or 30.0
-        if family.query_scalar_option:
-            vals["query_pre_attn_scalar"] = float(_llama_cpp_query_scalar(
-                fam, vals["num_layers"], vals["hidden_size"], vals["num_heads"], head_dim))
-        if family.post_norms:               # llama.cpp slides the window in every other layer
-            window = v.get(GGUF_SLIDING_WINDOW_KEY.format(**a), int) or 4096
-            vals["layer_types"] = _gemma_pattern(vals["num_layers"], family.window_pattern)
-            vals["sliding_window"] = window
+        if family.post_norms:
+            _gguf_gemma_windows(v, a, vals, fam, where)
+        elif family.sliding_all_layers:     # phi3: llama.cpp's converter writes the model's
+            window = v.get(GGUF_SLIDING_WINDOW_KEY.format(**a), int)   # window (0: none)
+            if window is not None and window < 0:
+                raise ConfigError(f"{where}: {GGUF_SLIDING_WINDOW_KEY.format(**a)} = {window}")
+            _mistral_window(Values({"sliding_window": window or None}, where), vals, None)
         has_bias = any(n.endswith("self_attn.q_proj.bias") for n in shapes)
         mlp_bias = any(n.endswith("mlp.gate_proj.bias") for n in shapes)
         try:
-            return cls(family=fam,
-                       rope_type=ROPE_ADJACENT if FAMILIES[fam].gguf_rope_permuted else ROPE_HALVES,
-                       tie_word_embeddings=LM_HEAD not in shapes,
-                       attention_bias=has_bias, mlp_bias=mlp_bias, **vals)
+            config = cls(family=fam,
+                         rope_type=ROPE_ADJACENT if FAMILIES[fam].gguf_rope_permuted else ROPE_HALVES,
+                         tie_word_embeddings=LM_HEAD not in shapes,
+                         attention_bias=has_bias, mlp_bias=mlp_bias, **vals)
+            if family.query_scalar_option:      # derived only from a validated config
+                config = config.replace(query_pre_attn_scalar=float(_llama_cpp_query_scalar(
+                    fam, config.num_layers, config.hidden_size, config.num_heads, config.head_dim)))
+            return config
         except AprError as e:
             raise type(e)(f"{where}: {e}") from None
 
     def gguf_refusals(self) -> list[str]:
-        """What of this config llama.cpp cannot express (empty: it can run it exactly)."""
+        """What of this config a GGUF cannot hold for llama.cpp: a computation its
+        architecture does not have, or a tensor it would refuse to load (empty: it runs the
+        model exactly, or with the changes `gguf_changes` lists)."""
         fam = FAMILIES[self.family]
         out = []
         if self.hidden_act != fam.default_act:
             out.append(f"hidden_act={self.hidden_act!r} (llama.cpp's {fam.gguf_arch} runs "
                        f"{fam.default_act} only)")
+        if self.gguf_rope_freqs() is not None and fam.gguf_arch != "llama":
+            out.append(f"{self.rope_scaling.type} RoPE scaling (llama.cpp's {fam.gguf_arch} does "
+                       f"not load {GGUF_ROPE_FREQS}, the per-pair divisors it needs, and refuses "
+                       "a file that has it)")
         if fam.post_norms:
-            if self.layer_types != _gemma_pattern(self.num_layers, fam.window_pattern):
-                out.append(f"layer types {list(self.layer_types) or 'all full'} (llama.cpp's "
-                           f"{fam.gguf_arch} makes every {fam.window_pattern}th layer full and "
-                           "slides the window in the others)")
             want = _llama_cpp_query_scalar(self.family, self.num_layers, self.hidden_size,
                                            self.num_heads, self.head_dim)
             if (self.query_pre_attn_scalar or self.head_dim) != want:
@@ -880,14 +923,9 @@ class ModelConfig:
             if not fam.local_rope and (self.attn_logit_softcapping is None
                                        or self.final_logit_softcapping is None):
                 out.append(f"no soft-capping (llama.cpp's {fam.gguf_arch} always caps)")
-            if fam.local_rope and (self.attn_logit_softcapping or self.final_logit_softcapping):
-                out.append(f"soft-capping (llama.cpp's {fam.gguf_arch} does not cap)")
             if fam.local_rope and self.rope_local_scaling is not None:
                 out.append(f"a scaled RoPE in the sliding layers (llama.cpp's {fam.gguf_arch} "
                            "scales the global layers' only)")
-        elif self.layer_types:
-            out.append(f"sliding-window attention (window {self.sliding_window}; llama.cpp's "
-                       f"{fam.gguf_arch} attends to every position)")
         if self.mlp_bias and not fam.gguf_mlp_bias:
             out.append(f"mlp_bias (llama.cpp's {fam.gguf_arch} has no MLP biases)")
         if not fam.gguf_free_head_dim and self.head_dim * self.num_heads != self.hidden_size:
@@ -899,6 +937,19 @@ class ModelConfig:
             out.append(f"rope_type {self.rope_scaling.type!r} (this tool writes only "
                        f"{', '.join(GGUF_ROPE_TYPES)} RoPE to GGUF)")
         return out
+
+    def gguf_changes(self) -> list[str]:
+        """What llama.cpp computes differently from this config, which a GGUF export may
+        still write as a listed change (refused unless allowed): a sliding window that
+        llama.cpp's llama and qwen2/qwen3 do not apply and its phi3 reads but disables."""
+        fam = FAMILIES[self.family]
+        if not self.layer_types or fam.post_norms:
+            return []
+        how = ("reads the window but does not apply it" if fam.sliding_all_layers and not fam.gguf_family
+               else "has no sliding window")
+        return [f"changes the attention: the model slides a window of {self.sliding_window} "
+                f"tokens, llama.cpp's {fam.gguf_arch} {how} and attends to all positions "
+                f"(identical up to {self.sliding_window} tokens of context)"]
 
     def to_gguf_kv(self) -> dict[str, Any]:
         """Architecture keys for llama.cpp (general.architecture and the {arch}.* keys).
@@ -919,10 +970,20 @@ class ModelConfig:
             kv[GGUF_ROPE_SCALING_TYPE.format(arch=arch)] = "linear"
             kv[GGUF_ROPE_SCALING_FACTOR.format(arch=arch)] = self.rope_scaling.factor
         fam = FAMILIES[self.family]
-        if fam.post_norms:
+        if fam.post_norms and (self.layer_types or not fam.local_rope):
+            # gemma3 without a sliding layer: no window key (llama.cpp then slides nowhere)
+            kv[GGUF_SLIDING_WINDOW_KEY.format(arch=arch)] = self.sliding_window or 4096
+            types = self.layer_types or (FULL_ATTENTION,) * self.num_layers
+            if types != _gemma_pattern(self.num_layers, fam.window_pattern):
+                kv[GGUF_SLIDING_PATTERN_KEY.format(arch=arch)] = [t == SLIDING_ATTENTION for t in types]
+        if fam.sliding_all_layers and not fam.gguf_family:
+            # phi3: the model's window, as llama.cpp's converter writes it (which llama.cpp reads
+            # and does not apply: `gguf_changes`)
             kv[GGUF_SLIDING_WINDOW_KEY.format(arch=arch)] = self.sliding_window
         if fam.softcap_option and not fam.local_rope:
             kv[GGUF_ATTN_SOFTCAP_KEY.format(arch=arch)] = self.attn_logit_softcapping
+            kv[GGUF_FINAL_SOFTCAP_KEY.format(arch=arch)] = self.final_logit_softcapping
+        if fam.local_rope and self.final_logit_softcapping is not None:
             kv[GGUF_FINAL_SOFTCAP_KEY.format(arch=arch)] = self.final_logit_softcapping
         if fam.local_rope:
             kv[GGUF_ROPE_BASE_SWA_KEY.format(arch=arch)] = self.rope_local_theta or self.rope_theta

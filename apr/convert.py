@@ -182,6 +182,8 @@ def _account(view: ModelView, config: ModelConfig | None, planned: list["Planned
         if fmt == "gguf" and pads > 0:
             report.notes.append(f"token list padded with {pads} unused row pads to the embedding's "
                                 f"{config.vocab_size} rows")
+    if fmt == "gguf" and config is not None:     # what llama.cpp computes otherwise
+        report.changes.extend(config.gguf_changes())
     if any(m.kind == "tied" for m in view.mismatches()):
         report.notes.append("the source declares tied embeddings but stores a different lm_head.weight; "
                             "written untied with that lm_head (what transformers runs)")

@@ -83,3 +83,36 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, threads
         raise LlamaCppError(f"{src}: llama.cpp could not quantize to {ftype} "
                             f"(exit {proc.returncode}): {_reason(proc.stderr)}")
     return Path(dst)
+
+
+_CHILD_MANY = textwrap.dedent("""
+    import sys, json, numpy as np
+    from llama_cpp import Llama
+    jobs, ids, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+    for path, out in jobs:
+        llm = Llama(path, logits_all=True, type_k=0, type_v=0, n_ctx=max(64, len(ids)),
+                    n_batch=max(64, len(ids)), n_threads=threads, verbose=True, seed=0)
+        llm.eval(ids)
+        np.save(out, np.asarray(llm.scores[:len(ids)], dtype=np.float32))
+        print("done", path, file=sys.stderr, flush=True)
+        del llm
+""")
+
+
+def llama_cpp_logits_many(gguf_paths: list[str | os.PathLike], ids: list[int], threads: int = 2,
+                          timeout: float = 600) -> list[np.ndarray]:
+    """`llama_cpp_logits` of several files in one child process (llama.cpp's start-up paid
+    once); a file llama.cpp cannot load fails the whole call, naming it."""
+    if not available():
+        raise LlamaCppError("llama-cpp-python is not installed (pip install 'apr-ref[test]')")
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [(str(p), str(Path(tmp) / f"{i}.npy")) for i, p in enumerate(gguf_paths)]
+        proc = subprocess.run([sys.executable, "-c", _CHILD_MANY, json.dumps(jobs),
+                               json.dumps(list(map(int, ids))), str(threads)],
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        missing = [p for p, out in jobs if not Path(out).exists()]
+        if proc.returncode != 0 or missing:
+            where = missing[0] if missing else jobs[-1][0]
+            raise LlamaCppError(f"{where}: llama.cpp failed (exit {proc.returncode}): {_reason(proc.stderr)}")
+        return [np.load(out) for _, out in jobs]

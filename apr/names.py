@@ -238,6 +238,10 @@ HF_INERT_KEYS: frozenset[str] = frozenset({
     "pretraining_tp",
     # which attention kernel: the same function
     "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    # which software runs the model, not what it computes: remote-code classes (transformers
+    # uses its own class when it has one), the cache class, a converter's marks, another
+    # runtime's settings
+    "auto_map", "cache_implementation", "is_llama_config", "transformers.js_config",
     # task heads that a causal LM does not have
     "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
     "tokenizer_class", "prefix", "task_specific_params", "tf_legacy_loss",
@@ -251,13 +255,19 @@ HF_INERT_KEYS: frozenset[str] = frozenset({
     "begin_suppress_tokens",
 })
 # inert keys a writer sets itself instead of copying them from the source
-HF_REWRITTEN_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype"})
+# (auto_map too: it names code files that a written directory does not hold)
+HF_REWRITTEN_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                               "auto_map"})
 # config.json keys refused unless they hold this value (None: refused unless absent/null).
 HF_DEFAULT_ONLY: dict[str, object] = {
     "is_encoder_decoder": False, "is_decoder": False, "add_cross_attention": False,
     "cross_attention_hidden_size": None, "tie_encoder_decoder": False,
     "chunk_size_feed_forward": 0, "pruned_heads": {}, "quantization_config": None,
-    "auto_map": None, "num_experts": None, "use_bidirectional_attention": None,
+    "num_experts": None, "use_bidirectional_attention": None,
+    # semantic keys of other code that stock configs carry at the value that changes nothing
+    # (SmolLM2's rope_interleaved: false is HF's halves order; DeepSeek-R1-Distill-Qwen's
+    # use_mrope: false is Qwen2's plain RoPE); any other value is refused
+    "rope_interleaved": False, "use_mrope": False,
 }
 
 # APR metadata: custom keys the reference models (written only when not the default)
@@ -277,7 +287,7 @@ APR_INERT_PREFIXES = ("tokenizer.", "training.", TRAINING_PREFIX)
 GGUF_INERT_PREFIXES = ("general.", "tokenizer.", "quantize.")
 # {arch}.* keys refused unless they hold this value
 GGUF_DEFAULT_ONLY: dict[str, object] = {
-    "{arch}.attention.sliding_window": 0,     # modeled for gemma2; llama.cpp's phi3 writes 0
+    "{arch}.attention.sliding_window": 0,     # modeled for gemma2, gemma3 and phi3
     "{arch}.expert_count": 0,
     "{arch}.expert_used_count": 0,
 }
@@ -303,6 +313,9 @@ GGUF_VALUE_LENGTH_KEY = "{arch}.attention.value_length"
 GGUF_VOCAB_SIZE_KEY = "{arch}.vocab_size"
 GGUF_ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
 GGUF_SLIDING_WINDOW_KEY = "{arch}.attention.sliding_window"
+# which layers slide: a bool per layer, or n (every n-th layer full); llama.cpp's gemma2/gemma3
+# read it, defaulting to 2 and 6
+GGUF_SLIDING_PATTERN_KEY = "{arch}.attention.sliding_window_pattern"
 GGUF_ROPE_BASE_SWA_KEY = "{arch}.rope.freq_base_swa"
 GGUF_ATTN_SOFTCAP_KEY = "{arch}.attn_logit_softcapping"
 GGUF_FINAL_SOFTCAP_KEY = "{arch}.final_logit_softcapping"
