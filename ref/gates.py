@@ -162,7 +162,7 @@ def gate_memory(estimate: MemoryEstimate, budget: int, where: str, fixes: list[s
     make the run fit (`ref.train_memory.what_fits`)."""
     if estimate.peak <= budget or allow:
         return
-    process = estimate.part("process")
+    process = estimate.part("process") * estimate.ranks_here
     if fixes:
         change = f"use {' or '.join(fixes)}, "
     elif process >= budget:

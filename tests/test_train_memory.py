@@ -155,6 +155,13 @@ def test_override_and_plan_line(ws, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     mem = json.loads(r.stdout)["plan"]["memory"]
     assert mem["budget"].startswith("default: 50% of the ") and not mem["over_budget"]
+    # a resumed run is judged again, by its own command line's budget
+    line = one_line_error(pretrain("--resume", tmp_path / "default", "--steps", 2, "--max-memory",
+                                   "1M", "-q"))
+    assert "above the budget of 1.0 MiB (--max-memory)" in line
+    r = pretrain("--resume", tmp_path / "default", "--steps", 2, "--max-memory", "1M",
+                 "--allow-memory-overrun", "-q", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["plan"]["memory"]["over_budget"], r.stderr
 
 
 def test_bad_max_memory_and_help(ws, tmp_path):
