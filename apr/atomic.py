@@ -30,6 +30,22 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
 TMP_TAG = "apr-ref"
 
 
+def current_umask() -> int:
+    """The process's umask: an output gets the mode a plain open() would give it (0666 &
+    ~umask), not the temporary file's 0600. Read from /proc where it is there (os.umask can
+    only be read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_prefix(target: Path) -> str:
     return f".{target.name}.{TMP_TAG}-{os.getpid()}-"
 
@@ -108,6 +124,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     with _naming(target, None):
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp's 0600 would survive the rename
     tmp_path = Path(tmp)
     try:
         with _naming(target, tmp_path):
@@ -160,6 +177,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     remove_stale(target)
     with _naming(target, None):
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())     # mkdtemp's 0700 likewise
     try:
         with _naming(target, tmp):
             yield tmp
