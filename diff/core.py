@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from apr import names
 from apr.console import progress_bar
 from apr.errors import AprError
 from apr.model import ModelView, open_model
@@ -72,6 +73,42 @@ def run_logits(va: ModelView, vb: ModelView, logits: bool, tokens: Sequence[int]
     dtype = run_dtype(param_count(va, vb))
     ids = resolve_tokens(va, vb, tokens, prompt, short=dtype == np.float32)
     return compare_logits(va, vb, ids, dtype, tensors, config, max_memory, progress)
+
+
+# --------------------------------------------------------------------------- runnable
+
+def cannot_run(va: ModelView, vb: ModelView, tensors: list[R.TensorFinding]) -> list[str]:
+    """A side whose tensors do not make the model its config describes (a tensor it implies
+    is missing, or of another shape) cannot be run, whatever the tensors present say: each
+    such tensor becomes a MISSING or SHAPE finding of that side, unless a finding already
+    names it or another defect already makes the pair non-equivalent (then it is a note).
+    Returns the notes."""
+    named = {f.name for f in tensors if f.defect}
+    other_defects = bool(named)
+    notes = []
+    for side, view in (("A", va), ("B", vb)):
+        if view.config is None:
+            continue
+        for m in view.mismatches():
+            if m.kind not in ("missing", "shape"):
+                continue
+            text = f"{side} cannot be run: {m}"
+            if m.name == names.LM_HEAD and m.kind == "missing":
+                text += " (its config does not tie the embeddings)"
+            if m.name in named or other_defects:
+                notes.append(text)
+                continue
+            ref = view.tensors.get(m.name)
+            cls = R.MISSING if m.kind == "missing" else R.SHAPE
+            tensors.append(R.TensorFinding(
+                m.name, "cannot-run", cls, text,
+                dtype_a=ref.dtype.name if ref is not None and side == "A" else None,
+                dtype_b=ref.dtype.name if ref is not None and side == "B" else None,
+                shape_a=list(m.found) if m.found and side == "A" else None,
+                shape_b=list(m.found) if m.found and side == "B" else None,
+                detail={"side": side, "expected_shape": list(m.expected or ())}))
+            named.add(m.name)
+    return notes
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -203,13 +240,14 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
                           desc="comparing") as bar:
             tensors = list(compare_tensors(va, vb, bar.update, bytes_ahead))
         relations.apply(va, vb, tensors)
+        unrunnable = cannot_run(va, vb, tensors)
         config = compare_configs(va.config, vb.config)
         tokenizer = compare_tokenizers(va, vb)
         t2 = time.perf_counter()
         lg = run_logits(va, vb, logits is not False, tokens, prompt, tensors, config, max_memory,
                         progress)
         t3 = time.perf_counter()
-        notes = layout_notes(va, vb)
+        notes = layout_notes(va, vb) + [n for n in unrunnable if n.split(": ", 1)[1] not in lg.note]
         if lg.note:
             notes.append(f"logits: {lg.note}")
         return R.DiffReport(a=summarize(a_path, va), b=summarize(b_path, vb), tensors=tensors,

@@ -137,7 +137,8 @@ def fused_parts(name: str, config) -> list[tuple[str, int]] | None:
 
 
 def _fused_swap(f: R.TensorFinding, ra: TensorRef, rb: TensorRef, config) -> bool:
-    """B's fused tensor holds A's parts in another order (q/k/v, or gate/up exchanged)."""
+    """B's fused tensor holds A's parts in another order (q/k/v, or gate/up exchanged): every
+    permutation of the parts, whatever their sizes (with GQA, q has more rows than k and v)."""
     parts = fused_parts(f.name, config)
     if parts is None or tuple(ra.shape) != tuple(rb.shape):
         return False
@@ -148,8 +149,6 @@ def _fused_swap(f: R.TensorFinding, ra: TensorRef, rb: TensorRef, config) -> boo
     for order in itertools.permutations([p for p, _ in parts]):
         if list(order) == [p for p, _ in parts]:
             continue
-        if [starts[p][1] for p in order] != [r for _, r in parts]:
-            continue                               # the parts would not fit in these rows
         moved = np.concatenate([a[starts[p][0]:starts[p][0] + starts[p][1]] for p in order])
         if within_rounding(pair_stats(moved, b), ra.precision, rb.precision):
             f.relation, f.defect = "fused-parts-swapped", R.SWAPPED

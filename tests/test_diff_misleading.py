@@ -1,0 +1,95 @@
+"""What a user would be misled by: a file that cannot run called equivalent, generation
+settings not compared, a fused tensor's unequal parts swapped, the wrong side blamed for a
+rotary order, a confirmed config key also called unexplained, logits that "agree" on a
+quantized file built from a changed source, and rounding recognized by dtype only. Every B
+here is made by transformers' classes or llama.cpp's converter and quantizer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from apr import llamacpp
+from apr.convert import convert
+from diff import compare
+from diff import report as R
+from oracles import copy_dir, hf_logits, llama_cpp_convert, make_hf_model
+
+
+def run_diff(a, b):
+    """Through the real CLI group: (exit code, last line)."""
+    r = CliRunner().invoke(cli.main, ["diff", str(a), str(b)])
+    return r.exit_code, r.output.strip().splitlines()[-1]
+
+
+def edit_config(src, dst, **changes):
+    """A copy of an HF directory with config.json keys changed (None: removed)."""
+    copy_dir(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+# --------------------------------------------------------------------------- a side that cannot run
+
+def test_a_side_that_cannot_run_is_never_equivalent(tmp_path):
+    """A tied Qwen2 (no lm_head stored) whose config was changed to untied: every tensor
+    present is identical, but transformers gives B a freshly initialized head."""
+    a = make_hf_model(tmp_path / "a", "qwen2", tied=True, rope_theta=1e6, seed=3)
+    b = edit_config(a, tmp_path / "b", tie_word_embeddings=False)
+    ids = [1, 5, 9, 40, 77, 120, 300, 8]
+    top1 = np.mean(hf_logits(a, ids).argmax(-1) == hf_logits(b, ids).argmax(-1))
+    assert top1 < 0.5                                 # the oracle: B really is another model
+    r = compare(a, b)
+    assert r.diagnosis.cls == R.MISSING and r.diagnosis.tensors == ["lm_head.weight"], r.diagnosis.line
+    assert "B cannot be run" in r.diagnosis.message
+    code, last = run_diff(a, b)
+    assert code == 1 and last.startswith("DIAGNOSIS: MISSING — lm_head.weight"), last
+    # the same with the logits off: still a finding
+    assert not compare(a, b, logits=False).equivalent
+
+
+# --------------------------------------------------------------------------- fused parts
+
+def phi3_dir(path, seed=2):
+    """A Phi-3 with GQA (q 64 rows, k and v 32 each) saved by transformers."""
+    import torch
+    import transformers
+    from oracles import randomize_params
+    torch.manual_seed(seed)
+    cfg = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, rms_norm_eps=1e-5, sliding_window=None,
+                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=None)
+    model = transformers.Phi3ForCausalLM(cfg)
+    randomize_params(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def test_fused_parts_of_unequal_sizes_are_a_swap(tmp_path):
+    """Every order of q (64 rows), k and v (32 each) in qkv_proj is named as that order."""
+    import itertools
+
+    from safetensors.numpy import load_file, save_file
+    a = phi3_dir(tmp_path / "a")
+    sd = load_file(str(a / "model.safetensors"))
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    w = sd[name]
+    parts = {"q": w[:64], "k": w[64:96], "v": w[96:]}
+    for n, order in enumerate(p for p in itertools.permutations("qkv") if p != ("q", "k", "v")):
+        b = copy_dir(a, tmp_path / f"b{n}")
+        save_file({**sd, name: np.concatenate([parts[p] for p in order])},
+                  str(b / "model.safetensors"), metadata={"format": "pt"})
+        r = compare(a, b)
+        assert r.diagnosis.line.startswith(f"DIAGNOSIS: SWAPPED — {name} parts {'/'.join(order)}"), \
+            r.diagnosis.line
