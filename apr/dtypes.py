@@ -102,6 +102,7 @@ for _t in GGML:
         DTYPES[_t.name] = _block(_t.name, None, _t, *GGML_QUANT_SIZES[_t])
 
 F32 = DTYPES["F32"]
+BF16 = DTYPES["BF16"]
 APR_Q4 = DTYPES["APR_Q4"]
 APR_Q8 = DTYPES["APR_Q8"]
 
@@ -403,6 +404,10 @@ def decode(raw, dtype: DType, shape: Sequence[int]) -> np.ndarray:
         raise FormatError(f"{dtype.name} tensor of shape {list(shape)} needs {expect} bytes, "
                           f"got {data.size}")
     n = n_elements(shape)
+    if dtype is BF16:           # the upper half of a float32: a shift (2x ml_dtypes' astype)
+        out = np.empty(shape, np.uint32)
+        np.left_shift(data.view("<u2").reshape(shape), 16, out=out, dtype=np.uint32)
+        return out.view(np.float32)
     if dtype.numpy is not None:
         arr = data.view(dtype.numpy).reshape(shape)
         if not dtype.is_float or arr.dtype == np.float64:

@@ -24,7 +24,8 @@ def model_from_view(view: ModelView, backend: Backend | None = None, dtype: Any 
     config = view.check_runnable()
     backend = backend or get_backend("cpu")
     if memory is not None and memory.streamed:
-        return Model(config, StreamedWeights(view, config, backend, dtype), backend, dtype, matmul)
+        return Model(config, StreamedWeights(view, config, backend, dtype, memory.prefetch),
+                     backend, dtype, matmul)
     params = {name: view.tensors[name].numpy(dtype, order="stored") for name in config.tensor_shapes()}
     return Model(config, params, backend, dtype, matmul)
 

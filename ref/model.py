@@ -496,6 +496,7 @@ class Model:
             x, c_mlp = self._mlp_forward(i, x, dw)
             if caches is not None:
                 layer_caches.append((c_attn, c_mlp))
+            del c_attn, c_mlp           # they hold the layer's weights: a streamed layer's go now
             yield x
         x, c_norm = self._norm_forward(x, self.params[FINAL_NORM])
         if caches is not None:

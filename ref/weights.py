@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -44,6 +45,7 @@ class MemoryPlan:
     source: str              # where the budget came from ("--max-memory", "default: ...")
     total: int               # every parameter in the compute dtype
     largest_layer: int       # the largest decoder layer's parameters in the compute dtype
+    head_block: int          # a block of the output projection's rows (`RowReader.blocks`)
     streamed: bool
 
     @classmethod
@@ -55,16 +57,27 @@ class MemoryPlan:
             per_layer[layer] = per_layer.get(layer, 0) + math.prod(shape) * size
         total = sum(per_layer.values())
         largest = max((n for layer, n in per_layer.items() if layer is not None), default=0)
-        return cls(budget, source, total, largest, total > budget)
+        head = min(HEAD_BLOCK_BYTES, config.vocab_size * config.hidden_size * size)
+        return cls(budget, source, total, largest, head, total > budget)
+
+    @property
+    def prefetch(self) -> bool:
+        """Streamed with room for two layers: the next layer is read and converted in a
+        thread while this one runs."""
+        return self.streamed and 2 * self.largest_layer + self.head_block <= self.budget
 
     @property
     def peak_weights(self) -> int:
-        """Weight bytes held at once: all of them, or one layer plus a head block."""
-        return self.largest_layer + HEAD_BLOCK_BYTES if self.streamed else self.total
+        """Weight bytes held at once: all of them, or one layer (two when prefetching) plus a
+        block of the output projection."""
+        if not self.streamed:
+            return self.total
+        return (2 if self.prefetch else 1) * self.largest_layer + self.head_block
 
     def describe(self) -> str:
         what = (f"parameters {format_size(self.total)} > budget {format_size(self.budget)} "
-                f"({self.source}): streamed from the file a layer at a time, about "
+                f"({self.source}): streamed from the file a layer at a time"
+                f"{' (the next read ahead)' if self.prefetch else ''}, about "
                 f"{format_size(self.peak_weights)} of weights held at once"
                 if self.streamed else
                 f"parameters {format_size(self.total)} within budget {format_size(self.budget)} "
@@ -105,9 +118,12 @@ class StreamedWeights(Mapping):
     """The parameters of ``config.tensor_shapes()`` read from ``view`` when used: a decoder
     layer's converted on first use and kept until a parameter of another layer is asked for;
     the embedding and output projection as `RowReader`s; the rest (the final norm) converted
-    once. Read-only: a streamed model is for inference."""
+    once. With ``prefetch``, the next layer (after the last, the first: the next decode
+    step's) is converted in a thread while this one runs. Read-only: a streamed model is for
+    inference."""
 
-    def __init__(self, view: ModelView, config: ModelConfig, backend: Backend, dtype: Any):
+    def __init__(self, view: ModelView, config: ModelConfig, backend: Backend, dtype: Any,
+                 prefetch: bool = False):
         self.view, self.config, self.backend, self.dtype = view, config, backend, np.dtype(dtype)
         self.shapes = config.tensor_shapes()
         missing = [n for n in self.shapes if n not in view.tensors]
@@ -126,17 +142,31 @@ class StreamedWeights(Mapping):
         self.layer: int | None = None        # the layer whose parameters are in `current`
         self.current: dict[str, Any] = {}
         self.loads = 0                       # layers converted so far (tests, progress)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="weights") if prefetch else None
+        self._ahead: tuple[int, Future] | None = None     # (layer, its conversion under way)
 
     def _convert(self, name: str) -> Any:
         host = self.view.tensors[name].numpy(self.dtype, order="stored")
         return self.backend.to_device(host, self.dtype)
 
+    def _load(self, layer: int) -> dict[str, Any]:
+        return {name: self._convert(name) for name in self.layer_names[layer]}
+
     def _enter(self, layer: int) -> None:
         self.current = {}                    # the previous layer's arrays go before the next come
         self.layer = None
-        self.current = {name: self._convert(name) for name in self.layer_names[layer]}
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == layer:
+            self.current = ahead[1].result()     # its error, if any, raised here
+        else:
+            if ahead is not None:            # another layer was asked for: let that one finish
+                ahead[1].cancel() or ahead[1].exception()
+            self.current = self._load(layer)
         self.layer = layer
         self.loads += 1
+        if self._pool is not None:
+            following = (layer + 1) % self.config.num_layers
+            self._ahead = (following, self._pool.submit(self._load, following))
 
     def __getitem__(self, name: str) -> Any:
         if name in self.resident:

@@ -26,13 +26,15 @@ from tests.test_families import CLASSES, hf_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tight_plan(view) -> MemoryPlan:
-    """A budget of one and a half layers: every layer streamed, never two held."""
+def _plans(view) -> list[MemoryPlan]:
+    """A budget of one and a half layers (every layer streamed, never two held), and one of
+    two layers and a block of the output projection (the next layer read ahead in a thread)."""
     config = view.check_runnable()
     one = MemoryPlan.of(config, np.float32, 1 << 40, "test").largest_layer
-    plan = MemoryPlan.of(config, np.float32, int(1.5 * one), "test")
-    assert plan.streamed
-    return plan
+    tight = MemoryPlan.of(config, np.float32, int(1.5 * one), "test")
+    ahead = MemoryPlan.of(config, np.float32, 2 * one + tight.head_block, "test")
+    assert tight.streamed and not tight.prefetch and ahead.streamed and ahead.prefetch
+    return [tight, ahead]
 
 
 def _files(family: str, tmp: Path) -> list[Path]:
@@ -60,27 +62,34 @@ def test_streamed_is_bit_identical_to_loaded(family, tmp_path):
     ids = np.random.default_rng(1).integers(0, 83, (1, 9))
     for path in _files(family, tmp_path):
         with open_model(path) as view:
-            loaded = model_from_view(view)
-            streamed = model_from_view(view, memory=_tight_plan(view))
-            assert streamed.streamed and not loaded.streamed
-            want, want_hidden = loaded.forward(ids, capture_hidden=True)
-            got, got_hidden = streamed.forward(ids, capture_hidden=True)
-            assert np.array_equal(want, got), path
-            assert len(want_hidden) == len(got_hidden)
-            assert all(np.array_equal(a, b) for a, b in zip(want_hidden, got_hidden)), path
-            # every layer's weights were read again for the pass: nothing kept past the budget
-            assert streamed.params.loads >= view.config.num_layers
-            # the stages read in lockstep (diff) are the same arrays
-            assert all(np.array_equal(a, b) for a, b in
-                       zip(streamed.stages(ids), [*want_hidden, want]))
-            # KV-cache decoding: prefill then one token at a time
-            ca, cb = loaded.new_kv_cache(1, 12), streamed.new_kv_cache(1, 12)
-            for step in (ids[:, :6], ids[:, 6:7], ids[:, 7:8]):
-                assert np.array_equal(loaded.forward_step(step, ca), streamed.forward_step(step, cb))
-            # generation (the loaded model may use its decode layout; tokens must agree)
-            a = generate(loaded, ids[0, :4].tolist(), 6).new_ids
-            b = generate(streamed, ids[0, :4].tolist(), 6).new_ids
-            assert a == b
+            plans = _plans(view)
+        for plan in plans:
+            _check_streamed(path, plan, ids)
+
+
+def _check_streamed(path: Path, plan: MemoryPlan, ids: np.ndarray) -> None:
+    with open_model(path) as view:
+        loaded = model_from_view(view)
+        streamed = model_from_view(view, memory=plan)
+        assert streamed.streamed and not loaded.streamed
+        want, want_hidden = loaded.forward(ids, capture_hidden=True)
+        got, got_hidden = streamed.forward(ids, capture_hidden=True)
+        assert np.array_equal(want, got), path
+        assert len(want_hidden) == len(got_hidden)
+        assert all(np.array_equal(a, b) for a, b in zip(want_hidden, got_hidden)), path
+        # every layer's weights were read again for the pass: nothing kept past the budget
+        assert streamed.params.loads >= view.config.num_layers
+        # the stages read in lockstep (diff) are the same arrays
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(streamed.stages(ids), [*want_hidden, want]))
+        # KV-cache decoding: prefill then one token at a time
+        ca, cb = loaded.new_kv_cache(1, 12), streamed.new_kv_cache(1, 12)
+        for step in (ids[:, :6], ids[:, 6:7], ids[:, 7:8]):
+            assert np.array_equal(loaded.forward_step(step, ca), streamed.forward_step(step, cb))
+        # generation (the loaded model may use its decode layout; tokens must agree)
+        a = generate(loaded, ids[0, :4].tolist(), 6).new_ids
+        b = generate(streamed, ids[0, :4].tolist(), 6).new_ids
+        assert a == b
 
 
 def test_embedding_and_head_rows_of_quantized_blocks(tmp_path):
