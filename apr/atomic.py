@@ -1,6 +1,9 @@
 """Atomic outputs: write beside the target under a temporary name, fsync, rename into place.
 On any error the temporary is removed, so a failed write never leaves a partial output.
 
+The directories a write creates for its output (``-o new/dir/out.apr``) are removed again
+when it fails (`_made_parents`).
+
 Temporaries are named ``.{target}.apr-ref-{pid}-{random}.tmp``. A process killed mid-write
 cannot remove its own; the next write to the same target removes every such temporary whose
 process is gone (`remove_stale`)."""
@@ -116,10 +119,39 @@ def _run_commit_checks() -> None:
 
 
 @contextlib.contextmanager
+def _made_parents(target: Path) -> Iterator[None]:
+    """Create the missing directories above ``target``; if the block fails, remove those of
+    them that are still empty (innermost first), so a failed write leaves nothing behind."""
+    missing = []
+    parent = target.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        if missing:
+            with _naming(target, None):
+                target.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for d in missing:               # innermost first
+            try:
+                d.rmdir()
+            except OSError:             # not empty (someone else wrote there), or gone
+                break
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with _made_parents(target):
+        with _atomic_file(target) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_file(target: Path) -> Iterator[Path]:
     remove_stale(target)
     with _naming(target, None):
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
@@ -173,7 +205,13 @@ def fsync_dir(directory: Path) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with _made_parents(target):
+        with _atomic_dir(target) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
     remove_stale(target)
     with _naming(target, None):
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent))

@@ -254,7 +254,7 @@ class Mismatch:
             "missing": f"tensor {self.name} is missing (the config implies it)",
             "shape": f"tensor {self.name} has shape {list(self.found or ())}, the config implies "
                      f"{list(self.expected or ())}",
-            "unexpected": f"tensor {self.name} is not one the config implies",
+            "unexpected": f"tensor {self.name!r} is not one the config implies",
             "tied": f"the config declares tied embeddings but {self.name} differs from the "
                     "embedding (it is run untied, with the stored lm_head, as transformers does)",
         }[self.kind]

@@ -25,12 +25,29 @@ from .errors import AprError
 EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 3, 130
 
 
+def one_line(message: str) -> str:
+    """``message`` with every character that is not printable written as its escape (``\\n``,
+    ``\\r``, ``\\u2028``, ``\\x1b``, a lone surrogate's ``\\udcff``): an error or warning
+    that quotes a name read from a file stays one line, and sends no control sequence to the
+    terminal. Messages quote such names with repr (`apr.untrusted.describe`); this is the
+    backstop for one that does not."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in message)
+
+
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {one_line(message)}", err=True)
     sys.exit(code)
 
 
-def _internal_error(e: Exception) -> None:
+def _foreign_panic(e: BaseException) -> bool:
+    """A Rust library's panic (pyo3's ``PanicException``, a BaseException)."""
+    return type(e).__name__ == "PanicException" or type(e).__module__ == "pyo3_runtime"
+
+
+def _internal_error(e: BaseException) -> None:
     ctx = click.get_current_context(silent=True)
     name = ctx.info_name if ctx is not None else "apr-ref"
     message = " ".join(str(e).split())[:300]
@@ -61,11 +78,15 @@ def handle_errors(fn: Callable) -> Callable:
             raise
         except Exception as e:       # noqa: BLE001 - the point of a last resort
             _internal_error(e)
+        except BaseException as e:   # noqa: BLE001 - a panic that no guard caught
+            if not _foreign_panic(e):
+                raise
+            _internal_error(e)
     return wrapper
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"warning: {message}", err=True)
+    click.echo(f"warning: {one_line(str(message))}", err=True)
 
 
 def show_warnings_as_lines() -> None:

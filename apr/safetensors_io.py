@@ -166,7 +166,7 @@ def hf_weight_files(directory: Path) -> list[Path]:
             files.add(shard)
         for f in sorted(files):
             if not is_file(directory / f):
-                raise FormatError(f"{index}: shard {f} is missing")
+                raise FormatError(f"{index}: shard {f!r} is missing")
         return [directory / f for f in sorted(files)]
     single = directory / "model.safetensors"
     if is_file(single):

@@ -34,6 +34,8 @@ Conventions:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import itertools
 import re
@@ -46,8 +48,8 @@ import numpy as np
 import tokenizers
 
 from . import spm
-from .errors import ConfigError, FormatError, UnsupportedError
-from .untrusted import Values, is_file, load_json, read_text
+from .errors import AprError, ConfigError, FormatError, UnsupportedError
+from .untrusted import Values, describe, is_file, load_json, read_text
 
 # llama.cpp token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -344,6 +346,57 @@ def _spec_or_raise(td: TokenizerData, default_pre: str | None) -> PreTokenizerSp
 
 
 # ---------------------------------------------------------------------------------------------
+# the tokenizers library, behind one guard
+
+# Exceptions a guard lets pass: the user's interrupt and an exit, never a library's failure.
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@contextlib.contextmanager
+def tokenizers_guard(what: str, error: type[AprError] = FormatError) -> Iterator[None]:
+    """Around every call into the `tokenizers` library: whatever it raises becomes one
+    ``error`` (a FormatError) that starts with ``what``. Its errors have no common base class, and where its Rust code
+    panics (a ``continuing_subword_prefix`` it cannot apply, an added token that collides with
+    a vocabulary entry) it raises ``pyo3_runtime.PanicException``, a BaseException that passes
+    every ``except Exception``."""
+    try:
+        yield
+    except (AprError, *_PASS_THROUGH):
+        raise
+    except BaseException as e:      # noqa: BLE001 - a panic is a BaseException
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise error(f"{what}: {describe(text, 200)}") from None
+
+
+class GuardedTokenizer:
+    """A `tokenizers.Tokenizer` whose every method call goes through `tokenizers_guard`
+    (``tokenizer`` is the library's own object, for what needs it unwrapped)."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer,
+                 what: str = "the tokenizers library failed on this tokenizer"):
+        self.tokenizer = tokenizer
+        self.what = what
+
+    def __getattr__(self, name: str) -> Any:
+        with tokenizers_guard(self.what):
+            value = getattr(self.tokenizer, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def guarded(*args: Any, **kw: Any) -> Any:
+            with tokenizers_guard(self.what):
+                return value(*args, **kw)
+        return guarded
+
+
+def tokenizer_from_json(text: str, what: str, error: type[AprError] = FormatError) -> GuardedTokenizer:
+    """``tokenizers.Tokenizer.from_str(text)`` behind the guard, as a `GuardedTokenizer`."""
+    with tokenizers_guard(what, error):
+        return GuardedTokenizer(tokenizers.Tokenizer.from_str(text))
+
+
+# ---------------------------------------------------------------------------------------------
 # tokenizers.Tokenizer and HF files
 # ---------------------------------------------------------------------------------------------
 
@@ -413,8 +466,9 @@ def _tokenizer_json(td: TokenizerData, spec: PreTokenizerSpec | None, add_bos: b
 
 
 def build_tokenizer(td: TokenizerData, *, add_bos: bool = False, add_eos: bool = False,
-                    default_pre: str | None = None) -> tokenizers.Tokenizer:
-    """A `tokenizers.Tokenizer` that encodes and decodes like the source tokenizer.
+                    default_pre: str | None = None) -> GuardedTokenizer:
+    """A `tokenizers.Tokenizer` that encodes and decodes like the source tokenizer (behind
+    `tokenizers_guard`: a failure of the library is one AprError).
 
     SentencePiece-style BPE (`apr.spm`): byte fallback, the space prefix, merges from the scores
     when the file stores none. Byte-level BPE with the pre-tokenizer, normalizer and ``ignore_merges`` of ``td.pre_type``
@@ -424,10 +478,8 @@ def build_tokenizer(td: TokenizerData, *, add_bos: bool = False, add_eos: bool =
     raises UnsupportedError unless ``default_pre`` names the pre-tokenizer to use instead.
     """
     spec = _spec_or_raise(td, default_pre)
-    try:
-        return tokenizers.Tokenizer.from_str(json.dumps(_tokenizer_json(td, spec, add_bos, add_eos)))
-    except Exception as e:  # tokenizers raises plain Exception on a bad vocab/merges pair
-        raise ConfigError(f"tokenizer cannot be built: {str(e).splitlines()[0]}") from e
+    return tokenizer_from_json(json.dumps(_tokenizer_json(td, spec, add_bos, add_eos)),
+                               "tokenizer cannot be built", ConfigError)
 
 
 def to_hf_files(td: TokenizerData, *, model_max_length: int | None = None,
@@ -538,6 +590,29 @@ def _bos_from_post_processor(doc: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _chat_template(value: Any) -> str | None:
+    """tokenizer_config.json's ``chat_template``: a string, null, or a list of named templates
+    (``[{"name": "default", "template": "..."}, ...]``, as transformers saves several), of
+    which the one named "default" or else the first is the model's."""
+    where = "tokenizer_config.json"
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise FormatError(f"{where}: chat_template is {describe(value)}, expected a string or a "
+                          "list of {\"name\": ..., \"template\": ...} objects")
+    named: dict[str, str] = {}
+    for i, entry in enumerate(value):
+        if not isinstance(entry, Mapping):
+            raise FormatError(f"{where}: chat_template[{i}] is {describe(entry)}, expected an "
+                              "object with a name and a template")
+        v = Values(entry, f"{where}: chat_template[{i}]")
+        name, template = v.get("name", str), v.get("template", str)
+        if name is None or template is None:
+            raise FormatError(f"{where}: chat_template[{i}] has no name or no template")
+        named.setdefault(name, template)
+    return named.get("default", next(iter(named.values()), None))
+
+
 def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
                            tokenizer_config: str | Path | Mapping[str, Any] | None = None,
                            ) -> TokenizerData:
@@ -548,10 +623,13 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     post-processor's template and BOS/EOS from well-known token names.
     """
     doc = _load_json(text_or_path)
-    try:        # the tokenizers library checks the whole structure and every type in it
-        tokenizers.Tokenizer.from_str(json.dumps(doc))
-    except Exception as e:  # noqa: BLE001 - its errors have no common base class
-        raise FormatError(f"tokenizer.json is not a valid tokenizer: {' '.join(str(e).split())[:200]}") from None
+    model = doc.get("model")
+    if isinstance(model, Mapping) and model.get("type") in (None, "BPE") and (
+            model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
+        # refused before the library sees it: its BPE panics on a prefix longer than a token
+        raise UnsupportedError("tokenizer BPE with a subword prefix/suffix is not supported")
+    # the tokenizers library checks the whole structure and every type in it
+    tokenizer_from_json(json.dumps(doc), "tokenizer.json is not a valid tokenizer")
     model = doc.get("model") or {}
     mtype = model.get("type") or ("BPE" if "merges" in model else "unknown")
     if mtype != "BPE":
@@ -620,9 +698,7 @@ def from_hf_tokenizer_json(text_or_path: str | Path | Mapping[str, Any],
     chat_template = config.get("chat_template")
     if add_bos is None:
         add_bos = post_bos is not None
-    if isinstance(chat_template, list):  # [{"name": ..., "template": ...}, ...]
-        named = {c.get("name"): c.get("template") for c in chat_template if isinstance(c, dict)}
-        chat_template = named.get("default", next(iter(named.values()), None))
+    chat_template = _chat_template(chat_template)
 
     def token_id(tok: str | None, what: str) -> int | None:
         if tok is None:
@@ -782,6 +858,10 @@ def to_gguf_fields(td: TokenizerData, n_rows: int
     t = gguf.GGUFValueType
     if td.is_spm:
         scores = list(td.effective_scores()) + [-1000.0] * (n_rows - td.vocab_size)
+        wide = np.flatnonzero(np.abs(np.asarray(scores, np.float64)) > np.finfo(np.float32).max)
+        if wide.size:           # finite in JSON's float64, not in GGUF's float32
+            raise ConfigError(f"tokenizer score of token {int(wide[0])} ({scores[wide[0]]:g}) "
+                              "does not fit GGUF's float32 scores")
         fields: list[tuple[str, Any, gguf.GGUFValueType]] = [
             ("tokenizer.ggml.model", "llama", t.STRING),
             ("tokenizer.ggml.pre", "default", t.STRING),

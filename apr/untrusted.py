@@ -16,6 +16,8 @@ from .errors import ConfigError, FormatError
 
 # Counts and sizes beyond this are not a model a reference can run (and would wrap int64).
 MAX_SIZE = 2 ** 31 - 1
+# Elements of one tensor: 8-byte elements of this many still have a size numpy can hold.
+MAX_ELEMENTS = 2 ** 59
 # Byte offsets and byte sizes in a file are 64-bit (a published shard holds 2-5 GB); each
 # reader also checks them against the file's real size (`check_offset`).
 MAX_OFFSET = 2 ** 63 - 1
@@ -54,17 +56,81 @@ def check_value(value: Any, kind: type, key: str, where: str) -> Any:
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
+# No format this tool reads nests deeper than a few levels (a tokenizer.json's Sequence of
+# pre-tokenizers: 4) or holds an integer of more than 20 digits (2^64); a deeper document or a
+# longer integer is hostile. Past these bounds Python's own limits raise errors no reader
+# expects (RecursionError, the 4,300-digit limit of int(), OverflowError in float()).
+MAX_JSON_DEPTH = 100
+MAX_JSON_DIGITS = 100
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_DIGITS:
+        raise FormatError(f"an integer of {len(digits.lstrip('-'))} digits (at most "
+                          f"{MAX_JSON_DIGITS})")
+    return int(digits)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise FormatError(f"the key {describe(key)} appears twice in one object (readers "
+                          "disagree on which value counts)")
+    return obj
+
+
+def nested_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the arrays and objects of a JSON text (as UTF-8 bytes) nest more than ``limit``
+    deep (brackets inside strings do not count), found without parsing it: a few array
+    operations over its bytes, so that no parser and no walk over the parsed document ever
+    recurses that deep."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    import numpy as np
+    if b"\\" in raw:      # an escape is two bytes: an escaped quote or backslash is blanked
+        raw = raw.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    marks = np.frombuffer(raw.translate(_BRACKETS, _NOT_STRUCTURE), np.uint8)   # " [ ]
+    quote = marks == 0x22
+    outside = (np.cumsum(quote, dtype=np.int64) & 1 == 0) & ~quote
+    steps = np.where(marks[outside] == 0x5B, 1, -1)
+    return bool(steps.size) and int(np.cumsum(steps).max()) > limit
+
+
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_DIGIT_FLAGS = bytes(0x31 if 0x30 <= c <= 0x39 else 0x30 for c in range(256))
+
+
+def _may_hold_long_integer(raw: bytes) -> bool:
+    """A run of more than `MAX_JSON_DIGITS` digits somewhere (in a string, too): only then
+    does the parser check each integer's length (a call per integer)."""
+    return b"1" * (MAX_JSON_DIGITS + 1) in raw.translate(_DIGIT_FLAGS)
+
 
 def load_json(text: str, where: str) -> Any:
-    """A JSON document from untrusted text: invalid JSON, nesting too deep for the parser, or a
-    string with a lone surrogate (not Unicode: no output can print it, no writer store it)
-    is one FormatError naming ``where``."""
+    """A JSON document from untrusted text -- every JSON this tool reads goes through here.
+    Invalid JSON, a byte-order mark, nesting deeper than `MAX_JSON_DEPTH`, an integer of more
+    than `MAX_JSON_DIGITS` digits, a key twice in one object, or a string with a lone
+    surrogate (not Unicode: no output can print it, no writer store it) is one FormatError
+    naming ``where``."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if nested_too_deep(raw):
+        raise FormatError(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    hooks: dict[str, Any] = {"object_pairs_hook": _unique_keys}
+    if _may_hold_long_integer(raw):
+        hooks["parse_int"] = _bounded_int
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, **hooks)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{where}: not valid JSON: {e.msg} at character {e.pos}") from None
     except RecursionError:
         raise FormatError(f"{where}: JSON nested too deeply") from None
+    except (ValueError, TypeError) as e:     # any other refusal of the parser
+        raise FormatError(f"{where}: not valid JSON: {describe(str(e), 120)}") from None
     if _SURROGATE_ESCAPE.search(text):       # the common case never pays for the walk below
         stack = [doc]
         while stack:
@@ -154,11 +220,16 @@ def check_offset(value: Any, key: str, where: str, limit: int = MAX_OFFSET) -> i
 
 def check_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
     """A tensor shape read from a file: every dimension in [0, MAX_SIZE], so that no product
-    of dimensions wraps an int64 (a zero beside a 2^63 would pass every size check)."""
+    of dimensions wraps an int64 (a zero beside a 2^63 would pass every size check), and the
+    product of its nonzero dimensions within what an array can hold (numpy refuses to shape
+    even an empty array as [2^31 - 1, 2^31 - 1, 0])."""
     for d in shape:
         if not 0 <= d <= MAX_SIZE:
             raise FormatError(f"{where}: shape {list(shape)} has a dimension outside "
                               f"[0, {MAX_SIZE}]")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise FormatError(f"{where}: shape {list(shape)} has more than {MAX_ELEMENTS} elements "
+                          "(its nonzero dimensions' product, empty or not)")
     return shape
 
 

@@ -44,6 +44,7 @@ import numpy as np
 from apr.console import progress_bar, utc_timestamp
 from apr.atomic import atomic_dir
 from apr.errors import AprError, ConfigError, FormatError, OutputExistsError
+from apr.untrusted import load_json
 from apr.tokenizer import (UNUSED, TokenizerData, build_tokenizer, from_hf_dir,
                            from_hf_tokenizer_json, row_pad_start)
 
@@ -166,9 +167,9 @@ def _jsonl_documents(text: str, rel: str) -> Iterator[Document]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{rel}:{lineno}: not valid JSON ({e.msg})") from None
+            obj = load_json(line, f"{rel}:{lineno}")
+        except FormatError as e:
+            raise DataError(str(e)) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise DataError(f'{rel}:{lineno}: no string "text" field; every jsonl line must be '
                             '{"text": ...}')
@@ -248,8 +249,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
+        doc = load_json(text, where)
         try:
-            doc = json.loads(text)
             if doc.get("format") != MANIFEST_FORMAT:
                 raise FormatError(f"{where}: format {doc.get('format')!r}, expected "
                                   f"{MANIFEST_FORMAT!r}; re-run prepare-data")
@@ -258,7 +259,7 @@ class Manifest:
                 doc[split] = SplitInfo(s["documents"], s["tokens"],
                                        [ShardInfo(**sh) for sh in s["shards"]])
             return cls(**doc)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise FormatError(f"{where}: not a valid manifest ({type(e).__name__}: {e}); "
                               "re-run prepare-data") from None
 

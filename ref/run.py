@@ -18,8 +18,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from apr.atomic import atomic_file
-from apr.errors import AprError, ConfigError
+from apr.errors import AprError, ConfigError, FormatError
 from apr.tokenizer import TokenizerData
+from apr.untrusted import load_json
 
 from .backend import Backend
 from .data import PreparedData, TrainBatches
@@ -303,8 +304,8 @@ class MetricsLog:
         records = []
         for n, line in enumerate(lines, 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                records.append(load_json(line, f"{path}:{n}"))
+            except FormatError:
                 if n < len(lines):
                     raise AprError(f"{path}:{n}: not a JSON object; the metrics file is "
                                    "damaged") from None
