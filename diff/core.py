@@ -147,7 +147,8 @@ def _equivalent(tensors: list[R.TensorFinding], lg: R.LogitsReport) -> R.Diagnos
         msg = f"{R.EQUIVALENT} — all {len(compared)} tensors identical"
     else:
         worst = max(f.stats.max_abs for f in rounding)
-        dtype = lossiest(*[d for f in rounding for d in (f.precision_a or f.dtype_a, f.precision_b or f.dtype_b)])
+        dtype = lossiest(*[d for f in rounding for d in (f.precision_a or f.dtype_a, f.precision_b or f.dtype_b,
+                                                         f.detail.get("rounded_to")) if d])
         msg = f"{R.EQUIVALENT} — max |Δ| {worst:.1e}, within {dtype} rounding"
     if lg.ran:
         msg += f"; logits max |Δ| {lg.max_abs:.1e}, top-1 {lg.top1_agreement:.0%}"

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from apr.dtypes import DTYPES, decode, encode
+from apr.errors import AprError
 from apr.layout import adjacent_to_halves, halves_to_adjacent
 from apr.model import TensorRef
 
@@ -121,6 +123,59 @@ def detect_rounding(p: Pair) -> Relation | None:
     return Relation(R.ROUNDING, None, f"within {p.dtype_label} rounding ({how})")
 
 
+ROUNDED_TO = ("BF16", "F16")      # roundings recognized from the values, whatever the storage
+ROUNDED_PROBE = 4096              # values compared first, before the whole tensor
+
+
+def _rounded(x: np.ndarray, dtype_name: str) -> np.ndarray | None:
+    """x rounded to ``dtype_name`` as a writer rounds it (F16/BF16: to nearest even; a block
+    type: encoded and decoded), or None where that dtype cannot hold x's shape."""
+    dt = DTYPES.get(dtype_name)
+    if dt is None:
+        return None
+    try:
+        return decode(encode(x, dt), dt, x.shape)
+    except (AprError, ValueError):
+        return None
+
+
+def _rounding_of(p: Pair) -> tuple[str, str] | None:
+    """(side, dtype) when one side's values are exactly the other's rounded to BF16 or F16,
+    or requantized to the dtype that side stores: ("B", "BF16") for B = A rounded to BF16."""
+    targets = {"B": list(ROUNDED_TO), "A": list(ROUNDED_TO)}
+    for side, ref in (("B", p.ref_b), ("A", p.ref_a)):
+        if ref.dtype.quantized or ref.origin_dtype is not None:
+            targets[side].append((ref.origin_dtype or ref.dtype).name)
+    a, b = p.a(), p.b()
+    for side, src, dst in (("B", a, b), ("A", b, a)):
+        probe_src, probe_dst = src.reshape(-1)[:ROUNDED_PROBE], dst.reshape(-1)[:ROUNDED_PROBE]
+        for name in dict.fromkeys(targets[side]):
+            if name in ROUNDED_TO:
+                head = _rounded(probe_src, name)
+                if head is None or not np.array_equal(head, probe_dst):
+                    continue
+            whole_rounded = _rounded(src, name)
+            if whole_rounded is not None and np.array_equal(whole_rounded, dst):
+                return side, name
+    return None
+
+
+def detect_rounded_to(p: Pair) -> Relation | None:
+    """One side's values are exactly the other's rounded to BF16 / F16 (or requantized to
+    the type its storage says), whatever dtype stores them: a llama.cpp GGUF of a BF16
+    copy keeps its norms F32, holding BF16 values. Rounding, not a change."""
+    s = p.stats
+    if s is None or s.identical or s.nonfinite_a or s.nonfinite_b or s.rel_l2 > CHANGED_LIMIT:
+        return None
+    found = _rounding_of(p)
+    if found is None:
+        return None
+    side, name = found
+    other = "A" if side == "B" else "B"
+    return Relation(R.ROUNDING, None, f"{side} is {other} rounded to {name} (every value; "
+                    f"rel L2 {_fmt(s.rel_l2)})", {"rounded_to": name, "rounded_side": side})
+
+
 def _config_note(p: Pair, shape: tuple[int, ...]) -> str:
     if p.expected_shape is None or tuple(p.expected_shape) == shape:
         return ""
@@ -188,14 +243,30 @@ def _rows_match(p: Pair, x: np.ndarray, y: np.ndarray, perm: np.ndarray) -> bool
 
 
 def _rotary_views(p: Pair) -> list[tuple[str, Callable[[], np.ndarray], Callable[[], np.ndarray]]]:
-    """(view, A values, B values): B's stored rows first where B stores a permutation."""
+    """(view, A values, B values): B's stored rows first where B stores a permutation, then
+    both in HF order, then A's stored rows against B's in HF order."""
     views = []
     if p.ref_b.rotary_heads:
         views.append(("stored_b", p.a, p.b_stored))
+    views.append(("hf", p.a, p.b))
     if p.ref_a.rotary_heads:
         views.append(("stored_a", p.a_stored, p.b))
-    views.append(("hf", p.a, p.b))
     return views
+
+
+def _not_permuted(p: Pair) -> Relation | None:
+    """A side whose format stores llama.cpp's adjacent-pair order (a llama GGUF) holds rows
+    that equal the other side's in HF order: its writer never permuted them."""
+    for side, ref, stored, other in (("B", p.ref_b, p.b_stored, p.a), ("A", p.ref_a, p.a_stored, p.b)):
+        if ref.rotary_heads and p.equal(other(), stored()):
+            peer = "A" if side == "B" else "B"
+            msg = (f"{side} stores rows not permuted: its stored rows are {peer}'s in HF order, but "
+                   f"its format holds them in llama.cpp's adjacent-pair order ({ref.rotary_heads} "
+                   "heads), so reading it permutes them the other way")
+            return Relation("rotary-permuted", R.ROTARY, msg,
+                            {"view": f"stored_{side.lower()}", "transform": None, "heads": ref.rotary_heads,
+                             "times": 0, "not_permuted": side, "expected_heads": p.expected_heads})
+    return None
 
 
 def _heads_note(p: Pair, heads: int, view: str) -> str:
@@ -209,17 +280,22 @@ def _heads_note(p: Pair, heads: int, view: str) -> str:
 def _rotary_message(p: Pair, view: str, transform: str, heads: int, times: int) -> str:
     arrow = "halves→adjacent" if transform == "halves_to_adjacent" else "adjacent→halves"
     twice = " twice" if times == 2 else ""
-    where = {"stored_b": "B stores rows", "stored_a": "A stores rows (B is in HF order)",
-             "hf": "B's rows (in HF order) are"}[view]
+    if view == "stored_a":      # A's stored (llama.cpp order) rows, taken to B's
+        return (f"B's rows (in HF order) are A's stored rows (llama.cpp's order) rotary-permuted"
+                f"{twice} ({arrow}) with {heads} heads" + _heads_note(p, heads, view))
+    where = {"stored_b": "B stores rows", "hf": "B's rows (in HF order) are"}[view]
     return f"{where} rotary-permuted{twice} ({arrow}) with {heads} heads" + _heads_note(p, heads, view)
 
 
 def detect_rotary(p: Pair) -> Relation | None:
     """B's rows are A's in the other rotary order (halves <-> adjacent pairs), permuted with
-    some head count, or permuted twice."""
+    some head count, or permuted twice; or a side that should store llama.cpp's order holds
+    the other side's rows unpermuted. The message names the side that holds the other order."""
     if not p.same_shape or not p.ref_a.shape:
         return None
     rows = int(p.ref_a.shape[0])
+    if (p.ref_a.rotary_heads or p.ref_b.rotary_heads) and (found := _not_permuted(p)) is not None:
+        return found
     for view, get_a, get_b in _rotary_views(p):
         x, y = get_a(), get_b()
         if view != "hf" and p.equal(x, y):
@@ -370,6 +446,7 @@ DETECTORS: tuple[Callable[[Pair], Relation | None], ...] = (
     detect_identical,
     detect_nonfinite,
     detect_rounding,
+    detect_rounded_to,
     detect_transposed,
     detect_padded,
     detect_rotary,

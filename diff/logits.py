@@ -6,9 +6,10 @@ norm, the logits), so that two models larger than memory, streamed from their fi
 hold one layer's weights at a time; the hidden states of both are kept (a few rows each).
 When the logits disagree, the hidden states locate the first stage that diverges, and that
 stage is tied to the tensor findings of that layer. When no tensor finding explains it,
-each differing config key is tried on B with A's value: if B then agrees, that key is the
-confirmed culprit (a wrong rope_theta or rms_norm_eps with identical tensors shows up only
-here).
+each differing config key (every one `diff.meta` compares) whose A value leaves B's tensor
+shapes alone is tried on B with A's value: if B then agrees, that key is the confirmed
+culprit (a wrong rope_theta, rope_scaling, soft-cap or rms_norm_eps with identical tensors
+shows up only here).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from apr import names
+from apr.config import ModelConfig
 from apr.console import progress_bar
 from apr.errors import AprError
 from apr.model import ModelView
@@ -36,9 +38,6 @@ SHORT_TOKENS = 8                     # for a float32 run of a large model
 FLOAT64_MAX_PARAMS = 50_000_000      # float64 up to this size, float32 above
 LOGIT_FACTOR = 10.0                  # logits may differ this many times the worst tensor tolerance
 LOGIT_FLOOR = {np.float64: 1e-9, np.float32: 1e-5}
-# config keys that can be swapped on a built model without changing a tensor's shape
-SWAPPABLE_KEYS = ("rope_theta", "rms_norm_eps", "num_heads", "num_kv_heads", "head_dim", "hidden_act",
-                  "sliding_window", "layer_types")
 EMBED, FINAL_NORM, LM_HEAD = names.EMBED, names.FINAL_NORM, names.LM_HEAD
 
 
@@ -153,6 +152,17 @@ def _agrees(run: Run, ref: Run, tol: float) -> bool:
     return ref.logits.shape == run.logits.shape and rel_l2(ref.logits, run.logits) <= tol
 
 
+def swappable(key: str, ca: ModelConfig, cb: ModelConfig) -> bool:
+    """Whether B's config with A's value of ``key`` (a config finding's key: a field of
+    `ModelConfig`, as `diff.meta.CONFIG_KEYS` lists them) describes a model of B's tensor
+    shapes, so that B's tensors can be re-run under it."""
+    try:
+        cfg = cb.replace(**{key: getattr(ca, key)})
+    except (AprError, ValueError, TypeError, AttributeError):
+        return False          # not a field (computes_as), or a value B's other keys refuse
+    return cfg.tensor_shapes(include_lm_head=True) == cb.tensor_shapes(include_lm_head=True)
+
+
 def _confirm_config(model_b: Model, va: ModelView, keys: list[str], ids: Sequence[int],
                     ra: Run, tol: float) -> list[str]:
     """The config keys whose A value, put into B, makes B's logits agree with A's
@@ -191,7 +201,7 @@ def _explain(rep: LogitsReport, findings: list[TensorFinding], config: list[Conf
     rep.first_divergent = stage.stage if stage else "logits (output projection)"
     rep.first_divergent_layer = stage.layer if stage else None
     rep.culprit_tensors = _culprit_tensors(stage, findings)
-    keys = [c.key for c in config if c.defect and c.key in SWAPPABLE_KEYS]
+    keys = [c.key for c in config if c.defect and swappable(c.key, va.config, model_b.config)]
     if not rep.culprit_tensors and keys:
         rep.culprit_config = _confirm_config(model_b, va, keys, ids, ra, rep.tolerance)
         rep.confirmed = bool(rep.culprit_config)

@@ -96,9 +96,10 @@ def llama_cpp_logits(gguf_path: Path, ids: list[int], workdir: Path | None = Non
     return run(gguf_path, ids)
 
 
-def llama_cpp_convert(llama_cpp_src: Path, hf_dir: Path, out: Path, tokenizer=None) -> Path:
-    """Run llama.cpp's own convert_hf_to_gguf.py (F32) on an HF directory, after writing
-    `tokenizer` (a TokenizerData it recognizes) into it; returns the GGUF path."""
+def llama_cpp_convert(llama_cpp_src: Path, hf_dir: Path, out: Path, tokenizer=None,
+                      outtype: str = "f32") -> Path:
+    """Run llama.cpp's own convert_hf_to_gguf.py (F32, or ``outtype``) on an HF directory,
+    after writing `tokenizer` (a TokenizerData it recognizes) into it; returns the GGUF path."""
     import subprocess
     import sys
     if tokenizer is not None:
@@ -106,7 +107,7 @@ def llama_cpp_convert(llama_cpp_src: Path, hf_dir: Path, out: Path, tokenizer=No
         for name, text in to_hf_files(tokenizer).items():
             (hf_dir / name).write_text(text, encoding="utf-8")
     proc = subprocess.run([sys.executable, str(llama_cpp_src / "convert_hf_to_gguf.py"), str(hf_dir),
-                           "--outfile", str(out), "--outtype", "f32"],
+                           "--outfile", str(out), "--outtype", outtype],
                           capture_output=True, text=True, cwd=llama_cpp_src, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -93,3 +93,92 @@ def test_fused_parts_of_unequal_sizes_are_a_swap(tmp_path):
         r = compare(a, b)
         assert r.diagnosis.line.startswith(f"DIAGNOSIS: SWAPPED — {name} parts {'/'.join(order)}"), \
             r.diagnosis.line
+
+
+# --------------------------------------------------------------------------- rotary: the side
+
+@pytest.fixture(scope="module")
+def llama_cpp_llama(llama_cpp_src, tmp_path_factory):
+    """An HF Llama and the GGUF llama.cpp's converter writes from it (Q/K permuted)."""
+    import gguf
+
+    from apr.tokenizer import from_gguf_fields
+    d = tmp_path_factory.mktemp("llama-cpp")
+    tok = from_gguf_fields(gguf.GGUFReader(llama_cpp_src / "models" / "ggml-vocab-gpt-2.gguf"))
+    rows = tok.vocab_size + (-tok.vocab_size % 64)
+    hf = make_hf_model(d / "hf", "llama", hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
+                       vocab=rows, tokenizer=False, rope_theta=5e5, seed=7)
+    return hf, llama_cpp_convert(llama_cpp_src, hf, d / "llama-cpp.gguf", tok)
+
+
+def test_rotary_message_names_the_unpermuted_side(llama_cpp_llama, tmp_path):
+    """A llama GGUF whose attn_q was written without llama.cpp's permutation (through the gguf
+    library's writer): the side that holds it is named, and "not permuted" said."""
+    from apr.layout import adjacent_to_halves
+    from oracles import gguf_library_copy
+    hf, good = llama_cpp_llama
+    bad = gguf_library_copy(good, tmp_path / "bad.gguf", tensors=lambda name, data: (
+        adjacent_to_halves(data, 4) if name == "blk.1.attn_q.weight" else data))
+    q = "model.layers.1.self_attn.q_proj.weight"
+    for a, b, side in ((good, bad, "B"), (hf, bad, "B"), (bad, good, "A")):
+        r = compare(a, b, logits=False)
+        assert r.diagnosis.line.startswith(f"DIAGNOSIS: LAYOUT rotary-permuted — {q}: {side} stores "
+                                           "rows not permuted"), r.diagnosis.line
+
+
+# --------------------------------------------------------------------------- confirmation
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 12, "rope_theta": 5e5}
+
+
+def llama_dir(path, seed=4, **extra):
+    """A small Llama saved by transformers (random, non-negligible weights)."""
+    import torch
+    import transformers
+    from oracles import randomize_params
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **extra)
+    model = transformers.LlamaForCausalLM(cfg)
+    randomize_params(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def test_a_config_key_the_logits_confirm_is_not_also_unexplained(tmp_path):
+    """llama3 rope_scaling dropped from B's config.json: CONFIG rope_scaling, confirmed by
+    re-running B with A's value, and no LOGITS class beside it."""
+    a = llama_dir(tmp_path / "a", rope_parameters=dict(LLAMA3_ROPE))
+    b = edit_config(a, tmp_path / "b", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    r = compare(a, b)
+    assert r.diagnosis.line.startswith("DIAGNOSIS: CONFIG — rope_scaling"), r.diagnosis.line
+    assert r.logits.confirmed and r.logits.culprit_config == ["rope_scaling"], r.logits.message
+    assert "LOGITS" not in r.diagnosis.line and "explains it" not in r.diagnosis.line
+
+
+# --------------------------------------------------------------------------- rounding by value
+
+def test_rounding_is_recognized_from_the_values(llama_cpp_llama, llama_cpp_src, tmp_path):
+    """An F32 model against llama.cpp's BF16 GGUF of transformers' BF16 copy: the norms are
+    stored F32 there, holding BF16-rounded values: "B is A rounded to BF16", equivalent."""
+    import torch
+    import transformers
+    hf, _ = llama_cpp_llama
+    half = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).save_pretrained(half)
+    for f in hf.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            (half / f.name).write_bytes(f.read_bytes())
+    out = llama_cpp_convert(llama_cpp_src, half, tmp_path / "bf16.gguf", outtype="bf16")
+    r = compare(hf, out)
+    norm = next(t for t in r.tensors if t.name == "model.layers.0.input_layernorm.weight")
+    assert norm.dtype_b == "F32" and norm.relation == R.ROUNDING, norm.message
+    assert norm.message.startswith("B is A rounded to BF16"), norm.message
+    assert r.equivalent and "within BF16 rounding" in r.diagnosis.line, r.diagnosis.line
+    # and the other way round: A holds the rounded values
+    r = compare(out, hf, logits=False)
+    assert r.equivalent, r.diagnosis.line
+    assert next(t for t in r.tensors if t.name == norm.name).message.startswith("A is B rounded to BF16")
