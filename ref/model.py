@@ -36,7 +36,6 @@ from apr.names import EMBED, FINAL_NORM, LM_HEAD
 
 from . import kernels, ops, precision
 from .backend import Backend, array_module, blas_threads_settable, cpu_backend, single_threaded_blas
-from .weights import StreamedWeights
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -221,7 +220,7 @@ class Model:
         self.ops = kernels.ops_for(self.backend)     # ref.ops, or fused kernels on a GPU
         # every parameter in memory, or (a model larger than its memory budget) read from the
         # file a layer at a time (`ref.weights`): a StreamedWeights, for inference only
-        self.streamed = isinstance(params, StreamedWeights)
+        self.streamed = bool(getattr(params, "streamed", False))
         self.params: Mapping[str, Array] = params if self.streamed else self._check_params(params)
         self._names: dict[tuple[int, str], Optional[str]] = {}    # (layer, kind) -> name
 

@@ -20,17 +20,19 @@ import math
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from apr import names
 from apr.config import ModelConfig
 from apr.errors import AprError
-from apr.model import ModelView
 
 from .backend import Backend
 from .memory import format_size
+
+if TYPE_CHECKING:
+    from apr.model import ModelView
 
 EMBED, LM_HEAD = names.EMBED, names.LM_HEAD
 # the output projection is multiplied a block of rows at a time, each at most this large
@@ -121,8 +123,9 @@ class StreamedWeights(Mapping):
     once. With ``prefetch``, the next layer (after the last, the first: the next decode
     step's) is converted in a thread while this one runs. Read-only: a streamed model is for
     inference."""
+    streamed = True             # what `ref.model.Model` asks of its parameters
 
-    def __init__(self, view: ModelView, config: ModelConfig, backend: Backend, dtype: Any,
+    def __init__(self, view: "ModelView", config: ModelConfig, backend: Backend, dtype: Any,
                  prefetch: bool = False):
         self.view, self.config, self.backend, self.dtype = view, config, backend, np.dtype(dtype)
         self.shapes = config.tensor_shapes()
