@@ -237,3 +237,17 @@ def test_diff_streamed_in_lockstep_matches_loaded():
         [(s.stage, s.rel_l2, s.max_abs) for s in streamed.logits.stages]
     assert (loaded.logits.rel_l2, loaded.logits.kl_mean, loaded.logits.top1_agreement) == \
         (streamed.logits.rel_l2, streamed.logits.kl_mean, streamed.logits.top1_agreement)
+
+
+def test_qa_of_a_streamed_model(tmp_path):
+    """qa with a budget below the model's size runs its model gates streamed, measures decode
+    on a few tokens, and says why it writes no F32 export for llama.cpp."""
+    from ref.qa import run_qa
+    path = _files("qwen2", tmp_path)[1]
+    gates = {g.name: g for g in run_qa(path, max_memory="16K").gates}
+    assert not gates["forward"].skipped and "loss" in gates["forward"].message
+    assert not gates["throughput"].skipped and "tokens/s" in gates["throughput"].message
+    assert gates["gguf_export"].skipped
+    assert "larger than the memory budget" in gates["gguf_export"].message
+    whole = {g.name: g for g in run_qa(path, max_memory="1G").gates}
+    assert not whole["gguf_export"].skipped
