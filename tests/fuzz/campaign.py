@@ -1,6 +1,6 @@
 """The fuzz campaign: mutants of small APR, GGUF and HF files through every command that
-reads files, in-process, each case under a time and a memory bound. The seeds are two tiny
-models (a Qwen2, and a Qwen3 with llama3 RoPE scaling) in each format. A case fails on a
+reads files, in-process, each case under a time and a memory bound. The seeds are three tiny
+models (a Qwen2, a Qwen3 with linear RoPE scaling, a Gemma 2) in each format. A case fails on a
 traceback (an exception that escaped, or the last-resort handler's exit 3; a MemoryError
 under the bound ends there too), a hang, an exit code outside {0, 1, 2} (1 only for diff's
 findings and qa's failed gates), a partial output, or a leftover temporary file.
@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import re
 import resource
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -52,8 +54,8 @@ class Outcome:
 def make_seeds(directory: Path) -> dict[str, Path]:
     """Tiny model files of three configs, each as an HF directory and its APR and GGUF
     conversions: "hf", "apr", "gguf" a Qwen2 saved by transformers; "hf qwen3", "apr qwen3",
-    "gguf qwen3" a Qwen3 (per-head q/k norms, head_dim != hidden / heads) with llama3 RoPE
-    scaling (rope_parameters in config.json, rope_scaling in APR, rope_freqs.weight in GGUF),
+    "gguf qwen3" a Qwen3 (per-head q/k norms, head_dim != hidden / heads) with linear RoPE
+    scaling (rope_parameters in config.json, rope_scaling in APR, rope.scaling.* in GGUF),
     and "... gemma2" a Gemma 2 with a SentencePiece-style tokenizer, both written by our own
     writers. A campaign draws one of the three per mutant."""
     sys.path.insert(0, str(ROOT))
@@ -87,11 +89,11 @@ def write_qwen3_seed(directory: Path) -> Path:
     from apr import rope
     from apr.config import ModelConfig
     from tests.oracles import write_tokenizer
-    from tests.fuzz.mutators import LLAMA3_ROPE
+    from tests.fuzz.mutators import LINEAR_ROPE
     config = ModelConfig("qwen3", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                          intermediate_size=48, vocab_size=448, head_dim=24,
                          max_position_embeddings=256, rope_theta=1e6,
-                         rope_scaling=rope.from_dict(LLAMA3_ROPE, "seed", 256))
+                         rope_scaling=rope.from_dict(LINEAR_ROPE, "seed", 256))
     _write_hf_weights(directory, config)
     write_tokenizer(directory)
     return directory
@@ -157,28 +159,55 @@ def _mutators(fmt: str, seed: Path):
     return {"apr": m.apr_mutators, "gguf": m.gguf_mutators, "hf": m.hf_mutators}[fmt](seed)
 
 
-COMMANDS = ("inspect", "convert", "logits", "diff", "qa", "pretrain")
-SLOW_COMMANDS = ("qa", "pretrain")     # a campaign may run these on every k-th mutant only
+COMMANDS = ("inspect", "convert", "logits", "diff", "diff-report", "run", "qa", "pretrain")
+# a campaign may run these on every k-th mutant only (the HTML report, at 0.7 s the slowest
+# command on a seed, on every 4k-th)
+SLOW_COMMANDS = {"qa": 1, "pretrain": 1, "diff-report": 4}
 # exit codes a command may end with on a mutant: 1 is diff's "a defect was found" and qa's
 # "a gate failed"; 2 is bad input
-ALLOWED_EXITS = {"diff": {0, 1, 2}, "qa": {0, 1, 2}}
+ALLOWED_EXITS = {"diff": {0, 1, 2}, "diff-report": {0, 1, 2}, "qa": {0, 1, 2}}
 CORPUS: list[Path] = []           # set by make_seeds' caller: the corpus pretrain reads
+MADE = "made"                     # the outputs' directory: created by the write, so a failed
+                                  # write must remove it again
+
+# run's options, one set per case (``variant``): a prompt of bytes that are not UTF-8 (as the
+# shell passes them: surrogate escapes), a seed of -1 or 2^64, more tokens than any seed
+# model's context (256), none at all
+RUN_OPTIONS = (
+    ["the cat", "--max-tokens", "3"],
+    ["the cat", "--max-tokens", "3", "--temperature", "0.8", "--top-k", "5", "--seed", "7"],
+    ["\udcff\udcfe cat", "--max-tokens", "2"],
+    ["the cat", "--max-tokens", "100000"],
+    ["the cat", "--max-tokens", "2", "--temperature", "1", "--seed", "-1"],
+    ["the cat", "--max-tokens", "2", "--temperature", "1", "--seed", str(2 ** 64)],
+    ["", "--max-tokens", "2"],
+    ["the cat\u2028sat", "--max-tokens", "0", "--top-p", "0.5", "--temperature", "1"],
+)
 
 
-def _args(command: str, seed: Path, mutant: Path, out: Path) -> list[str]:
+def _args(command: str, seed: Path, mutant: Path, out: Path, variant: int = 0) -> list[str]:
     if command == "pretrain":
         return ["pretrain", "--init", str(mutant), "--dataset", str(CORPUS[0]),
-                "--run-dir", str(out.parent / "run"), "--steps", "1", "--batch-size", "1",
+                "--run-dir", str(out.parent.parent / "run"), "--steps", "1", "--batch-size", "1",
                 "--seq-length", "8", "--val-batches", "1", "--allow-data-starvation",
                 "--allow-untrained-init", "-q"]
+    if command == "run":
+        return ["run", str(mutant), *RUN_OPTIONS[variant % len(RUN_OPTIONS)], "--json"]
+    # convert writes APR or GGUF by turns (a GGUF mutant always to APR)
+    target = out.with_suffix(".gguf") if variant % 2 and mutant.suffix != ".gguf" else out
     return {"inspect": ["inspect", str(mutant), "--json"],
-            "convert": ["convert", str(mutant), "-o", str(out), "-q"],
+            "convert": ["convert", str(mutant), "-o", str(target), "-q"],
             "logits": ["logits", str(mutant), "--tokens", "1,2,3"],
             "diff": ["diff", str(seed), str(mutant), "--json"],
+            "diff-report": ["diff", str(seed), str(mutant), "--report", str(out.with_suffix(".html"))],
             "qa": ["qa", str(mutant), "--no-gguf", "--json"]}[command]
 
 
+ALARMS: list[int] = [0]           # how many alarms fired (a guard may catch the Hang itself)
+
+
 def _alarm(signum, frame):
+    ALARMS[0] += 1
     raise Hang(f"no result in {CASE_SECONDS} s")
 
 
@@ -206,28 +235,34 @@ class memory_bound:
         resource.setrlimit(resource.RLIMIT_AS, self.old)
 
 
-def _leftovers(work: Path, before: set[str]) -> list[str]:
-    """New files in the case's directory, but the expected outputs (out.apr; the run
-    directory, in which only temporaries count)."""
-    left = [p.name for p in work.iterdir() if p.name not in before and p.name not in ("out.apr", "run")]
+def _leftovers(work: Path, before: set[str], exit_code: int) -> list[str]:
+    """New files in the case's directory, but the expected outputs (after a success, the
+    outputs' directory; the run directory, in which only temporaries count)."""
+    expected = ("run", MADE) if exit_code in (0, 1) else ("run",)
+    left = [p.name for p in work.iterdir() if p.name not in before and p.name not in expected]
+    made = work / MADE
+    if made.is_dir():
+        left += [str(p.relative_to(work)) for p in made.iterdir() if p.name.endswith(".tmp")]
     run = work / "run"
     if run.is_dir():
         left += [str(p.relative_to(work)) for p in run.rglob("*") if p.name.endswith(".tmp")]
     return left
 
 
-def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
-    """None if the command behaved; else what went wrong (the exit code goes to LAST_EXIT)."""
+def run_case(command: str, seed: Path, mutant: Path, work: Path, variant: int = 0) -> str | None:
+    """None if the command behaved; else what went wrong (the exit code goes to LAST_EXIT).
+    ``variant`` picks run's options (`RUN_OPTIONS`) and convert's target format."""
     import cli
-    out = work / "out.apr"
+    out = work / MADE / "out.apr"
     if command == "pretrain" and not CORPUS:       # a replay outside a campaign
         CORPUS.append(write_corpus(Path(tempfile.mkdtemp(prefix="apr-ref-fuzz-")) / "corpus"))
     before = set(p.name for p in work.iterdir())
     old = signal.signal(signal.SIGALRM, _alarm)
+    alarms = ALARMS[0]
     signal.alarm(CASE_SECONDS)
     try:
         with memory_bound():
-            r = CliRunner().invoke(cli.main, _args(command, seed, mutant, out))
+            r = CliRunner().invoke(cli.main, _args(command, seed, mutant, out, variant))
     except Hang as e:
         LAST_EXIT[0] = -1
         return f"hang: {e}"
@@ -235,6 +270,8 @@ def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     LAST_EXIT[0] = r.exit_code
+    if ALARMS[0] != alarms:
+        return f"hang: no result in {CASE_SECONDS} s (the alarm was caught inside the command)"
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         exc = r.exception
         tb = exc.__traceback__
@@ -247,21 +284,25 @@ def run_case(command: str, seed: Path, mutant: Path, work: Path) -> str | None:
     lines = r.stderr.strip().splitlines()
     if any(line.startswith("error: out of memory") for line in lines):
         return f"MemoryError under the {CASE_BYTES >> 30} GiB bound: {lines[-1][:200]}"
-    if r.exit_code == 2 and not (lines and lines[-1].startswith("error: ")):
+    # click's own usage errors (an option's value out of its range) keep click's form
+    usage = r.exit_code == 2 and bool(lines) and lines[0].startswith("Usage: ") and \
+        lines[-1].startswith("Error: ")
+    if r.exit_code == 2 and not usage and not (lines and lines[-1].startswith("error: ")):
         return f"exit 2 without a final error line: {r.stderr.strip()[-200:]!r}"
-    left = _leftovers(work, before)
+    broken = [x for x in lines if not x.startswith(("error: ", "warning: ", "device: ", "memory: "))]
+    if r.exit_code == 2 and not usage and (broken or sum(x.startswith("error: ") for x in lines) != 1):
+        return f"exit 2 with a message broken across lines: {r.stderr.strip()[-200:]!r}"
+    left = _leftovers(work, before, r.exit_code)
     if left:
         return f"leftover files: {left}"
-    if command == "convert" and r.exit_code != 0 and out.exists():
-        return "partial output after a failed convert"
-    if out.exists():
-        out.unlink()
+    shutil.rmtree(work / MADE, ignore_errors=True)
     shutil.rmtree(work / "run", ignore_errors=True)
     return None
 
 
 
-def save_regression(fmt: str, command: str, mutant: Path, problem: str, seed: Path) -> Path:
+def save_regression(fmt: str, command: str, mutant: Path, problem: str, seed: Path,
+                    variant: int = 0) -> Path:
     """Keep one mutant per format and failure site (the site is the same whatever command
     reached it; the replay runs every command)."""
     site = re.sub(r"internal error in [a-z-]+", "internal error", problem)
@@ -273,7 +314,12 @@ def save_regression(fmt: str, command: str, mutant: Path, problem: str, seed: Pa
         return target
     target.mkdir()
     dest = target / ("mutant" if mutant.is_dir() else "mutant." + fmt)
-    (shutil.copytree if mutant.is_dir() else shutil.copyfile)(mutant, dest)
+    fifo = not mutant.is_symlink() and stat.S_ISFIFO(os.lstat(mutant).st_mode)
+    if mutant.is_symlink():
+        os.symlink(os.readlink(mutant), dest)
+    elif not fifo:
+        (shutil.copytree if mutant.is_dir() else shutil.copyfile)(mutant, dest, **(
+            {"symlinks": True} if mutant.is_dir() else {}))
     # diff compares the mutant with its seed; an HF seed is kept as its config and tokenizer
     # only (its weights are the mutant's, which the replay links in)
     if seed.is_dir():
@@ -282,8 +328,11 @@ def save_regression(fmt: str, command: str, mutant: Path, problem: str, seed: Pa
             shutil.copyfile(seed / name, target / "seed" / name)
     else:
         shutil.copyfile(seed, target / ("seed." + fmt))
+    # a link is kept as a link (git stores it); a FIFO as a note, made again by the replay
+    note = {"fifo": True} if fifo else {}
     (target / "case.json").write_text(json.dumps({"format": fmt, "command": command,
-                                                  "found": problem}, indent=1) + "\n")
+                                                  "variant": variant, **note, "found": problem},
+                                                 indent=1) + "\n")
     return target
 
 
@@ -316,18 +365,18 @@ def campaign(cases: int, seed: int = 0, budget: float | None = None, save: bool 
                 mk = f"{fmt} {model}"
                 outcome.mutants[mk] = outcome.mutants.get(mk, 0) + 1
                 for command in COMMANDS:
-                    if command in SLOW_COMMANDS and i % slow_every:
+                    if command in SLOW_COMMANDS and i % (slow_every * SLOW_COMMANDS[command]):
                         continue
                     key = f"{fmt} {command}"
                     outcome.cases[key] = outcome.cases.get(key, 0) + 1
-                    problem = run_case(command, seed_file, mutant, work)
+                    problem = run_case(command, seed_file, mutant, work, variant=i)
                     ek = f"{key} exit {LAST_EXIT[0]}"
                     outcome.exits[ek] = outcome.exits.get(ek, 0) + 1
                     if problem:
                         outcome.failures.append(f"{key} [{model} {getattr(mutate, '__name__', 'mutate')}]: "
                                                 f"{problem}")
                         if save:
-                            save_regression(fmt, command, mutant, problem, seed_file)
+                            save_regression(fmt, command, mutant, problem, seed_file, variant=i)
                 shutil.rmtree(work, ignore_errors=True)
     return outcome
 

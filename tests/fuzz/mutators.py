@@ -63,6 +63,7 @@ ROPE_VALUES = (0, 0.0, -1.0, -8.0, 1e-300, 0.5, 1.0, 4.0, 8.0, 64, 256, 257, 655
                2 ** 63, 1e308, float("inf"), float("nan"), [1.0] * 8, [0.0] * 8)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+LINEAR_ROPE = {"rope_type": "linear", "factor": 4.0}
 
 
 def mutate_rope(params: Any, rng: random.Random) -> Any:
@@ -84,6 +85,80 @@ def mutate_rope(params: Any, rng: random.Random) -> Any:
         if rng.random() < 0.3:          # two at once: e.g. low_freq_factor = high_freq_factor
             out[rng.choice(ROPE_KEYS)] = rng.choice(ROPE_VALUES)
     return out
+
+
+# --------------------------------------------------------------------------- JSON text
+# What a JSON parser sees before any reader does: integers past Python's limits (int() refuses
+# more than 4,300 digits; float() overflows past 309), nesting past the recursion limit, a key
+# twice in one object, a byte-order mark. Written as text, since json.dumps makes none of them.
+
+_SENTINEL = "\u0000apr-ref-splice\u0000"
+
+
+def _place(doc: Any, rng: random.Random, value: Any, depth: int = 0) -> Any:
+    """``doc`` with ``value`` put somewhere (a value replaced or a key added)."""
+    if isinstance(doc, dict) and doc and depth < 4:
+        out = dict(doc)
+        key = rng.choice(list(doc))
+        if isinstance(doc[key], (dict, list)) and doc[key] and rng.random() < 0.6:
+            out[key] = _place(doc[key], rng, value, depth + 1)
+        else:
+            out[key if rng.random() < 0.8 else "apr_ref_added"] = value
+        return out
+    if isinstance(doc, list) and doc and depth < 4:
+        out = list(doc)
+        i = rng.randrange(len(doc))
+        out[i] = _place(doc[i], rng, value, depth + 1) if rng.random() < 0.5 else value
+        return out
+    return value
+
+
+def _splice(doc: Any, rng: random.Random, raw: str) -> str:
+    """JSON text of ``doc`` with the raw text ``raw`` somewhere a value belongs."""
+    return _json_text(_place(doc, rng, _SENTINEL)).replace(_json_text(_SENTINEL), raw, 1)
+
+
+def huge_integer(rng: random.Random) -> str:
+    return rng.choice(("", "-")) + "9" * rng.choice((21, 101, 310, 4301, 5000))
+
+
+def deep_nesting(rng: random.Random) -> str:
+    n = rng.choice((101, 990, 2000, 100_000))
+    return ("[" * n + "1" + "]" * n) if rng.random() < 0.5 else ('{"a":' * n + "1" + "}" * n)
+
+
+def duplicate_key(doc: Any, rng: random.Random) -> str:
+    """An object of ``doc`` with one of its keys written twice (the second a hostile value)."""
+    objects = []
+    stack = [doc]
+    while stack and len(objects) < 64:
+        x = stack.pop()
+        if isinstance(x, dict) and x:
+            objects.append(x)
+            stack.extend(v for v in x.values() if isinstance(v, (dict, list)))
+        elif isinstance(x, list):
+            stack.extend(v for v in x[:16] if isinstance(v, (dict, list)))
+    if not objects:
+        return _json_text(doc)
+    target = rng.choice(objects)
+    key = rng.choice(list(target))
+    target["apr_ref_dup"] = _SENTINEL          # the document's own object, changed in place
+    text = _json_text(doc)
+    del target["apr_ref_dup"]
+    return text.replace(f"{_json_text('apr_ref_dup')}: {_json_text(_SENTINEL)}",
+                        f"{_json_text(key)}: {_json_text(hostile(rng))}", 1)
+
+
+def mutate_json_text(doc: Any, rng: random.Random) -> str:
+    """JSON text of ``doc`` with one of: a huge integer, deep nesting, a key twice, a BOM."""
+    roll = rng.random()
+    if roll < 0.3:
+        return _splice(doc, rng, huge_integer(rng))
+    if roll < 0.6:
+        return _splice(doc, rng, deep_nesting(rng))
+    if roll < 0.9:
+        return duplicate_key(doc, rng)
+    return "\ufeff" + _json_text(doc)
 
 
 # --------------------------------------------------------------------------- byte level
@@ -137,17 +212,78 @@ def apr_tensors(src: Path) -> list:
             for n, (dt, shape, b) in raw.items()]
 
 
-def write_apr_as_stranger(dst: Path, meta: dict, sources: list) -> None:
-    """Our container writer, but with metadata JSON as another writer may produce it: NaN,
-    Infinity and lone surrogates as escapes (which our writer refuses)."""
+def write_apr_as_stranger(dst: Path, meta: dict, sources: list, text: str | None = None) -> None:
+    """Our container writer (valid CRCs), but with metadata JSON as another writer may produce
+    it: NaN, Infinity and lone surrogates as escapes (which our writer refuses), or ``text``
+    as it is (a huge integer, deep nesting, a key twice, a BOM)."""
     from unittest import mock
 
     from apr.container import write_apr
 
     def raw_json(m):
+        if text is not None:
+            return text.encode("utf-8", "surrogatepass")
         return json.dumps(m, ensure_ascii=True, allow_nan=True).encode()
     with mock.patch("apr.container.metadata_json", raw_json):
         write_apr(dst, meta, sources)
+
+
+def apr_json_text(src: Path, dst: Path, rng: random.Random) -> None:
+    """The metadata section as JSON text no writer of ours makes (`mutate_json_text`), with
+    valid CRCs."""
+    from apr.container import AprFile
+    with AprFile.open(src) as f:
+        meta = dict(f.metadata)
+    write_apr_as_stranger(dst, meta, apr_tensors(src), mutate_json_text(meta, rng))
+
+
+PAD_NAMES = ("<|pad_0|>", "<|pad_1|>", "<unk>", "<s>", "</s>", "", " ", "\n", "a\u2028b")
+
+
+def apr_tokenizer(src: Path, dst: Path, rng: random.Random) -> None:
+    """The embedded tokenizer's tables changed where a random pick among ~25 keys seldom
+    lands: a token renamed (to a row-pad name at another id, to a special token's name, to
+    another token's string), a score beyond float32 (-1e308), a token type out of range."""
+    from apr.container import AprFile, write_apr
+    with AprFile.open(src) as f:
+        meta = dict(f.metadata)
+    vocab = list(meta.get("tokenizer.vocabulary") or [])
+    roll = rng.random()
+    if vocab and roll < 0.5:
+        i = rng.randrange(len(vocab))
+        vocab[i] = rng.choice(PAD_NAMES + (vocab[rng.randrange(len(vocab))],))
+        meta["tokenizer.vocabulary"] = vocab
+    elif roll < 0.8:
+        n = len(vocab) or 8
+        scores = list(meta.get("tokenizer.scores") or [0.0] * n)
+        scores[rng.randrange(len(scores))] = rng.choice((-1e308, 1e308, -3.5e38, 1e39, -0.0))
+        meta["tokenizer.scores"] = scores
+    else:
+        types = list(meta.get("tokenizer.token_type") or [1] * (len(vocab) or 8))
+        types[rng.randrange(len(types))] = rng.choice((0, 7, 255, -1, 2 ** 31))
+        meta["tokenizer.token_type"] = types
+    write_apr(dst, meta, apr_tensors(src))
+
+
+BARE_SHAPES = ((2 ** 31 - 1, 2 ** 31 - 1, 0), (0,), (0, 2 ** 31 - 1), (1, 0, 5), (2 ** 31 - 1, 0),
+               (3, 2 ** 31 - 1, 0, 1), (2 ** 30, 2 ** 30, 2 ** 30, 0))
+
+
+def apr_bare(src: Path, dst: Path, rng: random.Random) -> None:
+    """An APR of bare tensors (no architecture), as the format's own example is, with empty
+    tensors of extreme shapes beside a plain one: every product stays zero, every dimension
+    within the bounds, so only the readers' arithmetic can go wrong."""
+    import numpy as np
+
+    from apr.container import TensorSource, write_apr
+    from apr.dtypes import DTYPES
+    sources = [TensorSource("plain", DTYPES["F32"], (2, 3),
+                            lambda: np.arange(6, dtype=np.float32))]
+    for k in range(rng.choice((1, 2))):
+        shape = rng.choice(BARE_SHAPES)
+        sources.append(TensorSource(f"empty.{k}", DTYPES[rng.choice(("F32", "F16", "BF16"))], shape,
+                                    lambda: np.zeros(0, np.uint8)))
+    write_apr(dst, {"name": "bare"}, sources)
 
 
 def apr_metadata(src: Path, dst: Path, rng: random.Random, rope: bool = False) -> None:
@@ -195,7 +331,8 @@ def apr_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]
     meta_end, index_off, data_off = _apr_layout(data)
     bounds = [4, 40, 64, meta_end, index_off, data_off, len(data) - 4]
     return [apr_metadata, apr_metadata, apr_rope, patch_apr_field, patch_apr_field,
-            named("truncate", lambda s, d, r: truncate(s, d, r, bounds)), bit_flip]
+            named("truncate", lambda s, d, r: truncate(s, d, r, bounds)), bit_flip,
+            apr_json_text, apr_tokenizer, apr_bare, filesystem]
 
 
 def apr_rope(src: Path, dst: Path, rng: random.Random) -> None:
@@ -295,12 +432,59 @@ def gguf_rope_freqs(src: Path, dst: Path, rng: random.Random) -> None:
     _rewrite_gguf(src, dst, rng, tensors=change)
 
 
+GGUF_COUNT_VALUES = (0, 1, 2, 3, 46, 62, 4096, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1)
+
+
+def gguf_counts(src: Path, dst: Path, rng: random.Random) -> None:
+    """One or two of the architecture's integer keys (block_count, head_count, head_count_kv,
+    embedding_length, context_length, key_length, ...) set to an edge value of their own type:
+    zero heads, llama.cpp's 27B Gemma layer counts (46, 62), 2^31 - 1."""
+    import gguf
+    import numpy as np
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    ints = [k for k, f in r.fields.items() if k.startswith(arch + ".") and len(f.types) == 1
+            and f.types[0] in (gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32,
+                               gguf.GGUFValueType.UINT64)]
+    picks = {k: rng.choice(GGUF_COUNT_VALUES) for k in rng.sample(ints, min(len(ints), rng.choice((1, 2))))}
+    gguf_set(src, dst, picks)
+
+
+def gguf_set(src: Path, dst: Path, picks: dict[str, int | None]) -> None:
+    """The GGUF rewritten by the gguf library's writer with the integer keys ``picks`` set
+    (each keeps its own value type; None drops the key)."""
+    import gguf
+    import numpy as np
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vt = f.types[0]
+        if name in picks and picks[name] is None:
+            continue
+        if name in picks:
+            w.add_key_value(name, picks[name] % 2 ** 32 if vt != gguf.GGUFValueType.UINT64 else picks[name], vt)
+        elif vt == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, f.contents(), vt)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def gguf_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
     size = seed.stat().st_size
     bounds = [4, 8, 16, 24, size // 4, size // 2, size - 32]
     return [gguf_kv, gguf_kv, gguf_kv, gguf_rope_freqs,
             named("truncate", lambda s, d, r: truncate(s, d, r, bounds)),
-            named("bit_flip:header", lambda s, d, r: bit_flip(s, d, r, (0, min(size, 4096)))), bit_flip]
+            named("bit_flip:header", lambda s, d, r: bit_flip(s, d, r, (0, min(size, 4096)))), bit_flip,
+            gguf_counts, gguf_counts, filesystem]
 
 
 # --------------------------------------------------------------------------- HF directory
@@ -356,6 +540,99 @@ def hf_bytes(src: Path, dst: Path, rng: random.Random) -> None:
         bit_flip(src / name, target, rng)
 
 
+def _hf_json_text(name: str) -> Callable[[Path, Path, random.Random], None]:
+    def mutate(src: Path, dst: Path, rng: random.Random) -> None:
+        shutil.copytree(src, dst)
+        doc = json.loads((src / name).read_text(encoding="utf-8"))
+        (dst / name).write_text(mutate_json_text(doc, rng), encoding="utf-8")
+    mutate.__name__ = f"json-text:{name}"
+    return mutate
+
+
+def hf_header_text(src: Path, dst: Path, rng: random.Random) -> None:
+    """The safetensors header as JSON text no writer makes (`mutate_json_text`), its length
+    prefix right; or its ``dequantized_from`` metadata string (JSON inside JSON) so."""
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    data = path.read_bytes()
+    n = struct.unpack_from("<Q", data, 0)[0]
+    header = json.loads(data[8:8 + n])
+    if rng.random() < 0.3:
+        names = [k for k in header if k != "__metadata__"]
+        inner = {rng.choice(names): "F16"}
+        header["__metadata__"] = {**header.get("__metadata__", {}),
+                                  "dequantized_from": mutate_json_text(inner, rng)}
+        text = _json_text(header).encode()
+    else:
+        text = mutate_json_text(header, rng).encode("utf-8")
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+BPE_OPTIONS = ("continuing_subword_prefix", "end_of_word_suffix", "dropout", "unk_token",
+               "fuse_unk", "byte_fallback", "ignore_merges")
+
+
+def hf_tokenizer_model(src: Path, dst: Path, rng: random.Random) -> None:
+    """tokenizer.json's BPE options (``continuing_subword_prefix``, ``end_of_word_suffix``,
+    ...) given values of their own type or hostile ones: the tokenizers library itself must
+    build the result, and panics on some."""
+    shutil.copytree(src, dst)
+    doc = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    key = rng.choice(BPE_OPTIONS)
+    doc["model"][key] = rng.choice(("##", "</w>", "", "\u2581", 0.5, True)) if rng.random() < 0.7 \
+        else hostile(rng)
+    (dst / "tokenizer.json").write_text(_json_text(doc), encoding="utf-8")
+
+
+def hf_chat_template(src: Path, dst: Path, rng: random.Random) -> None:
+    """tokenizer_config.json's chat_template as a string, a list of named templates (names
+    and templates of any type), or a hostile value."""
+    shutil.copytree(src, dst)
+    path = dst / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    roll = rng.random()
+    if roll < 0.6:
+        cfg["chat_template"] = [{"name": rng.choice(("default", "tool_use", hostile(rng))),
+                                 "template": rng.choice(("{{ messages }}", hostile(rng)))}
+                                for _ in range(rng.choice((0, 1, 2)))]
+    elif roll < 0.8:
+        cfg["chat_template"] = rng.choice(("{% for m in messages %}{{ m.content }}{% endfor %}",
+                                           "{{ raise_exception('no') }}", "{% if %}"))
+    else:
+        cfg["chat_template"] = hostile(rng)
+    path.write_text(_json_text(cfg), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- the file system
+
+def filesystem(src: Path, dst: Path, rng: random.Random) -> None:
+    """Not a model file at all where one belongs: a FIFO, a symbolic link loop, a link to
+    nothing, a directory, an empty file; for an HF directory, one of its files so."""
+    import os
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        victim = dst / rng.choice(["config.json", "tokenizer.json", "tokenizer_config.json",
+                                   "model.safetensors"])
+    else:
+        victim = dst
+    if victim.exists():
+        victim.unlink()
+    kind = rng.choice(("fifo", "loop", "dangling", "dir", "empty"))
+    if kind == "fifo":
+        os.mkfifo(victim)
+    elif kind == "loop":
+        os.symlink(victim.name, victim)
+    elif kind == "dangling":
+        os.symlink(victim.name + ".nowhere", victim)
+    elif kind == "dir":
+        victim.mkdir()
+    else:
+        victim.write_bytes(b"")
+
+
 def hf_mutators(seed: Path) -> list[Callable[[Path, Path, random.Random], None]]:
     return [_hf_json("config.json"), _hf_json("config.json"), hf_rope, _hf_json("tokenizer.json"),
-            hf_safetensors_header, hf_index, hf_bytes]
+            hf_safetensors_header, hf_index, hf_bytes,
+            _hf_json_text("config.json"),
+            _hf_json_text("tokenizer.json"), _hf_json_text("tokenizer_config.json"), hf_header_text,
+            hf_tokenizer_model, hf_chat_template, filesystem]
