@@ -95,13 +95,20 @@ def test_our_gguf_runs_in_llama_cpp_like_transformers(case_id, tmp_path):
     assert rel <= LLAMA_CPP_TOL.get(case_id, 1e-4), f"{case_id}: llama.cpp vs transformers rel {rel:.3g}"
 
 
-def test_mistral_window_is_refused_for_gguf(tmp_path):
+def test_mistral_window_is_a_listed_change_for_gguf(tmp_path):
+    """llama.cpp's llama has no sliding window: the export is refused by default, written with
+    --allow-changes, and the change is recorded in the file."""
     hf = hf_model("mistral", 2, 2, False, "default", None, 4, 1e4, seed=1)
     hf.float().save_pretrained(tmp_path / "hf")
-    r = CliRunner().invoke(cli.main, ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "m.gguf"),
-                                      "--allow-no-tokenizer", "--quiet"])
-    assert r.exit_code == 2 and "sliding-window" in r.stderr, r.output
+    args = ["convert", str(tmp_path / "hf"), "-o", str(tmp_path / "m.gguf"), "--allow-no-tokenizer", "--quiet"]
+    r = CliRunner().invoke(cli.main, args)
+    assert r.exit_code == 2 and "slides a window of 4 tokens" in r.stderr, r.output
+    assert "identical up to 4 tokens of context" in r.stderr and "--allow-changes" in r.stderr
     assert not (tmp_path / "m.gguf").exists()
+    r = CliRunner().invoke(cli.main, args + ["--allow-changes"])
+    assert r.exit_code == 0, r.output
+    notes = gguf.GGUFReader(tmp_path / "m.gguf").fields["general.conversion_notes"].contents()
+    assert any("slides a window of 4 tokens" in n for n in notes), notes
 
 
 @pytest.mark.parametrize("case_id", ["llama3-rope", "qwen3-head-dim", "mistral", "phi3"])

@@ -88,9 +88,10 @@ def test_sliding_window_logits_and_conversions(qwen2_sliding, tmp_path):
     assert rel(ours(apr, tmp_path), expected) < 1e-4
     assert run("convert", apr, "-o", tmp_path / "back", "-q")[0] == 0
     assert rel(hf_logits(tmp_path / "back", IDS), expected) < 1e-5
-    # llama.cpp's qwen2 has no sliding window: export is refused, naming it
+    # llama.cpp's qwen2 has no sliding window: export is a listed change, refused by default
     code, _, err = run("export", apr, "-o", tmp_path / "m.gguf")
-    assert code == 2 and "sliding-window" in err and not (tmp_path / "m.gguf").exists()
+    assert code == 2 and f"slides a window of {WINDOW} tokens" in err and "--allow-changes" in err
+    assert not (tmp_path / "m.gguf").exists()
     # diff: the converted file is equivalent; the full-attention config is not
     assert run("diff", qwen2_sliding, apr)[0] == 0
     code, out, _ = run("diff", qwen2_sliding, full)
