@@ -18,7 +18,8 @@ in `--json`:
                         (F16, BF16, Q8_0, APR_Q8, Q4_K, Q6_K, ...), same config and tokenizer,
                         logits agree. Known layouts (GGUF llama rotary order), an APR's tied
                         lm_head copy and a GGUF's unused pad tokens are equivalent.
-    MISSING             a tensor in A is not in B
+    MISSING             a tensor in A is not in B, or one a side's config needs is missing
+                        there ("B cannot be run", whatever the tensors present say)
     EXTRA               a tensor in B is not in A
     SHAPE               shapes differ in a way no layout explains
     NON-FINITE          a tensor holds inf or nan values where the other file's does not
@@ -55,6 +56,10 @@ in `--json`:
                         runs, digits, special tokens) encoded by both, the first differing
                         string named; the chat template (its first changed lines, and a short
                         conversation rendered by both in Jinja2's sandbox in a child process)
+    GENERATION          the ids generation stops at differ: eos_token_id (an int or a list) of
+                        config.json and generation_config.json, a GGUF's eos/eot/eom ids, an
+                        APR's tokenizer eos id (diff/generation.py); bos, pad and sampling
+                        defaults that differ are notes (they change no logit)
     LOGITS              logits diverge and nothing above explains it
 
 Per-tensor relations that are not defects: `identical`, `rounding` (within dtype rounding),

@@ -18,6 +18,7 @@ from .ahead import BytesAhead
 from . import report as R
 from .logits import (DEFAULT_TOKENS, SHORT_TOKENS, compare_logits, default_tokens, param_count,
                      run_dtype)
+from .generation import compare_generation
 from .meta import compare_configs, compare_tokenizers, layout_notes, metadata_only
 from .tensors import compare_tensors, tensor_bytes
 from .values import lossiest
@@ -157,8 +158,8 @@ def _equivalent(tensors: list[R.TensorFinding], lg: R.LogitsReport) -> R.Diagnos
 
 def _defect_message(cls: str, tensors: list[R.TensorFinding], config: list[R.ConfigFinding],
                     tokenizer: list[R.TokenizerFinding], lg: R.LogitsReport) -> R.Diagnosis:
-    if cls == R.CONFIG:
-        items = [c for c in config if c.defect]
+    if cls in (R.CONFIG, R.GENERATION):
+        items = [c for c in config if c.defect == cls]
         first = [c for c in items if c.key in lg.culprit_config] if lg.confirmed else []
         items = first + [c for c in items if c not in first]
         return R.Diagnosis(cls, [], f"{cls} — " + "; ".join(c.message for c in items),
@@ -243,12 +244,15 @@ def compare(a_path: str | os.PathLike, b_path: str | os.PathLike, logits: bool |
         relations.apply(va, vb, tensors)
         unrunnable = cannot_run(va, vb, tensors)
         config = compare_configs(va.config, vb.config)
+        generation, generation_notes = compare_generation(va, vb)
         tokenizer = compare_tokenizers(va, vb)
         t2 = time.perf_counter()
         lg = run_logits(va, vb, logits is not False, tokens, prompt, tensors, config, max_memory,
                         progress)
+        config += generation
         t3 = time.perf_counter()
         notes = layout_notes(va, vb) + [n for n in unrunnable if n.split(": ", 1)[1] not in lg.note]
+        notes += generation_notes
         if lg.note:
             notes.append(f"logits: {lg.note}")
         return R.DiffReport(a=summarize(a_path, va), b=summarize(b_path, vb), tensors=tensors,

@@ -27,6 +27,7 @@ VALUES_CHANGED = "VALUES CHANGED"
 UNRELATED = "UNRELATED"
 NOISE = "QUANTIZATION noise"
 CONFIG = "CONFIG"
+GENERATION = "GENERATION"
 TOKENIZER = "TOKENIZER"
 LOGITS = "LOGITS"
 
@@ -34,7 +35,8 @@ LOGITS = "LOGITS"
 # most structural first); a culprit the logits localized goes in front of all of them.
 CLASS_PRIORITY: tuple[str, ...] = (MISSING, EXTRA, NONFINITE, LAYERS_REORDERED, SWAPPED, MOVED,
                                    SHAPE, TRANSPOSED, ROTARY, PADDING, TIED, SHUFFLED, SCALED,
-                                   VALUES_CHANGED, UNRELATED, NOISE, CONFIG, TOKENIZER, LOGITS)
+                                   VALUES_CHANGED, UNRELATED, NOISE, CONFIG, TOKENIZER, GENERATION,
+                                   LOGITS)
 
 # Per-tensor relations that are not defects.
 IDENTICAL = "identical"
@@ -80,7 +82,8 @@ class TensorFinding:
 
 @dataclass
 class ConfigFinding:
-    """A model config key on which the two files disagree."""
+    """A model config key on which the two files disagree (or a generation setting: defect
+    GENERATION)."""
     key: str
     a: Any
     b: Any
@@ -127,6 +130,7 @@ class LogitsReport:
     confirmed: bool = False         # re-running B with A's config values makes them agree
     message: str = ""
     streamed: list[str] = field(default_factory=list)   # sides whose weights were read a layer at a time
+    shared_stages: int = 0          # B's stages with A's weights and input: A's output taken
 
 
 @dataclass

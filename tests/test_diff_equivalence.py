@@ -5,6 +5,7 @@ give the same findings as whole ones."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import gguf
 import numpy as np
@@ -115,6 +116,10 @@ def test_llama_cpp_converter_gguf_is_equivalent_to_its_hf_source(llama_cpp_src, 
     rows = tok.vocab_size + (-tok.vocab_size % 64)
     hf = make_hf_model(tmp_path / "hf", "llama", hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
                        vocab=rows, tokenizer=False, rope_theta=5e5, seed=7)
+    for name in ("config.json", "generation_config.json"):   # the tokenizer's ids, as a real
+        doc = json.loads((hf / name).read_text())             # checkpoint states them
+        (hf / name).write_text(json.dumps({**doc, "bos_token_id": tok.bos_token_id,
+                                           "eos_token_id": tok.eos_token_id}))
     out = llama_cpp_convert(llama_cpp_src, hf, tmp_path / "llama-cpp.gguf", tok)
     report = compare(hf, out)
     assert_equivalent(report)

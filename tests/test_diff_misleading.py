@@ -108,6 +108,10 @@ def llama_cpp_llama(llama_cpp_src, tmp_path_factory):
     rows = tok.vocab_size + (-tok.vocab_size % 64)
     hf = make_hf_model(d / "hf", "llama", hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
                        vocab=rows, tokenizer=False, rope_theta=5e5, seed=7)
+    for name in ("config.json", "generation_config.json"):     # the tokenizer's ids
+        doc = json.loads((hf / name).read_text())
+        (hf / name).write_text(json.dumps({**doc, "bos_token_id": tok.bos_token_id,
+                                           "eos_token_id": tok.eos_token_id}))
     return hf, llama_cpp_convert(llama_cpp_src, hf, d / "llama-cpp.gguf", tok)
 
 
@@ -182,3 +186,36 @@ def test_rounding_is_recognized_from_the_values(llama_cpp_llama, llama_cpp_src, 
     r = compare(out, hf, logits=False)
     assert r.equivalent, r.diagnosis.line
     assert next(t for t in r.tensors if t.name == norm.name).message.startswith("A is B rounded to BF16")
+
+
+# --------------------------------------------------------------------------- generation settings
+
+def test_generation_settings_are_compared(tmp_path, llama_cpp_llama):
+    """config.json's eos_token_id alone changed, generation_config.json's eos list changed,
+    a GGUF eot id added: GENERATION, exit 1; a sampling default changed: a note, equivalent."""
+    from oracles import gguf_library_copy
+    a = llama_dir(tmp_path / "a")
+    assert json.loads((a / "generation_config.json").read_text())["eos_token_id"] == 2
+    b = edit_config(a, tmp_path / "b", eos_token_id=4)
+    r = compare(a, b)
+    assert r.diagnosis.cls == R.GENERATION and r.diagnosis.keys == ["eos_token_id"], r.diagnosis.line
+    assert "B also stops at 4 (config.json eos_token_id)" in r.diagnosis.message
+    assert run_diff(a, b)[0] == 1
+    c = copy_dir(a, tmp_path / "c")
+    gen = json.loads((c / "generation_config.json").read_text())
+    (c / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, 7]}))
+    r = compare(a, c)
+    assert r.diagnosis.cls == R.GENERATION and "7 (generation_config.json" in r.diagnosis.message
+    d = copy_dir(a, tmp_path / "d")
+    (d / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.6, "do_sample": True}))
+    e = copy_dir(a, tmp_path / "e")
+    (e / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.9, "do_sample": True}))
+    r = compare(d, e)
+    assert r.equivalent, r.diagnosis.line
+    assert any("temperature: A 0.6" in n and "B 0.9" in n for n in r.notes), r.notes
+    # llama.cpp's converter output, with an end-of-turn id it does not have
+    hf, good = llama_cpp_llama
+    eot = gguf_library_copy(good, tmp_path / "eot.gguf", extra={"tokenizer.ggml.eot_token_id": 11})
+    r = compare(good, eot, logits=False)
+    assert r.diagnosis.cls == R.GENERATION and "11 (tokenizer.ggml.eot_token_id)" in r.diagnosis.message
+    assert compare(hf, good).equivalent
