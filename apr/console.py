@@ -5,7 +5,10 @@ types, JSON for stdout, timestamps.
 The error policy: bad input is one ``error: ...`` line on stderr and exit code 2; an
 interrupt is exit 130; anything no handler expected is still one line,
 ``error: internal error in CMD at FILE:LINE (please report): ...``, and exit code 3 (the
-test suite fails if a test input reaches it). Warnings print as ``warning: ...`` lines.
+test suite fails if a test input reaches it); so is a Rust library's panic that no guard
+caught (pyo3's ``PanicException`` is a BaseException). Warnings print as ``warning: ...``
+lines. An error or warning is one line whatever it quotes: what is not printable in it is
+written as its escape (`one_line`).
 """
 from __future__ import annotations
 
