@@ -115,6 +115,9 @@ def _logits_lines(lg: R.LogitsReport) -> list[str]:
             f"{lg.kl_max:.2e}), top-1 agreement {lg.top1_agreement:.0%}")
     if lg.streamed:
         head += f" ({' and '.join(lg.streamed)} streamed from the file a layer at a time)"
+    if lg.shared_stages:
+        head += (f"; {lg.shared_stages} of B's {len(lg.stages) + 1} stages hold A's weights and "
+                 "input exactly and took A's output")
     lines = [head, f"  {lg.message}"]
     if not lg.agree:
         lines += [f"    {s.stage:<12} rel L2 {s.rel_l2:.2e}  max |Δ| {s.max_abs:.2e}"

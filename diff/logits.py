@@ -14,7 +14,6 @@ shows up only here).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import zip_longest
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,7 +29,7 @@ from ref.memory import resolve_budget
 from ref.model import Model
 from ref.weights import MemoryPlan
 
-from .report import ROUNDING, ConfigFinding, LogitsReport, StageDelta, TensorFinding
+from .report import IDENTICAL, ROUNDING, ConfigFinding, LogitsReport, StageDelta, TensorFinding
 from .values import dtype_tolerance, rel_l2
 
 DEFAULT_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
@@ -73,21 +72,73 @@ def _forward(model: Model, ids: Sequence[int]) -> Run:
     return _run([_host(model, x) for x in model.stages(np.asarray([ids], dtype=np.int64))])
 
 
-def _lockstep(model_a: Model, model_b: Model, ids: Sequence[int], progress: bool) -> tuple[Run, Run]:
+def _shared_stages(va: ModelView, vb: ModelView, findings: list[TensorFinding]) -> set[int]:
+    """The stages (`Model.stages` indices) whose parameters B holds exactly as A does: the
+    same config, each tensor of the stage identical in value (the tensor comparison) and
+    stored in the same row order and offset. Given the same input such a stage computes the
+    same output bits, so B takes A's instead of reading and running its own."""
+    if va.config is None or va.config != vb.config:
+        return set()
+    cfg = va.config
+    same = {f.name for f in findings if f.relation == IDENTICAL and not f.defect}
+    by_stage: dict[int, list[str]] = {}
+    for name in cfg.tensor_shapes():
+        layer = names.layer_of(name)
+        stage = 0 if name == EMBED else cfg.num_layers + 1 if name == FINAL_NORM else \
+            cfg.num_layers + 2 if name == LM_HEAD else layer + 1
+        by_stage.setdefault(stage, []).append(name)
+    if cfg.tie_word_embeddings:         # the output projection is the embedding
+        by_stage.setdefault(cfg.num_layers + 2, []).append(EMBED)
+
+    def kept(name: str) -> bool:
+        ra, rb = va.tensors.get(name), vb.tensors.get(name)
+        return name in same and ra is not None and rb is not None and \
+            (ra.rotary_heads, ra.offset) == (rb.rotary_heads, rb.offset)
+
+    return {stage for stage, ns in by_stage.items() if all(map(kept, ns))}
+
+
+def _lockstep(model_a: Model, model_b: Model, ids: Sequence[int], progress: bool,
+              shared: set[int] = frozenset()) -> tuple[Run, Run, int]:
     """Both models' stages (`Model.stages`), A's and B's of the same index one after the
-    other (a model with fewer layers finishes first), with a bar over the stages."""
+    other (a model with fewer layers finishes first), with a bar over the stages. A stage in
+    ``shared`` (`_shared_stages`) whose input in B is bit-identical to its input in A gives
+    B A's output: B's weights for it are never read. Also returns how many stages did."""
     arr = np.asarray([ids], dtype=np.int64)
     out_a: list[np.ndarray] = []
     out_b: list[np.ndarray] = []
+    inputs_a: list[Any] = [arr]           # A's input to each stage so far, then its output
+    xp = model_a.backend.xp
+    taken = [0]
+
+    def known(k: int, x: Any) -> Any:
+        if k not in shared or k + 1 >= len(inputs_a):
+            return None
+        given = inputs_a[k]
+        if given is None:
+            return None
+        same = given is x or (given.shape == x.shape and given.dtype == x.dtype
+                              and bool(xp.array_equal(given, x)))
+        taken[0] += same
+        return inputs_a[k + 1] if same else None
+
     stages = max(m.config.num_layers for m in (model_a, model_b)) + 3
     with progress_bar(progress, total=stages, unit="stage", desc="logits") as bar:
-        for xa, xb in zip_longest(model_a.stages(arr), model_b.stages(arr)):
+        run_a, run_b = model_a.stages(arr), model_b.stages(arr, known)
+        while True:
+            xa = next(run_a, None)          # A's stage k before B's: B may take its output
             if xa is not None:
                 out_a.append(_host(model_a, xa))
+                inputs_a.append(xa)
+                if len(inputs_a) > 2:     # only the latest input and output are looked at
+                    inputs_a[-3] = None
+            xb = next(run_b, None)
             if xb is not None:
                 out_b.append(_host(model_b, xb))
+            if xa is None and xb is None:
+                break
             bar.update(1)
-    return _run(out_a), _run(out_b)
+    return _run(out_a), _run(out_b), taken[0]
 
 
 def _stage_names(num_layers: int) -> list[tuple[str, int | None]]:
@@ -241,7 +292,8 @@ def _compare_logits(rep: LogitsReport, va: ModelView, vb: ModelView, ids: Sequen
     except _CannotRun as e:
         return LogitsReport(ran=False, note=str(e), tokens=list(ids))
     rep.streamed = [side for side, m in (("A", model_a), ("B", model_b)) if m.streamed]
-    ra, rb = _lockstep(model_a, model_b, ids, progress)
+    ra, rb, rep.shared_stages = _lockstep(model_a, model_b, ids, progress,
+                                          _shared_stages(va, vb, findings))
     _logit_metrics(rep, ra, rb)
     rep.stages = _stages(ra, rb)
     rep.agree = ra.logits.shape == rb.logits.shape and rep.rel_l2 <= tol \

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -481,26 +481,37 @@ class Model:
         return x
 
     def _trunk_stages(self, ids: Array, start: int, kv: Optional[KVCache],
-                      caches: Optional[list], dw: Optional[DecodeWeights] = None) -> Iterator[Array]:
+                      caches: Optional[list], dw: Optional[DecodeWeights] = None,
+                      known: Optional[Callable[[int, Array], Optional[Array]]] = None
+                      ) -> Iterator[Array]:
         """`_trunk_forward` a stage at a time: yields the embedding output, each layer's
-        output and the final norm's output as each is computed."""
-        x, c_embed = ops.embedding_forward(ids, self.params[EMBED], self.config.pad_token_id)
-        if self.config.embed_scale != 1.0:           # Gemma: rows times sqrt(hidden_size)
-            x = x * x.dtype.type(self.config.embed_scale)
+        output and the final norm's output as each is computed. ``known(k, x)`` (inference):
+        stage k's output for its input x when the caller already has it (stage 0 takes the
+        ids), None to compute it; a stage it answers reads none of its weights."""
+        x = known(0, ids) if known else None
+        if x is None:
+            x, c_embed = ops.embedding_forward(ids, self.params[EMBED], self.config.pad_token_id)
+            if self.config.embed_scale != 1.0:       # Gemma: rows times sqrt(hidden_size)
+                x = x * x.dtype.type(self.config.embed_scale)
         ropes = self._rope(start, ids.shape[1])
         layer_caches = []
         yield x
         for i in range(self.config.num_layers):
-            x, c_attn = self._attention_forward(i, x, *ropes[i], kv, dw)
-            x, c_mlp = self._mlp_forward(i, x, dw)
-            if caches is not None:
-                layer_caches.append((c_attn, c_mlp))
-            del c_attn, c_mlp           # they hold the layer's weights: a streamed layer's go now
+            y = known(i + 1, x) if known else None
+            if y is None:
+                y, c_attn = self._attention_forward(i, x, *ropes[i], kv, dw)
+                y, c_mlp = self._mlp_forward(i, y, dw)
+                if caches is not None:
+                    layer_caches.append((c_attn, c_mlp))
+                del c_attn, c_mlp       # they hold the layer's weights: a streamed layer's go now
+            x = y
             yield x
-        x, c_norm = self._norm_forward(x, self.params[FINAL_NORM])
-        if caches is not None:
-            caches.extend([c_embed, layer_caches, c_norm])
-        yield x
+        y = known(self.config.num_layers + 1, x) if known else None
+        if y is None:
+            y, c_norm = self._norm_forward(x, self.params[FINAL_NORM])
+            if caches is not None:
+                caches.extend([c_embed, layer_caches, c_norm])
+        yield y
 
     def _trunk_backward(self, dx: Array, caches: list, grads: dict[str, Array]) -> None:
         """Backward through final norm, layers (last to first) and embedding; fills ``grads``
@@ -552,15 +563,18 @@ class Model:
         logits, _ = self._head_forward(x)
         return (logits, hidden) if capture_hidden else logits
 
-    def stages(self, ids: Any) -> Iterator[Array]:
+    def stages(self, ids: Any, known: Optional[Callable[[int, Array], Optional[Array]]] = None
+               ) -> Iterator[Array]:
         """`forward(ids, capture_hidden=True)` a stage at a time, as each is computed: the
         L + 2 hidden states (embeddings, each decoder layer's output, the final norm's
-        output), then the logits. Two models read this way in step hold one layer each at a
-        time when streamed (`diff`)."""
+        output), then the logits (stage L + 2). Two models read this way in step hold one
+        layer each at a time when streamed (`diff`). ``known(k, x)``: stage k's output for
+        input x where the caller already has it (None: compute it)."""
         x = None
-        for x in self._trunk_stages(self._ids(ids), 0, None, None):
+        for x in self._trunk_stages(self._ids(ids), 0, None, None, None, known):
             yield x
-        yield self._head_forward(x)[0]
+        logits = known(self.config.num_layers + 2, x) if known else None
+        yield self._head_forward(x)[0] if logits is None else logits
 
     def loss(self, ids: Any, targets: Any, ignore_index: int = ops.IGNORE_INDEX) -> float:
         """Mean cross-entropy of the logits for ``ids`` against ``targets`` (same shape,

@@ -226,13 +226,16 @@ def test_diff_streamed_in_lockstep_matches_loaded():
     name = layer_name(last, "self_attn.o_proj.weight")
     t = hf_tensors(family)
     t[name] = np.ascontiguousarray(t[name].T)
-    b = write_variant("gguf", family, t, {})
+    b = write_variant("apr", family, t, {})
     loaded = compare(clean(family, "hf"), b)
     streamed = compare(clean(family, "hf"), b, max_memory="8K")
     assert streamed.logits.streamed == ["A", "B"] and loaded.logits.streamed == []
     for rep in (loaded, streamed):
         assert rep.diagnosis.cls == R.TRANSPOSED and rep.diagnosis.tensors[0] == name
         assert rep.logits.first_divergent_layer == last and name in rep.logits.culprit_tensors
+    # B computes only the stages from the transposed layer on; the earlier ones hold A's
+    # weights and input exactly and take A's output
+    assert loaded.logits.shared_stages == streamed.logits.shared_stages == last + 1
     assert [(s.stage, s.rel_l2, s.max_abs) for s in loaded.logits.stages] == \
         [(s.stage, s.rel_l2, s.max_abs) for s in streamed.logits.stages]
     assert (loaded.logits.rel_l2, loaded.logits.kl_mean, loaded.logits.top1_agreement) == \
@@ -251,3 +254,29 @@ def test_qa_of_a_streamed_model(tmp_path):
     assert "larger than the memory budget" in gates["gguf_export"].message
     whole = {g.name: g for g in run_qa(path, max_memory="1G").gates}
     assert not whole["gguf_export"].skipped
+
+
+def test_shared_stages_are_what_b_computes(tmp_path):
+    """B taking A's output for the stages whose weights and input are A's changes no bit:
+    the lockstep run with sharing equals the one without, for an HF directory against its
+    BF16 APR (nothing shared: the values differ), against an F32 APR (every stage shared),
+    and against a copy with one layer changed (the stages after it computed)."""
+    from apr.model import open_model as om
+    from diff import compare
+    from diff.logits import _lockstep, _shared_stages
+    hf, apr_bf16, _ = _files("llama", tmp_path)
+    res = CliRunner().invoke(cli.main, ["convert", str(hf), "-o", str(tmp_path / "f32.apr"),
+                                        "--allow-no-tokenizer", "-q"])
+    assert res.exit_code == 0, res.output
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    expect = {apr_bf16: 0, tmp_path / "f32.apr": 3 + 3}
+    for other, count in expect.items():
+        findings = compare(hf, other, logits=False).tensors
+        with om(hf) as va, om(other) as vb:
+            ma, mb = model_from_view(va), model_from_view(vb)
+            shared = _shared_stages(va, vb, findings)
+            ra, rb, taken = _lockstep(ma, mb, ids, False, shared)
+            ra0, rb0, none = _lockstep(ma, mb, ids, False, set())
+        assert taken == count and none == 0
+        assert np.array_equal(rb.logits, rb0.logits)
+        assert all(np.array_equal(x, y) for x, y in zip(rb.hidden, rb0.hidden))
