@@ -378,6 +378,8 @@ class GuardedTokenizer:
         self.what = what
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("tokenizer", "what"):   # copy, pickle: not there
+            raise AttributeError(name)
         with tokenizers_guard(self.what):
             value = getattr(self.tokenizer, name)
         if not callable(value):

@@ -96,7 +96,7 @@ def test_2_dequantized_from_nested_2000_deep(seeds, tmp_path):
     header["__metadata__"] = {"format": "pt", "dequantized_from": '{"a":' * 2000 + '"F16"' + "}" * 2000}
     text = json.dumps(header).encode()
     (mutant / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
-    for args in (["inspect", mutant], ["logits", mutant, "--tokens", "1,2"]):
+    for args in (["inspect", mutant], ["logits", mutant, "--tokens", "1,2", "--json"]):
         one_error(*run(*args)[::2], "dequantized_from", "nested too deeply")
 
 
@@ -155,7 +155,7 @@ def test_4_tokenizer_options_the_library_panics_on(seeds, tmp_path, key, value):
         doc = json.loads((mutant / "tokenizer.json").read_text())
         doc["model"][key] = value
         (mutant / "tokenizer.json").write_text(json.dumps(doc))
-        for args in (["inspect", mutant], ["logits", mutant, "--prompt", "the cat"]):
+        for args in (["inspect", mutant], ["logits", mutant, "--prompt", "the cat", "--json"]):
             one_error(*run(*args)[::2], "subword prefix/suffix")
 
 
@@ -188,7 +188,7 @@ def test_4_a_panic_of_the_library_is_one_error(seeds, monkeypatch):
     from types import SimpleNamespace
     monkeypatch.setattr(T, "tokenizers", SimpleNamespace(
         Tokenizer=SimpleNamespace(from_str=lambda text: Panicking())))
-    one_error(*run("logits", seeds["apr"], "--prompt", "the cat")[::2], "tokenizers library failed")
+    one_error(*run("logits", seeds["apr"], "--prompt", "the cat", "--json")[::2], "tokenizers library failed")
 
 
 def test_4_a_panic_nobody_guarded_is_an_internal_error_line():
@@ -282,11 +282,11 @@ def test_9_prompt_of_bytes_that_are_not_utf8(seeds, tmp_path):
     import subprocess
     import sys
     bad = "caf\udce9 \udcff"
-    one_error(*run("logits", seeds["apr"], "--prompt", bad)[::2], "not UTF-8", "0xE9")
-    one_error(*run("run", seeds["apr"], bad, "--max-tokens", "2")[::2], "not UTF-8", "0xE9")
+    one_error(*run("logits", seeds["apr"], "--prompt", bad, "--json")[::2], "not UTF-8", "0xE9")
+    one_error(*run("run", seeds["apr"], bad, "--max-tokens", "2", "--json")[::2], "not UTF-8", "0xE9")
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, str(root / "cli.py"), "run", str(seeds["apr"]),
-                        b"caf\xe9 \xff", "--max-tokens", "2"], capture_output=True, timeout=120)
+                        b"caf\xe9 \xff", "--max-tokens", "2", "--json"], capture_output=True, timeout=120)
     assert p.returncode == 2 and p.stderr.decode().startswith("error: ") and \
         len(p.stderr.splitlines()) == 1, p.stderr
 
@@ -301,7 +301,7 @@ def test_10_run_with_a_seed_out_of_range(seeds, seed):
 def test_14_more_tokens_than_the_context(seeds):
     from apr.model import open_model
     context = open_model(seeds["apr"]).config.max_position_embeddings
-    code, _, err = run("run", seeds["apr"], "the cat", "--max-tokens", "100000")
+    code, _, err = run("run", seeds["apr"], "the cat", "--max-tokens", "100000", "--json")
     one_error(code, err, f"context is {context}", "--max-tokens")
     code, out, err = run("run", seeds["apr"], "the cat", "--max-tokens", "3", "--json")
     assert code == 0 and len(json.loads(out)["new_ids"]) <= 3, err
@@ -399,7 +399,7 @@ def test_13_names_from_files_are_quoted_on_one_line(seeds, tmp_path, bad):
     sources = m.apr_tensors(seeds["apr"]) + [TensorSource(
         f"extra{bad}.weight", DTYPES["F32"], (2 ** 31 - 1, 2 ** 31 - 1, 0), lambda: np.zeros(0, np.uint8))]
     write_apr(tmp_path / "t.apr", meta, sources)
-    code, _, err = run("logits", tmp_path / "t.apr", "--tokens", "1")
+    code, _, err = run("logits", tmp_path / "t.apr", "--tokens", "1", "--json")
     one_error(code, err, f"'extra{escaped}.weight'")
     path = tmp_path / f"a{bad}b.gguf"
     path.write_bytes(b"GGUF" + b"\0" * 20)
