@@ -237,19 +237,6 @@ def llama_cpp_source() -> Path:
     return _SOURCE
 
 
-def llama_cpp_convert(hf_dir: Path, out: Path, threads: int, timeout: float) -> None:
-    """llama.cpp's convert_hf_to_gguf.py (BF16) into a temporary, renamed when complete."""
-    tmp = out.with_name(f".{out.name}.partial")
-    src = llama_cpp_source()
-    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir),
-                           "--outfile", str(tmp), "--outtype", "bf16"], cwd=src,
-                          capture_output=True, text=True, timeout=timeout, env=thread_env(threads))
-    if proc.returncode != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"convert_hf_to_gguf.py failed: {last_line(proc.stderr)}")
-    os.replace(tmp, out)
-
-
 def thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -314,6 +301,7 @@ def measure(name: str, what: str, cmd: list[str], *, timeout: float, threads: in
     """Run `cmd` to completion (or `timeout`), recording wall time and peak memory."""
     r = Result(name, what, [str(c) for c in cmd])
     log(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(short(c) for c in r.cmd)}")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(r.cmd, stdout=out, stderr=err, cwd=cwd, env=thread_env(threads),
@@ -342,6 +330,8 @@ def measure(name: str, what: str, cmd: list[str], *, timeout: float, threads: in
         stdout = out.read().decode("utf-8", "replace")
         stderr = err.read().decode("utf-8", "replace")
     r.extra["stdout"] = stdout[-4000:]
+    r.extra["stderr_tail"] = [ln for ln in stderr.splitlines() if ln.strip()][-6:]
+    r.extra["load_average_before_after"] = [load_before, os.getloadavg()[0]]
     if timed_out:
         r.error = f"timed out after {timeout:.0f} s"
     elif proc.returncode != 0:
@@ -349,7 +339,8 @@ def measure(name: str, what: str, cmd: list[str], *, timeout: float, threads: in
     else:
         r.ok = True
     log(f"    {'ok' if r.ok else 'FAILED'} in {r.wall_s:.1f} s, peak RSS {gb(r.peak_rss)}, "
-        f"anon {gb(r.peak_anon)}" + (f": {r.error}" if r.error else ""))
+        f"anon {gb(r.peak_anon)}, load {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+        + (f": {r.error}" if r.error else ""))
     return r
 
 
@@ -508,7 +499,7 @@ class Bench:
             elif key == "llama_gguf":
                 if not self.ensure("llama_hf"):
                     return False
-                llama_cpp_convert(self.f.llama_hf, path, self.args.threads, self.args.build_timeout)
+                self.llama_cpp_convert(self.f.llama_hf, path)
                 who = "llama.cpp convert_hf_to_gguf.py"
             elif key == "qwen_gguf":
                 if not self.ensure("qwen_hf"):
@@ -516,7 +507,7 @@ class Bench:
                 if self.convert_ours():
                     return True
                 self.log("  our convert failed; llama.cpp's converter writes the GGUF meanwhile")
-                llama_cpp_convert(self.f.qwen_hf, path, self.args.threads, self.args.build_timeout)
+                self.llama_cpp_convert(self.f.qwen_hf, path)
                 who = "llama.cpp convert_hf_to_gguf.py"
             elif key == "qwen_q4":
                 if not self.ensure("qwen_gguf"):
@@ -541,6 +532,21 @@ class Bench:
         self.builds[path.name] = {"ok": True, "seconds": time.perf_counter() - t0, "by": who}
         self.log(f"  built {path.name} by {who} in {time.perf_counter() - t0:.0f} s")
         return True
+
+    def llama_cpp_convert(self, hf_dir: Path, out: Path) -> None:
+        """llama.cpp's convert_hf_to_gguf.py (BF16) into a temporary renamed when complete;
+        timed as the peer of our convert."""
+        tmp = out.with_name(f".{out.name}.partial")
+        src = llama_cpp_source()
+        r = measure(f"convert-llama.cpp-{hf_dir.name}", f"llama.cpp convert_hf_to_gguf.py {hf_dir.name}/ -> .gguf (BF16)",
+                    [sys.executable, src / "convert_hf_to_gguf.py", hf_dir, "--outfile", tmp,
+                     "--outtype", "bf16"], timeout=self.args.build_timeout, threads=self.args.threads,
+                    cwd=src, log=self.log)
+        self.results[r.name] = r
+        if not r.ok or not tmp.exists():
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"convert_hf_to_gguf.py failed: {r.error}")
+        os.replace(tmp, out)
 
     def convert_ours(self) -> bool:
         """The `convert` measurement: our convert writes the BF16 GGUF of the Qwen directory
@@ -662,7 +668,8 @@ class Bench:
                                   "--run-dir", run_dir, "--steps", n, "--batch-size", FT_BATCH,
                                   "--seq-length", FT_SEQ, "--eval-every", 1000, "--val-batches", 1,
                                   "--save-every", 1000, "--allow-data-starvation",
-                                  "--allow-untrained-init", "--quiet", "--json", "--force"))
+                                  "--allow-untrained-init", "--quiet", "--json", "--force",
+                                  "--max-memory", self.args.ft_max_memory))
             if r.ok:
                 recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                         if line.strip()]
@@ -690,7 +697,8 @@ class Bench:
         self.m_diff()
 
 
-MEASUREMENTS = ("inspect", "inspect-gguf", "inspect-llama", "inspect-llama-gguf", "convert", "diff",
+MEASUREMENTS = ("inspect", "inspect-gguf", "inspect-llama", "inspect-llama-gguf", "convert",
+                "convert-llama.cpp-qwen2.5-7b", "convert-llama.cpp-llama-3.1-8b", "diff",
                 "diff-llama", "logits", "logits-q4", "logits-hf", "logits-llama", "llama-cpp",
                 "llama-cpp-q4", "llama-cpp-llama", "run", "qa", "finetune-torch", "finetune")
 INFERENCE = ("inspect", "inspect-gguf", "inspect-llama", "inspect-llama-gguf", "diff", "diff-llama",
@@ -777,6 +785,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per measured command")
     ap.add_argument("--build-timeout", type=float, default=3600, help="seconds per build step")
     ap.add_argument("--ft-steps", type=int, default=3, help="timed fine-tune steps (after a warm-up)")
+    ap.add_argument("--ft-max-memory", default="12G",
+                    help="pretrain's --max-memory for the fine-tune step (its estimate for the "
+                         "0.5B at batch 1 x 512 is above the default budget of half the available memory)")
     ap.add_argument("--max-memory", default=None, help="passed to the inference commands (default: "
                                                        "none, each takes its default budget)")
     ap.add_argument("--json", dest="json_path", default=None, help="save the numbers to this file")
