@@ -238,12 +238,18 @@ def _load(model_path: str, device: str, compute: str, quiet: bool = True,
           max_memory: str | None = None):
     from ref.load import load_model
     from ref.precision import matmul_precision
-    say = None if quiet else (lambda line: click.echo(line, err=True))
+    memory: list[str] = []          # the memory plan's line: on stderr, and in --json output
+
+    def say(line: str) -> None:
+        memory.append(line)
+        if not quiet:
+            click.echo(line, err=True)
+
     model, view = load_model(model_path, device=device, dtype=_compute_dtype(compute),
                              matmul=matmul_precision(compute), max_memory=max_memory, say=say)
     if device == "auto" and not quiet:
         click.echo(f"device: {model.backend.description}", err=True)
-    return model, view
+    return model, view, memory[0]
 
 
 def _tokenizer(view, tokenizer_path: str | None):
@@ -319,7 +325,7 @@ def logits(model_path, tokens, prompt, no_bos, tokenizer_path, output, force, to
     from apr.atomic import atomic_file, check_output
     if output:
         check_output(output, force)
-    model, view = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
+    model, view, memory = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
     ids = _token_ids(view, tokens, prompt, tokenizer_path, no_bos)
     out = model.backend.to_numpy(model.forward(np.array([ids])))[0]
     if output:
@@ -327,7 +333,8 @@ def logits(model_path, tokens, prompt, no_bos, tokenizer_path, output, force, to
             with open(tmp, "wb") as f:
                 np.save(f, out)
     order = np.argsort(-out, axis=-1)[:, :top]
-    doc = {"model": str(view.path), "format": view.format, "tokens": ids, "shape": list(out.shape),
+    doc = {"model": str(view.path), "format": view.format, "memory": memory, "tokens": ids,
+           "shape": list(out.shape),
            "dtype": str(out.dtype), "finite": bool(np.isfinite(out).all()),
            "positions": [{"token": t, "top": [{"id": int(j), "logit": float(out[i, j])} for j in order[i]]}
                          for i, t in enumerate(ids)],
@@ -365,7 +372,7 @@ def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokeniz
         device, compute, max_memory, as_json):
     """Generate a continuation of PROMPT with the reference model (KV cache)."""
     from ref.generate import generate
-    model, view = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
+    model, view, memory = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
     td, tok = _tokenizer(view, tokenizer_path)
     ids = _encode_prompt(tok, prompt, no_bos)
     if not ids:
@@ -382,7 +389,8 @@ def run(model_path, prompt, max_tokens, temperature, top_k, top_p, seed, tokeniz
                    seed=seed, eos_ids=eos)
     text = tok.decode(res.new_ids, skip_special_tokens=True)
     if as_json:
-        click.echo(json.dumps({"model": str(view.path), "prompt": prompt, "completion": text,
+        click.echo(json.dumps({"model": str(view.path), "memory": memory, "prompt": prompt,
+                               "completion": text,
                                **res.to_dict()}, indent=2))
         return
     click.echo(prompt + text)
@@ -409,7 +417,7 @@ def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, com
     from ref.generate import generate
     if iterations < 1 or prompt_tokens < 1 or gen_tokens < 1 or warmup < 0:
         raise AprError("--iterations, --prompt-tokens and --gen-tokens must be >= 1, --warmup >= 0")
-    model, view = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
+    model, view, memory = _load(model_path, device, compute, quiet=as_json, max_memory=max_memory)
     cfg = view.config
     if prompt_tokens + gen_tokens > cfg.max_position_embeddings:
         raise AprError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds "
@@ -426,7 +434,7 @@ def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, com
         v = np.asarray(values, dtype=np.float64)
         return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
 
-    doc = {"model": str(view.path), "device": model.backend.description, "dtype": compute,
+    doc = {"model": str(view.path), "device": model.backend.description, "dtype": compute, "memory": memory,
            "params": cfg.param_count(), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
            "iterations": iterations, "warmup": warmup,
            "prefill_tokens_per_second": stats([r.prefill_tokens_per_second for r in runs]),
@@ -448,10 +456,13 @@ def bench(model_path, prompt_tokens, gen_tokens, iterations, warmup, device, com
 @click.option("--max-ppl", type=float, default=None, help="Fail if perplexity on a text sample exceeds this.")
 @click.option("--min-tps", type=float, default=None, help="Fail if decode tokens/s is below this.")
 @click.option("--no-gguf", is_flag=True, help="Skip the GGUF export gate (llama.cpp).")
+@click.option("--allow-untrained", is_flag=True,
+              help="Pass a deliberately untrained file: a loss on the sample text not below chance "
+                   "and a degenerate greedy decode are reported, not failed.")
 @_memory_opt
 @_json_opt
 @handle_errors
-def qa(model_path, max_ppl, min_tps, no_gguf, max_memory, as_json):
+def qa(model_path, max_ppl, min_tps, no_gguf, allow_untrained, max_memory, as_json):
     """Gates a model file must pass: format, metadata, tokenizer, tensors, tied embeddings,
     forward, golden output, throughput, GGUF export. Exit 1 if any gate fails."""
     from pathlib import Path
@@ -472,7 +483,7 @@ def qa(model_path, max_ppl, min_tps, no_gguf, max_memory, as_json):
         from ref.memory import parse_size
         parse_size(max_memory)           # a bad size is bad input, before any gate runs
     report = run_qa(model_path, max_ppl=max_ppl, min_tps=min_tps, gguf=not no_gguf, progress=show,
-                    max_memory=max_memory)
+                    max_memory=max_memory, allow_untrained=allow_untrained)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:

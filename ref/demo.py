@@ -57,7 +57,8 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = DEMO_VOCAB) -
 
 
 def run_demo(out: Path, steps: int, batch_size: int, seq_length: int, lr: float, device: str,
-             force: bool, progress: bool, echo: Callable[[str], None]) -> int:
+             force: bool, progress: bool, echo: Callable[[str], None],
+             allow_untrained: bool = False) -> int:
     from apr.atomic import check_output
     from apr.convert import convert
     from diff import compare
@@ -95,7 +96,7 @@ def run_demo(out: Path, steps: int, batch_size: int, seq_length: int, lr: float,
     echo(f"  checkpoints in {Path(summary.run_dir) / 'ckpt'}, curves in {summary.plot}")
 
     step(3, f"qa {ckpt.name}")
-    report = run_qa(ckpt, gguf=True)
+    report = run_qa(ckpt, gguf=True, allow_untrained=allow_untrained)
     for g in report.gates:
         status = "SKIP" if g.skipped else ("PASS" if g.passed else "FAIL")
         echo(f"  {status:<4}  {g.name:<16} {g.message}")
@@ -141,9 +142,12 @@ def run_demo(out: Path, steps: int, batch_size: int, seq_length: int, lr: float,
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def demo_command(out, steps, batch_size, seq_length, lr, device, force, quiet) -> None:
+@click.option("--allow-untrained", is_flag=True,
+              help="qa passes a model too briefly trained to beat chance on its sample text (a "
+                   "quick run with few --steps), saying so.")
+def demo_command(out, steps, batch_size, seq_length, lr, device, force, quiet, allow_untrained) -> None:
     """Train a tiny model on the Python standard library's source, then qa, export, diff and
     generate: the whole tool on an embedded default, no downloads."""
     code = handle_errors(run_demo)(Path(out), steps, batch_size, seq_length, lr, device, force,
-                                   show_progress(quiet), click.echo)
+                                   show_progress(quiet), click.echo, allow_untrained)
     sys.exit(code)

@@ -201,6 +201,13 @@ def gate_train_supply(cfg: RunConfig, batches: TrainBatches) -> None:
         "counted and warned)")
 
 
+def better_than_chance(loss: float, vocab_size: int) -> bool:
+    """Whether a mean next-token loss (nats) is at least `INIT_LOSS_MARGIN_NATS` below
+    ln(vocab_size), the loss of a uniform guess: the bar a trained model clears on text it
+    models (pretrain's step-0 gate for an init, qa's forward gate)."""
+    return math.isfinite(loss) and loss <= math.log(vocab_size) - INIT_LOSS_MARGIN_NATS
+
+
 def gate_init_loss(cfg: RunConfig, val_loss: float, vocab_size: int) -> None:
     """The step-0 validation loss must be finite, and a fine-tune must start from a model that
     predicts the data better than chance."""
@@ -208,7 +215,7 @@ def gate_init_loss(cfg: RunConfig, val_loss: float, vocab_size: int) -> None:
         raise GateError(f"step 0: the validation loss of the initial model is {val_loss}: its "
                         "weights hold non-finite or overflowing values; check the --init file")
     ln_vocab = math.log(vocab_size)
-    if not cfg.fine_tune or cfg.allow_untrained_init or val_loss <= ln_vocab - INIT_LOSS_MARGIN_NATS:
+    if not cfg.fine_tune or cfg.allow_untrained_init or better_than_chance(val_loss, vocab_size):
         return
     raise GateError(
         f"--init {cfg.init}: step-0 validation loss {val_loss:.4f} is not {INIT_LOSS_MARGIN_NATS:g} "

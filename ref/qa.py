@@ -1,7 +1,11 @@
 """qa: the gates a model file must pass before anyone downstream gets it.
 
 Each gate is a small function that returns (passed, message, value, threshold) or raises
-Skip; `run_qa` times them and collects a report. A gate that cannot run because an earlier
+Skip; `run_qa` times them and collects a report. The forward gate wants a loss on the sample
+text at least 1 nat below ln(vocab) (the rule of pretrain's init gate, `ref.gates`), and the
+golden-output gate a greedy decode of ids the tokenizer has, not one id over and over: a
+file that imports into gibberish while every structural check passes fails here, unless
+--allow-untrained says it is meant to be untrained. A gate that cannot run because an earlier
 one failed is skipped with the reason, never passed.
 """
 from __future__ import annotations
@@ -20,9 +24,12 @@ from apr import names
 from apr.config import ModelConfig
 from apr.errors import AprError
 from apr.model import ModelView, open_model
+from apr.tokenizer import TokenizerData, UNUSED, is_row_pad
+from ref.gates import INIT_LOSS_MARGIN_NATS, better_than_chance
 
 SAMPLE_FILE = "textwrap.py"        # a text sample every Python installation ships
 SAMPLE_TOKENS = 256
+GOLDEN_TOKENS = 16                 # ids of the golden-output greedy decode
 
 
 @dataclass
@@ -57,6 +64,7 @@ class QaContext:
     min_tps: float | None
     gguf: bool
     max_memory: str | None = None        # --max-memory (None: the default budget)
+    allow_untrained: bool = False        # --allow-untrained: a deliberately untrained file
     view: ModelView | None = None
     model: Any = None
     tokenizer: Any = None
@@ -182,9 +190,21 @@ def gate_forward(ctx: QaContext):
     if not np.isfinite(ctx.model.backend.to_numpy(logits)).all():
         return False, "non-finite logits", None, None
     loss = ctx.model.loss(arr[:, :-1], arr[:, 1:])
-    ok = math.isfinite(loss)
-    return ok, f"loss {loss:.4f} on {len(ids)} tokens (ln vocab = {math.log(view.config.vocab_size):.2f})", \
-        loss, None
+    vocab = view.config.vocab_size
+    bar = math.log(vocab) - INIT_LOSS_MARGIN_NATS
+    msg = f"loss {loss:.4f} on {len(ids)} tokens of {SAMPLE_FILE} (ln vocab = {math.log(vocab):.2f})"
+    if not math.isfinite(loss):
+        return False, msg, loss, bar
+    if not ctx.sample_ids:
+        return True, msg.replace(f" of {SAMPLE_FILE}", "") + " (no tokenizer: no text to judge it on)", loss, None
+    if better_than_chance(loss, vocab):
+        return True, msg, loss, bar
+    if ctx.allow_untrained:
+        return True, msg + f": not {INIT_LOSS_MARGIN_NATS:g} nat below chance, allowed by --allow-untrained", \
+            loss, bar
+    return False, (msg + f": not {INIT_LOSS_MARGIN_NATS:g} nat below ln(vocab), the model predicts this "
+                   "text no better than chance (untrained weights, a layout defect or a wrong "
+                   "tokenizer); --allow-untrained passes a deliberately untrained file"), loss, bar
 
 
 def gate_golden_output(ctx: QaContext):
@@ -192,10 +212,16 @@ def gate_golden_output(ctx: QaContext):
         raise Skip("forward gate did not run")
     from ref.generate import generate
     prompt = (ctx.sample_ids or [0])[:16]
-    a = generate(ctx.model, prompt, 16).new_ids
-    b = generate(ctx.model, prompt, 16).new_ids
+    a = generate(ctx.model, prompt, GOLDEN_TOKENS).new_ids
+    b = generate(ctx.model, prompt, GOLDEN_TOKENS).new_ids
     if a != b:
         return False, "greedy decoding is not deterministic", a, b
+    wrong = _degenerate(ctx, a) if ctx.sample_ids else None     # no tokenizer: no text prompt
+    if wrong and not ctx.allow_untrained:
+        return False, f"greedy decode {a[:8]}...: {wrong} (--allow-untrained passes a deliberately " \
+            "untrained file)", a, None
+    if wrong:
+        return True, f"greedy decode {a[:8]}...: {wrong}, allowed by --allow-untrained", a, None
     if ctx.max_ppl is None:
         return True, f"greedy decode deterministic: {a[:8]}...", a, None
     if not ctx.sample_ids:
@@ -204,6 +230,20 @@ def gate_golden_output(ctx: QaContext):
     ppl = math.exp(ctx.model.loss(ids[:, :-1], ids[:, 1:]))
     return ppl <= ctx.max_ppl, f"perplexity {ppl:.2f} on {ids.shape[1]} tokens of {SAMPLE_FILE}", \
         ppl, ctx.max_ppl
+
+
+def _degenerate(ctx: QaContext, ids: list[int]) -> str | None:
+    """What makes a greedy decode worthless, if anything: ids no token of the tokenizer
+    stands for (beyond it, or unused padding rows), or one id over and over."""
+    td = ctx.view.tokenizer if ctx.view is not None else None
+    if td is not None:
+        outside = [i for i in ids if not 0 <= i < td.vocab_size or is_placeholder(td, i)]
+        if outside:
+            return (f"{len(outside)} of {len(ids)} ids are outside the tokenizer's "
+                    f"{td.vocab_size} tokens or unused padding rows ({outside[:4]})")
+    if len(ids) >= GOLDEN_TOKENS and len(set(ids)) == 1:
+        return f"one id ({ids[0]}) over and over"
+    return None
 
 
 def gate_throughput(ctx: QaContext):
@@ -272,10 +312,18 @@ def sample_text() -> str:
     return text[:4000]
 
 
+def is_placeholder(td: TokenizerData, i: int) -> bool:
+    """An unused token or an embedding padding row (no string stands for it)."""
+    return td.token_type[i] == UNUSED or is_row_pad(td.vocab[i], i)
+
+
 def run_qa(path: str | Path, max_ppl: float | None = None, min_tps: float | None = None,
            gguf: bool = True, progress: Callable[[Gate], None] | None = None,
-           max_memory: str | None = None) -> QaReport:
-    ctx = QaContext(Path(path), max_ppl, min_tps, gguf, max_memory)
+           max_memory: str | None = None, allow_untrained: bool = False) -> QaReport:
+    """Every gate of `GATES` on the file; ``allow_untrained`` passes a file whose loss on the
+    sample text is not below chance and whose greedy decode is degenerate (a deliberately
+    untrained file), saying so."""
+    ctx = QaContext(Path(path), max_ppl, min_tps, gguf, max_memory, allow_untrained)
     report = QaReport(str(path), True)
     for name, fn in GATES:
         t = time.perf_counter()

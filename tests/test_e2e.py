@@ -33,7 +33,7 @@ def test_one_step_then_every_consumer(tmp_path, monkeypatch):
     ckpt = tmp_path / "run" / "ckpt" / "final.apr"
     assert ckpt.exists()
 
-    r = cli("qa", ckpt, "--json")
+    r = cli("qa", ckpt, "--json", "--allow-untrained")      # one step: deliberately untrained
     assert r.returncode == 0, r.stdout + r.stderr
     gates = {g["name"]: g for g in json.loads(r.stdout)["gates"]}
     assert all(g["passed"] and not g["skipped"] for g in gates.values()), gates
@@ -59,10 +59,13 @@ def test_one_step_then_every_consumer(tmp_path, monkeypatch):
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     for k, v in ONE_THREAD.items():
         monkeypatch.setenv(k, v)
-    r = cli("demo", "-o", tmp_path / "demo", "--steps", "30", "--batch-size", "8", "-q")
+    # 30 steps leave the model near chance on qa's sample text: qa says so and lets it pass
+    r = cli("demo", "-o", tmp_path / "demo", "--steps", "30", "--batch-size", "8", "-q",
+            "--allow-untrained")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    for phrase in ("[1/6]", "[6/6]", "DIAGNOSIS: equivalent", "PASS  gguf_export", "Next:"):
+    for phrase in ("[1/6]", "[6/6]", "DIAGNOSIS: equivalent", "PASS  gguf_export", "Next:",
+                   "allowed by --allow-untrained"):
         assert phrase in out, phrase
     assert "FAIL" not in out
     metrics = [json.loads(line) for line in (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -1,7 +1,11 @@
-"""qa gates: a good checkpoint passes every gate; each defect fails the gate that owns it."""
+"""qa gates: a trained checkpoint passes every gate; each defect fails the gate that owns it; a
+random init and a layout defect that make the model predict no better than chance fail the
+forward and golden-output gates, unless --allow-untrained."""
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +18,22 @@ from test_cli_files import cli
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
+    """A small Qwen2 trained by the reference trainer on a few standard-library modules (about
+    20 s on a CPU): its loss on qa's sample text is well below ln(vocab)."""
+    from oracles import stdlib_files, write_tokenizer
+    from ref.train import RunConfig, start_run, train
     root = tmp_path_factory.mktemp("qa")
-    hf = make_hf_model(root / "hf", "qwen2", tied=True, rope_theta=1e6)
-    convert(hf, root / "good.apr")
-    return root / "good.apr"
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for p in stdlib_files(16):
+        (corpus / p.name).write_text(p.read_text(encoding="utf-8"), encoding="utf-8")
+    write_tokenizer(root)
+    cfg = RunConfig(dataset=str(corpus), run_dir=str(root / "run"), tokenizer=str(root / "tokenizer.json"),
+                    arch="qwen2-tiny", shape=dict(vocab_size=448), steps=300, batch_size=8,
+                    seq_length=64, lr=3e-3, eval_every=300, save_every=300, val_batches=4,
+                    val_fraction=0.3, device="cpu", allow_data_starvation=True)
+    summary = train(start_run(cfg, progress=False, log=lambda s: None), progress=False, log=lambda s: None)
+    return Path(summary.checkpoints["final"])
 
 
 def rewrite(src, dst, meta_changes=None, drop_meta=(), tensor_fn=None):
@@ -64,7 +80,9 @@ def test_each_defect_fails_its_gate(good, tmp_path):
         g, rc = gates(path, "--no-gguf")
         assert rc == 1, gate
         assert not g[gate]["passed"], (gate, g[gate])
-        others = [n for n, x in g.items() if not x["passed"] and n != gate and n != "forward"]
+        # a NaN weight makes every logit NaN: the forward and golden-output gates fail with it
+        collateral = {"forward"} | ({"golden_output"} if gate == "tensors" else set())
+        others = [n for n, x in g.items() if not x["passed"] and n != gate and n not in collateral]
         assert not others, (gate, others)
     g, _ = gates(cases["metadata"], "--no-gguf")
     assert "1e+06" in g["metadata"]["message"] or "1e6" in g["metadata"]["message"]
@@ -101,3 +119,47 @@ def test_pickle_or_text_is_bad_input_not_a_failed_gate(tmp_path):
     for path, what in ((pkl, "pickle"), (txt, "not a model file")):
         r = cli("qa", path)
         assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("error: ") and what in r.stderr
+
+
+def test_a_model_no_better_than_chance_fails(good, tmp_path):
+    """transformers' random-initialized Qwen2 (every structural gate passes) fails the forward
+    gate: its loss on the sample text is not 1 nat below ln(vocab); --allow-untrained passes it."""
+    hf = make_hf_model(tmp_path / "hf", "qwen2", tied=True, rope_theta=1e6)
+    g, rc = gates(hf, "--no-gguf")
+    assert rc == 1 and not g["forward"]["passed"], g["forward"]
+    assert g["forward"]["value"] > math.log(448) - 1 and "no better than chance" in g["forward"]["message"]
+    assert all(x["passed"] for n, x in g.items() if n not in ("forward", "golden_output")), g
+    r = cli("qa", hf, "--no-gguf")
+    assert r.stdout.strip().splitlines()[-1].startswith("FAILED: forward")
+    g, rc = gates(hf, "--no-gguf", "--allow-untrained")
+    assert rc == 0 and "allowed by --allow-untrained" in g["forward"]["message"], g["forward"]
+    # the trained model clears the bar by a margin
+    g, _ = gates(good, "--no-gguf")
+    assert g["forward"]["value"] < math.log(448) - 1.5, g["forward"]
+
+
+def test_a_layout_defect_fails_forward_and_golden_output(good, tmp_path):
+    """The trained model with every down_proj holding the bytes of its transpose (the classic
+    layout defect: shapes right, values scrambled)."""
+    def transpose_down(a):
+        for n in [n for n in a if n.endswith("mlp.down_proj.weight")]:
+            a[n] = np.ascontiguousarray(a[n].T).reshape(a[n].shape)
+    bad = rewrite(good, tmp_path / "down.apr", tensor_fn=transpose_down)
+    g, rc = gates(bad, "--no-gguf")
+    assert rc == 1 and not g["forward"]["passed"], g["forward"]
+    assert not g["golden_output"]["passed"] and "over and over" in g["golden_output"]["message"], g["golden_output"]
+    assert all(x["passed"] for n, x in g.items() if n not in ("forward", "golden_output")), g
+
+
+def test_golden_output_fails_on_ids_outside_the_tokenizer(good, tmp_path):
+    """Embedding rows beyond the tokenizer's 400 tokens (tied, so also output rows) made large:
+    greedy decoding emits ids no token string stands for."""
+    def loud_padding(a):
+        for n in ("model.embed_tokens.weight", "lm_head.weight"):
+            a[n][400:] = 3 * np.abs(a[n]).max()
+    bad = rewrite(good, tmp_path / "pad.apr", tensor_fn=loud_padding)
+    g, rc = gates(bad, "--no-gguf")
+    assert rc == 1 and not g["golden_output"]["passed"], g["golden_output"]
+    assert "outside the tokenizer's 400 tokens" in g["golden_output"]["message"], g["golden_output"]
+    g, rc = gates(bad, "--no-gguf", "--allow-untrained")
+    assert g["golden_output"]["passed"] and "allowed by --allow-untrained" in g["golden_output"]["message"]
