@@ -331,6 +331,7 @@ def measure(name: str, what: str, cmd: list[str], *, timeout: float, threads: in
         stderr = err.read().decode("utf-8", "replace")
     r.extra["stdout"] = stdout[-4000:]
     r.extra["stderr_tail"] = [ln for ln in stderr.splitlines() if ln.strip()][-6:]
+    r.extra["stdout_tail"] = [ln for ln in stdout.splitlines() if ln.strip()][-6:]
     r.extra["load_average_before_after"] = [load_before, os.getloadavg()[0]]
     if timed_out:
         r.error = f"timed out after {timeout:.0f} s"
@@ -407,6 +408,10 @@ TORCH_CHILD = textwrap.dedent("""
 
 # --------------------------------------------------------------------------- the bench
 
+class DiskFull(Exception):
+    """Not enough free disk for what a build needs."""
+
+
 @dataclass
 class Files:
     root: Path
@@ -477,7 +482,8 @@ class Bench:
         free = shutil.disk_usage(self.args.dir).free
         margin = 2 * GB
         if free < need + margin:
-            raise SystemExit(f"error: {self.args.dir}: building {', '.join(missing) or 'temporaries'} needs "
+            what = ", ".join(getattr(self.f, k).name for k in missing) or "temporaries"
+            raise DiskFull(f"{self.args.dir}: building {what} needs "
                              f"{need / GB:.1f} GB (+{margin / GB:.0f} GB margin), {free / GB:.1f} GB free")
 
     # ---- building
@@ -489,7 +495,12 @@ class Bench:
             return True
         if path.name in self.builds:        # failed earlier in this run
             return False
-        self.check_disk([key])
+        try:
+            self.check_disk([key])
+        except DiskFull as e:
+            self.log(f"  not built: {e}")
+            self.builds[path.name] = {"ok": False, "error": str(e)}
+            return False
         t0 = time.perf_counter()
         self.log(f"[{time.strftime('%H:%M:%S')}] building {path.name}")
         try:
@@ -594,7 +605,12 @@ class Bench:
         if self.f.qwen_gguf.exists():     # written by llama.cpp's converter: ours replaces it
             self.f.qwen_gguf.unlink()
             self.f.qwen_q4.exists()       # the Q4_K_M stays: it is llama.cpp's from a BF16 file
-        self.check_disk(["qwen_gguf"])
+        try:
+            self.check_disk(["qwen_gguf"])
+        except DiskFull as e:
+            self.results["convert"] = Result("convert", "convert qwen2.5-7b/ -> .gguf (BF16)", [],
+                                             error=f"not run: {e}")
+            return
         if not self.convert_ours():
             self.log("  our convert failed; llama.cpp's converter writes the GGUF again")
             self.ensure("qwen_gguf")
@@ -661,7 +677,12 @@ class Bench:
             run_dir = self.f.root / "finetune-run"
             shutil.rmtree(run_dir, ignore_errors=True)
             # checkpoints of a 0.5B run: best.apr (float32) and final.apr with the AdamW state
-            self.check_disk([], extra=8 * GB)
+            try:
+                self.check_disk([], extra=8 * GB)
+            except DiskFull as e:
+                self.results["finetune"] = Result("finetune", "pretrain --init qwen2.5-0.5b", [],
+                                                  error=f"not run: {e}")
+                return
             n = steps + 2        # step 1 is a warm-up; the last step's time holds the evaluation
             r = self.run("finetune", f"pretrain --init qwen2.5-0.5b, batch {FT_BATCH} x {FT_SEQ}",
                          self.cli("pretrain", "--init", self.f.small_hf, "--dataset", corpus,
@@ -683,7 +704,9 @@ class Bench:
         return not self.args.only or name in self.args.only
 
     def build_all(self) -> None:
-        for key in ("small_hf", "qwen_hf", "qwen_gguf", "qwen_q4", "llama_hf", "llama_gguf"):
+        keys = ("small_hf", "qwen_hf", "qwen_gguf", "qwen_q4", "llama_hf", "llama_gguf")
+        self.check_disk(list(keys))        # all of it, before anything is written
+        for key in keys:
             self.ensure(key)
 
     def measure_all(self) -> None:
@@ -811,7 +834,11 @@ def main(argv=None) -> int:
     bench = Bench(args)
     bench.log(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}  {machine()}, {args.threads} threads, files in {root}")
     if args.build_only:
-        bench.build_all()
+        try:
+            bench.build_all()
+        except DiskFull as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         bench.measure_all()
     tgs = targets(bench.results)
