@@ -173,7 +173,7 @@ def one_report(fn: Callable) -> Callable:
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=1e-8, show_default=True)
 @click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Clip the global gradient norm to this (0: no clipping).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="cuda without a usable GPU is an error, not a CPU run.")
 @click.option("--eval-every", type=_int, default=100, show_default=True)

@@ -427,3 +427,14 @@ def test_13_the_error_printer_is_the_backstop(capsys):
     r = CliRunner().invoke(cmd, [])
     assert r.exit_code == 2 and r.stderr.splitlines()[-1] == "error: two\\nlines\\u2028three", r.stderr
     assert len(r.stderr.splitlines()) == 2 and "warned\\nabout" in r.stderr, r.stderr
+
+
+def test_10_pretrain_with_a_seed_out_of_range(seeds, tmp_path):
+    """The same class as run's: numpy's generators take no negative seed."""
+    from tests.fuzz.campaign import write_corpus
+    corpus = write_corpus(tmp_path / "corpus")
+    code, _, err = run("pretrain", "--init", seeds["apr"], "--dataset", corpus, "--run-dir",
+                       tmp_path / "run", "--steps", "1", "--batch-size", "1", "--seq-length", "8",
+                       "--val-batches", "1", "--allow-data-starvation", "--allow-untrained-init",
+                       "-q", "--seed", "-1")
+    assert code == 2 and "--seed" in err and "internal error" not in err, err
