@@ -118,6 +118,9 @@ def test_memory_plan_words_and_budget(tmp_path):
                                         "12K"])
     assert res.exit_code == 0, res.output
     assert "memory: parameters" in res.output and "streamed" in res.output
+    res = CliRunner().invoke(cli.main, ["logits", str(path), "--tokens", "1,2,3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["memory"].endswith("held in memory")
     res = CliRunner().invoke(cli.main, ["logits", str(path), "--tokens", "1,2,3", "--max-memory",
                                         "lots"])
     assert res.exit_code == 2 and "error: memory size 'lots'" in res.output
