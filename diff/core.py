@@ -152,7 +152,7 @@ def _equivalent(tensors: list[R.TensorFinding], lg: R.LogitsReport) -> R.Diagnos
                                                          f.detail.get("rounded_to")) if d])
         msg = f"{R.EQUIVALENT} — max |Δ| {worst:.1e}, within {dtype} rounding"
     if lg.ran:
-        msg += f"; logits max |Δ| {lg.max_abs:.1e}, top-1 {lg.top1_agreement:.0%}"
+        msg += f"; logits KL {lg.kl_mean:.1e}, top-1 {lg.top1_agreement:.0%}, max |Δ| {lg.max_abs:.1e}"
     return R.Diagnosis(R.EQUIVALENT, [], msg)
 
 

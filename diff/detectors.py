@@ -255,17 +255,16 @@ def _rotary_views(p: Pair) -> list[tuple[str, Callable[[], np.ndarray], Callable
 
 
 def _not_permuted(p: Pair) -> Relation | None:
-    """A side whose format stores llama.cpp's adjacent-pair order (a llama GGUF) holds rows
-    that equal the other side's in HF order: its writer never permuted them."""
-    for side, ref, stored, other in (("B", p.ref_b, p.b_stored, p.a), ("A", p.ref_a, p.a_stored, p.b)):
-        if ref.rotary_heads and p.equal(other(), stored()):
-            peer = "A" if side == "B" else "B"
-            msg = (f"{side} stores rows not permuted: its stored rows are {peer}'s in HF order, but "
-                   f"its format holds them in llama.cpp's adjacent-pair order ({ref.rotary_heads} "
-                   "heads), so reading it permutes them the other way")
-            return Relation("rotary-permuted", R.ROTARY, msg,
-                            {"view": f"stored_{side.lower()}", "transform": None, "heads": ref.rotary_heads,
-                             "times": 0, "not_permuted": side, "expected_heads": p.expected_heads})
+    """B's format stores llama.cpp's adjacent-pair order (a llama GGUF) but its stored rows
+    equal A's in HF order: its writer never permuted them. (A is the reference: where the
+    values allow a story that blames B, B is named.)"""
+    if p.ref_b.rotary_heads and p.equal(p.a(), p.b_stored()):
+        msg = ("B stores rows not permuted: its stored rows are A's in HF order, but its format "
+               f"holds them in llama.cpp's adjacent-pair order ({p.ref_b.rotary_heads} heads), so "
+               "reading it permutes them the other way")
+        return Relation("rotary-permuted", R.ROTARY, msg,
+                        {"view": "stored_b", "transform": None, "heads": p.ref_b.rotary_heads,
+                         "times": 0, "not_permuted": "B", "expected_heads": p.expected_heads})
     return None
 
 
@@ -294,7 +293,7 @@ def detect_rotary(p: Pair) -> Relation | None:
     if not p.same_shape or not p.ref_a.shape:
         return None
     rows = int(p.ref_a.shape[0])
-    if (p.ref_a.rotary_heads or p.ref_b.rotary_heads) and (found := _not_permuted(p)) is not None:
+    if (found := _not_permuted(p)) is not None:
         return found
     for view, get_a, get_b in _rotary_views(p):
         x, y = get_a(), get_b()

@@ -30,13 +30,30 @@ from ref.model import Model
 from ref.weights import MemoryPlan
 
 from .report import IDENTICAL, ROUNDING, ConfigFinding, LogitsReport, StageDelta, TensorFinding
-from .values import dtype_tolerance, rel_l2
+from .values import dtype_tolerance, lossiest, lossy, rel_l2
 
 DEFAULT_TOKENS: tuple[int, ...] = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597)
 SHORT_TOKENS = 8                     # for a float32 run of a large model
 FLOAT64_MAX_PARAMS = 50_000_000      # float64 up to this size, float32 above
-LOGIT_FACTOR = 10.0                  # logits may differ this many times the worst tensor tolerance
+LOGIT_FACTOR = 10.0                  # hidden states may differ this many times the worst tensor tolerance
 LOGIT_FLOOR = {np.float64: 1e-9, np.float32: 1e-5}
+# What storage rounding alone does to the logits, per storage type: (mean KL divergence at
+# most, top-1 agreement at least) between a float model and its quantization by llama.cpp's
+# quantizer (our writers for APR_Q8, APR_Q4), measured by bench/logit_tolerance.py on the
+# test models and a small trained one (docs/benchmarks.md), with a margin. A side is keyed
+# by its lossiest storage (a Q4_K_M file: Q4_K); two lossy sides add their KL and their
+# misses. A pair beyond them is a finding; lossless pairs keep the relative-L2 bound.
+LOGIT_MEASURED: dict[str, tuple[float, float]] = {       # worst KL, worst top-1 (2026-12-07)
+    "F16": (3.82e-8, 1.00), "BF16": (2.19e-6, 0.92), "Q8_0": (1.47e-5, 0.92),
+    "APR_Q8": (8.33e-5, 0.85), "Q6_K": (1.35e-4, 1.00), "Q5_K": (3.48e-4, 0.77),
+    "Q5_1": (4.28e-4, 0.69), "Q5_0": (5.91e-4, 0.46), "Q4_K": (1.26e-3, 0.77),
+    "Q4_1": (1.41e-3, 0.54), "Q4_0": (2.06e-3, 0.69), "IQ4_NL": (1.49e-3, 0.85),
+    "IQ4_XS": (1.55e-3, 0.77), "Q3_K": (5.95e-3, 0.54), "Q2_K": (1.28e-2, 0.38),
+}
+KL_MARGIN = 4.0          # x the worst KL measured
+TOP1_MARGIN = 0.15       # below the worst top-1 measured (two of the 13 positions compared)
+LOGIT_TOLERANCE: dict[str, tuple[float, float]] = {
+    d: (KL_MARGIN * kl, max(0.0, top1 - TOP1_MARGIN)) for d, (kl, top1) in LOGIT_MEASURED.items()}
 EMBED, FINAL_NORM, LM_HEAD = names.EMBED, names.FINAL_NORM, names.LM_HEAD
 
 
@@ -185,22 +202,61 @@ def logit_tolerance(findings: list[TensorFinding], dtype: Any) -> float:
     return max(LOGIT_FACTOR * worst, LOGIT_FLOOR[dtype])
 
 
+def side_storage(view: ModelView, findings: list[TensorFinding] = (), side: str = "a") -> str:
+    """The lossiest rounding a side's values carry: its tensors' storage (or the dtype they
+    were dequantized from), and any rounding the values show (`detect_rounded_to`)."""
+    dtypes = {r.precision for r in view.tensors.values()} or {"F32"}
+    for f in findings:
+        if f.detail.get("rounded_to") and f.detail.get("rounded_side", "").lower() == side:
+            dtypes.add(f.detail["rounded_to"])
+    return lossiest(*sorted(dtypes))
+
+
+def quantized_tolerance(storage_a: str, storage_b: str) -> tuple[float, float] | None:
+    """(KL at most, top-1 agreement at least) for a pair with a lossy side (see
+    `LOGIT_TOLERANCE`; a type not measured gets the loosest measured row), or None for two
+    lossless sides."""
+    def row(d: str) -> tuple[float, float]:
+        if not lossy(d):
+            return 0.0, 1.0
+        return LOGIT_TOLERANCE.get(d) or max(LOGIT_TOLERANCE.values())
+    if not (lossy(storage_a) or lossy(storage_b)):
+        return None
+    (ka, ta), (kb, tb) = row(storage_a), row(storage_b)
+    return ka + kb, max(0.0, ta + tb - 1.0)
+
+
 def _culprit_tensors(stage: StageDelta | None, findings: list[TensorFinding]) -> list[str]:
-    """Defective tensors of the first divergent stage (None: the output projection)."""
+    """Defective tensors of the first divergent stage (None: the output projection); where
+    that stage holds none, those of the stages before it (under a quantized file's noise, a
+    defect's divergence can cross the bound some layers after it)."""
     defects = [f for f in findings if f.defect]
     if stage is None:
         want = lambda n: n in (LM_HEAD, EMBED)
+        before = lambda n: n != LM_HEAD
     elif stage.layer is not None:
         want = lambda n: names.layer_of(n) == stage.layer
+        before = lambda n: n == EMBED or (names.layer_of(n) is not None and names.layer_of(n) < stage.layer)
     elif stage.stage == "embeddings":
         want = lambda n: n == EMBED
+        before = lambda n: False
     else:
         want = lambda n: n == FINAL_NORM
-    return list(dict.fromkeys(f.name for f in defects if want(f.name)))
+        before = lambda n: n != LM_HEAD and n != FINAL_NORM
+    found = list(dict.fromkeys(f.name for f in defects if want(f.name)))
+    return found or list(dict.fromkeys(f.name for f in defects if before(f.name)))
 
 
-def _agrees(run: Run, ref: Run, tol: float) -> bool:
-    return ref.logits.shape == run.logits.shape and rel_l2(ref.logits, run.logits) <= tol
+def _agrees(run: Run, ref: Run, rep: LogitsReport) -> bool:
+    """B's logits agree with A's by the report's rule (measured KL and top-1 for a lossy
+    side, relative L2 otherwise)."""
+    if ref.logits.shape != run.logits.shape:
+        return False
+    if rep.kl_tolerance is None:
+        return rel_l2(ref.logits, run.logits) <= rep.tolerance
+    trial = LogitsReport(ran=True)
+    _logit_metrics(trial, ref, run)
+    return trial.kl_mean <= rep.kl_tolerance and trial.top1_agreement >= rep.top1_tolerance
 
 
 def swappable(key: str, ca: ModelConfig, cb: ModelConfig) -> bool:
@@ -215,7 +271,7 @@ def swappable(key: str, ca: ModelConfig, cb: ModelConfig) -> bool:
 
 
 def _confirm_config(model_b: Model, va: ModelView, keys: list[str], ids: Sequence[int],
-                    ra: Run, tol: float) -> list[str]:
+                    ra: Run, rep: LogitsReport) -> list[str]:
     """The config keys whose A value, put into B, makes B's logits agree with A's
     (one at a time, then all of them together)."""
     ca = va.config
@@ -226,7 +282,7 @@ def _confirm_config(model_b: Model, va: ModelView, keys: list[str], ids: Sequenc
             model = Model(cfg, model_b.params, model_b.backend, model_b.dtype)
         except (AprError, ValueError, TypeError):
             continue
-        if _agrees(_forward(model, ids), ra, tol):
+        if _agrees(_forward(model, ids), ra, rep):
             return trial
     return []
 
@@ -254,7 +310,7 @@ def _explain(rep: LogitsReport, findings: list[TensorFinding], config: list[Conf
     rep.culprit_tensors = _culprit_tensors(stage, findings)
     keys = [c.key for c in config if c.defect and swappable(c.key, va.config, model_b.config)]
     if not rep.culprit_tensors and keys:
-        rep.culprit_config = _confirm_config(model_b, va, keys, ids, ra, rep.tolerance)
+        rep.culprit_config = _confirm_config(model_b, va, keys, ids, ra, rep)
         rep.confirmed = bool(rep.culprit_config)
         if not rep.confirmed:
             rep.culprit_config = keys
@@ -277,6 +333,10 @@ def compare_logits(va: ModelView, vb: ModelView, ids: Sequence[int], dtype: Any,
     budget of both models together (--max-memory; None: the default), half each."""
     tol = logit_tolerance(findings, dtype)
     rep = LogitsReport(ran=True, tokens=list(ids), dtype=np.dtype(dtype).name, tolerance=tol)
+    rep.storage = [side_storage(va, findings, "a"), side_storage(vb, findings, "b")]
+    bound = quantized_tolerance(*rep.storage)
+    if bound is not None:
+        rep.kl_tolerance, rep.top1_tolerance = bound
     budget, source = resolve_budget(max_memory)
     with np.errstate(all="ignore"):      # inf/nan weights: reported below, not as warnings
         return _compare_logits(rep, va, vb, ids, dtype, findings, config, tol,
@@ -296,13 +356,24 @@ def _compare_logits(rep: LogitsReport, va: ModelView, vb: ModelView, ids: Sequen
                                           _shared_stages(va, vb, findings))
     _logit_metrics(rep, ra, rb)
     rep.stages = _stages(ra, rb)
-    rep.agree = ra.logits.shape == rb.logits.shape and rep.rel_l2 <= tol \
-        and all(s.rel_l2 <= tol for s in rep.stages)
+    quantized = rep.kl_tolerance is not None
+    if quantized:       # measured: what llama.cpp's quantization of this storage does
+        rep.agree = ra.logits.shape == rb.logits.shape and rep.kl_mean <= rep.kl_tolerance \
+            and rep.top1_agreement >= rep.top1_tolerance
+    else:
+        rep.agree = ra.logits.shape == rb.logits.shape and rep.rel_l2 <= tol \
+            and all(s.rel_l2 <= tol for s in rep.stages)
+    kl = f"KL {rep.kl_mean:.3g}, top-1 {rep.top1_agreement:.0%}"
+    if quantized:
+        kl = (f"KL {rep.kl_mean:.3g} (<= {rep.kl_tolerance:.3g} measured for "
+              f"{' / '.join(dict.fromkeys(rep.storage))}), top-1 {rep.top1_agreement:.0%} "
+              f"(>= {rep.top1_tolerance:.0%})")
     if rep.agree:
-        rep.message = (f"logits agree: max |Δ| {rep.max_abs:.3g}, rel L2 {rep.rel_l2:.3g} "
-                       f"<= {tol:.3g}, top-1 {rep.top1_agreement:.0%}")
+        rep.message = (f"logits agree: {kl}, max |Δ| {rep.max_abs:.3g}, rel L2 {rep.rel_l2:.3g}"
+                       + ("" if quantized else f" <= {tol:.3g}"))
     else:
         _explain(rep, findings, config, model_b, va, ids, ra)
+        rep.message += f" ({kl})"
         bad = [f"{side} {n} of {run.logits.size}" for side, run in (("A", ra), ("B", rb))
                if (n := int(run.logits.size - np.count_nonzero(np.isfinite(run.logits))))]
         if bad:

@@ -130,6 +130,9 @@ class LogitsReport:
     confirmed: bool = False         # re-running B with A's config values makes them agree
     message: str = ""
     streamed: list[str] = field(default_factory=list)   # sides whose weights were read a layer at a time
+    storage: list[str] = field(default_factory=list)    # each side's lossiest storage rounding
+    kl_tolerance: float | None = None       # KL allowed (a lossy side: measured), else None
+    top1_tolerance: float | None = None     # top-1 agreement required, with it
     shared_stages: int = 0          # B's stages with A's weights and input: A's output taken
 
 
