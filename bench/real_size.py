@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -603,8 +602,7 @@ class Bench:
                                              error=f"not run: inspect of the directory fails: {probe.error}")
             return
         if self.f.qwen_gguf.exists():     # written by llama.cpp's converter: ours replaces it
-            self.f.qwen_gguf.unlink()
-            self.f.qwen_q4.exists()       # the Q4_K_M stays: it is llama.cpp's from a BF16 file
+            self.f.qwen_gguf.unlink()     # (the Q4_K_M made from it stays: same weights)
         try:
             self.check_disk(["qwen_gguf"])
         except DiskFull as e:
