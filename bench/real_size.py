@@ -647,10 +647,13 @@ class Bench:
                      self.cli("run", self.f.qwen_gguf, PROMPT, "--max-tokens", NEW_TOKENS, *self.memory_flag()))
 
     def m_qa(self) -> None:
-        # --no-gguf: the export gate writes an F32 GGUF of the model (30 GB for the 7B)
+        # --no-gguf: the export gate writes an F32 GGUF of the model (30 GB for the 7B);
+        # --allow-untrained: the weights are random, so the loss and greedy-decode gates
+        # report instead of failing (the command's time and memory are what is measured)
         if self.wanted("qa") and self.ensure("qwen_gguf"):
-            self.run("qa", "qa qwen2.5-7b.gguf --no-gguf",
-                     self.cli("qa", self.f.qwen_gguf, "--no-gguf", "--json", *self.memory_flag()))
+            self.run("qa", "qa qwen2.5-7b.gguf --no-gguf --allow-untrained",
+                     self.cli("qa", self.f.qwen_gguf, "--no-gguf", "--allow-untrained", "--json",
+                              *self.memory_flag()))
 
     def m_finetune(self) -> None:
         if not (self.wanted("finetune-torch") or self.wanted("finetune")) or not self.ensure("small_hf"):
