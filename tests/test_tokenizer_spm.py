@@ -162,8 +162,15 @@ def _hf_dir_with_spm(tmp_path, case_id, model_file: Path) -> Path:
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": cls, "legacy": True, "add_bos_token": True}), encoding="utf-8")
     # transformers builds tokenizer.json from tokenizer.model and saves it beside
-    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(d)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    tok.save_pretrained(d)
     assert (d / "tokenizer.json").is_file()
+    for name in ("config.json", "generation_config.json"):   # the tokenizer's ids, as a real
+        path = d / name                                       # checkpoint states them
+        if path.exists():
+            doc = json.loads(path.read_text())
+            path.write_text(json.dumps({**doc, "bos_token_id": tok.bos_token_id,
+                                        "eos_token_id": tok.eos_token_id}))
     return d
 
 
