@@ -9,15 +9,17 @@ logits by far more than that (TOL_EFFECT), so one key read and not applied fails
 """
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
 from apr import open_model
-from apr.tokenizer import from_gguf_fields, to_hf_files
+from apr.gguf_io import GgufFile
+from apr.tokenizer import from_gguf_kv, to_hf_files
 from ref.load import model_from_view
 from tests.oracles import llama_cpp_convert, randomize_params
 from tests.test_families import CLASSES
@@ -59,14 +61,16 @@ TOL = 1e-5   # F32 weights; Gemma norms stored as 1 + w in F32 round (measured 2
 VOCAB_FILES = {"qwen2": "ggml-vocab-qwen2.gguf"}
 
 
+@functools.cache
+def _vocab(path: Path):
+    """A llama.cpp vocabulary file's tokenizer, read once per run (the gguf library's reader
+    takes half a minute over 128k tokens; ours, a second)."""
+    return from_gguf_kv(GgufFile(path).kv)
+
+
 def tokenizer_for(llama_cpp_src, family: str):
     name = VOCAB_FILES.get(family, "ggml-vocab-llama-bpe.gguf")
-    return from_gguf_fields(gguf.GGUFReader(llama_cpp_src / "models" / name))
-
-
-def field(reader: gguf.GGUFReader, key: str):
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+    return _vocab(llama_cpp_src / "models" / name)
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -87,10 +91,10 @@ def test_llama_cpp_converter_keys_are_applied(family, llama_cpp_src, tmp_path):
         (d / name).write_text(text, encoding="utf-8")
     out = llama_cpp_convert(llama_cpp_src, d, tmp_path / "llama-cpp.gguf")
 
-    reader = gguf.GGUFReader(out)
-    arch = field(reader, "general.architecture")
+    kv = GgufFile(out, arrays=False).kv      # the scalar keys (arrays stepped over)
+    arch = kv["general.architecture"]
     for key, value in written.items():
-        got = field(reader, f"{arch}.{key}")
+        got = kv.get(f"{arch}.{key}")
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, \
             f"{family}: llama.cpp's converter wrote {arch}.{key} = {got!r}, the test needs {value!r}"
 
