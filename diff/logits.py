@@ -293,10 +293,12 @@ class _CannotRun(Exception):
 
 def _build(side: str, view: ModelView, dtype: Any, budget: tuple[int, str]) -> Model:
     """``side``'s model, streamed from its file when it does not fit ``budget`` (bytes, and
-    where the figure came from)."""
+    where the figure came from); one layer at a time (no read-ahead): the other side's layer
+    is the other one held."""
     try:
         config = view.check_runnable()
-        return model_from_view(view, cpu_backend(), dtype, memory=MemoryPlan.of(config, dtype, *budget))
+        plan = MemoryPlan.of(config, dtype, *budget, read_ahead=False)
+        return model_from_view(view, cpu_backend(), dtype, memory=plan)
     except AprError as e:
         raise _CannotRun(f"{side} cannot be run: {e}") from None
 

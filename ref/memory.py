@@ -40,33 +40,29 @@ def format_size(n: float) -> str:
     return f"{n:.1f} GiB"       # pragma: no cover (the loop returns at GiB)
 
 
-def available_memory() -> int:
-    """Bytes of memory the machine can give without swapping: MemAvailable of
-    /proc/meminfo, else the physical memory (sysconf), else 4 GiB where neither is known."""
+def proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a /proc file in bytes (None where there is no such file or
+    line: another system)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping: MemAvailable of
+    /proc/meminfo, else the physical memory (sysconf), else 4 GiB where neither is known."""
+    avail = proc_bytes("/proc/meminfo", "MemAvailable")
+    if avail is not None:
+        return avail
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 4 << 30
-
-
-def total_memory() -> int:
-    """Bytes of physical memory (sysconf), else `available_memory`."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return available_memory()
-
-
-def default_budget() -> int:
-    """The budget of a command without --max-memory: half the available memory."""
-    return max(MIN_BUDGET, int(available_memory() * DEFAULT_SHARE))
 
 
 def resolve_budget(text: str | None) -> tuple[int, str]:

@@ -54,7 +54,7 @@ from typing import Any, Optional
 from apr.config import ModelConfig
 from apr.names import EMBED
 
-from .memory import format_size, resolve_budget
+from .memory import format_size, proc_bytes, resolve_budget
 from .ops import ACTIVATIONS, _SILU, _query_blocks
 
 DTYPE_ITEMSIZE = {"f32": 4, "bf16": 4, "f64": 8}
@@ -210,14 +210,7 @@ def estimate_training_memory(config: ModelConfig, shape: StepShape, process: int
 
 def process_rss() -> int:
     """Bytes this process holds now (VmRSS of /proc/self/status; 0 where unknown)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def gpu_free_memory() -> Optional[int]:

@@ -49,9 +49,11 @@ class MemoryPlan:
     largest_layer: int       # the largest decoder layer's parameters in the compute dtype
     head_block: int          # a block of the output projection's rows (`RowReader.blocks`)
     streamed: bool
+    read_ahead: bool = True  # allow the next layer's read in a thread when two layers fit
 
     @classmethod
-    def of(cls, config: ModelConfig, dtype: Any, budget: int, source: str) -> "MemoryPlan":
+    def of(cls, config: ModelConfig, dtype: Any, budget: int, source: str,
+           read_ahead: bool = True) -> "MemoryPlan":
         size = np.dtype(dtype).itemsize
         per_layer: dict[int | None, int] = {}
         for name, shape in config.tensor_shapes().items():
@@ -60,13 +62,14 @@ class MemoryPlan:
         total = sum(per_layer.values())
         largest = max((n for layer, n in per_layer.items() if layer is not None), default=0)
         head = min(HEAD_BLOCK_BYTES, config.vocab_size * config.hidden_size * size)
-        return cls(budget, source, total, largest, head, total > budget)
+        return cls(budget, source, total, largest, head, total > budget, read_ahead)
 
     @property
     def prefetch(self) -> bool:
         """Streamed with room for two layers: the next layer is read and converted in a
         thread while this one runs."""
-        return self.streamed and 2 * self.largest_layer + self.head_block <= self.budget
+        return self.streamed and self.read_ahead and \
+            2 * self.largest_layer + self.head_block <= self.budget
 
     @property
     def peak_weights(self) -> int:

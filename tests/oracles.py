@@ -210,3 +210,13 @@ def copy_dir(src: Path, dst: Path) -> Path:
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
     return dst
+
+
+def state_token_ids(directory: Path, bos: int | None, eos: int | None) -> None:
+    """Write the tokenizer's bos/eos ids into an HF directory's config.json and
+    generation_config.json (where present), as a real checkpoint states them."""
+    for name in ("config.json", "generation_config.json"):
+        path = directory / name
+        if path.exists():
+            doc = json.loads(path.read_text())
+            path.write_text(json.dumps({**doc, "bos_token_id": bos, "eos_token_id": eos}))

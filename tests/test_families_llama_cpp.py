@@ -21,7 +21,7 @@ import cli
 from apr import open_model
 from apr.convert import convert
 from apr.tokenizer import from_gguf_fields
-from tests.oracles import llama_cpp_convert, llama_cpp_logits, write_tokenizer
+from tests.oracles import llama_cpp_convert, llama_cpp_logits, state_token_ids, write_tokenizer
 from tests.test_families import CLASSES, hf_model
 
 CASES = {
@@ -122,12 +122,7 @@ def test_llama_cpp_converter_output_reads_back(case_id, llama_cpp_src, tmp_path)
         if name == "tokenizer_config.json" and case_id == "phi3":   # Phi: GPT-2 BPE or nothing
             text = json.dumps({**json.loads(text), "tokenizer_class": "GPT2Tokenizer"})
         (d / name).write_text(text, encoding="utf-8")
-    for name in ("config.json", "generation_config.json"):   # the tokenizer's ids, as a real
-        path = d / name                                       # checkpoint states them
-        if path.exists():
-            doc = json.loads(path.read_text())
-            path.write_text(json.dumps({**doc, "bos_token_id": tok.bos_token_id,
-                                        "eos_token_id": tok.eos_token_id}))
+    state_token_ids(d, tok.bos_token_id, tok.eos_token_id)   # as a real checkpoint states them
     out = llama_cpp_convert(llama_cpp_src, d, tmp_path / "llama-cpp.gguf")
     convert(out, tmp_path / "m.apr")
     state = load_file(str(d / "model.safetensors"))

@@ -33,7 +33,7 @@ from apr.gguf_io import write_gguf
 from apr.tokenizer import (TokenizerData, build_tokenizer, from_apr_metadata, from_gguf_fields, from_gguf_kv,
                            from_hf_dir, from_hf_tokenizer_json, to_apr_metadata, to_gguf_fields,
                            to_hf_files)
-from tests.oracles import llama_cpp_convert
+from tests.oracles import llama_cpp_convert, state_token_ids
 from tests.test_families_llama_cpp import save_hf
 from tests.test_tokenizer import models_dir, read_vectors, vocab_path  # noqa: F401 (fixture)
 
@@ -165,12 +165,7 @@ def _hf_dir_with_spm(tmp_path, case_id, model_file: Path) -> Path:
     tok = transformers.AutoTokenizer.from_pretrained(d)
     tok.save_pretrained(d)
     assert (d / "tokenizer.json").is_file()
-    for name in ("config.json", "generation_config.json"):   # the tokenizer's ids, as a real
-        path = d / name                                       # checkpoint states them
-        if path.exists():
-            doc = json.loads(path.read_text())
-            path.write_text(json.dumps({**doc, "bos_token_id": tok.bos_token_id,
-                                        "eos_token_id": tok.eos_token_id}))
+    state_token_ids(d, tok.bos_token_id, tok.eos_token_id)   # as a real checkpoint states them
     return d
 
 
