@@ -248,12 +248,13 @@ def _culprit_tensors(stage: StageDelta | None, findings: list[TensorFinding]) ->
 
 
 def _agrees(run: Run, ref: Run, rep: LogitsReport) -> bool:
-    """B's logits agree with A's by the report's rule (measured KL and top-1 for a lossy
-    side, relative L2 otherwise)."""
+    """B's logits agree with A's by the report's rule (relative L2 within the tensors'
+    rounding, or, for a lossy side, the measured KL and top-1)."""
     if ref.logits.shape != run.logits.shape:
         return False
-    if rep.kl_tolerance is None:
-        return rel_l2(ref.logits, run.logits) <= rep.tolerance
+    within = rel_l2(ref.logits, run.logits) <= rep.tolerance
+    if within or rep.kl_tolerance is None:
+        return within
     trial = LogitsReport(ran=True)
     _logit_metrics(trial, ref, run)
     return trial.kl_mean <= rep.kl_tolerance and trial.top1_agreement >= rep.top1_tolerance
@@ -359,12 +360,14 @@ def _compare_logits(rep: LogitsReport, va: ModelView, vb: ModelView, ids: Sequen
     _logit_metrics(rep, ra, rb)
     rep.stages = _stages(ra, rb)
     quantized = rep.kl_tolerance is not None
-    if quantized:       # measured: what llama.cpp's quantization of this storage does
-        rep.agree = ra.logits.shape == rb.logits.shape and rep.kl_mean <= rep.kl_tolerance \
-            and rep.top1_agreement >= rep.top1_tolerance
-    else:
-        rep.agree = ra.logits.shape == rb.logits.shape and rep.rel_l2 <= tol \
-            and all(s.rel_l2 <= tol for s in rep.stages)
+    # within the rounding the tensors carry (relative L2 of logits and every stage), or, for
+    # a lossy side, within what llama.cpp's quantization of that storage measured (KL and
+    # top-1). The measured bounds come from the test models: alone they flagged this suite's
+    # own F16 and Q8_0 conversions of other models, so they widen agreement, never narrow it
+    rep.agree = ra.logits.shape == rb.logits.shape and (
+        (rep.rel_l2 <= tol and all(s.rel_l2 <= tol for s in rep.stages))
+        or (quantized and rep.kl_mean <= rep.kl_tolerance
+            and rep.top1_agreement >= rep.top1_tolerance))
     kl = f"KL {rep.kl_mean:.3g}, top-1 {rep.top1_agreement:.0%}"
     if quantized:
         kl = (f"KL {rep.kl_mean:.3g} (<= {rep.kl_tolerance:.3g} measured for "
@@ -372,7 +375,7 @@ def _compare_logits(rep: LogitsReport, va: ModelView, vb: ModelView, ids: Sequen
               f"(>= {rep.top1_tolerance:.0%})")
     if rep.agree:
         rep.message = (f"logits agree: {kl}, max |Δ| {rep.max_abs:.3g}, rel L2 {rep.rel_l2:.3g}"
-                       + ("" if quantized else f" <= {tol:.3g}"))
+                       + (f" <= {tol:.3g}" if rep.rel_l2 <= tol else ""))
     else:
         _explain(rep, findings, config, model_b, va, ids, ra)
         rep.message += f" ({kl})"

@@ -229,9 +229,10 @@ def test_generation_settings_are_compared(tmp_path, llama_cpp_llama):
 
 def test_logits_of_a_quantized_file_from_a_changed_source_do_not_agree(tmp_path):
     """llama.cpp's Q8_0 of a source whose attn_v was scaled by 1.1, against the float model:
-    its KL is beyond what Q8_0 rounding alone measured (the old bound, 10x the tensor
-    tolerance in relative L2, let it "agree"); the clean Q8_0 agrees; both lines print KL and
-    top-1 agreement."""
+    its KL is beyond what Q8_0 rounding alone measured, and the tensor check names the scaled
+    tensor; the clean Q8_0 agrees; both lines print KL and top-1 agreement. (The measured KL
+    bound alone does not fail logits: on other models this suite's own F16 and Q8_0
+    conversions exceed it, so logits within the tensors' rounding in relative L2 agree.)"""
     from safetensors.numpy import load_file, save_file
     a = make_hf_model(tmp_path / "a", "llama", hidden=256, ffn=512, seed=5)
     b = copy_dir(a, tmp_path / "b")
@@ -246,8 +247,7 @@ def test_logits_of_a_quantized_file_from_a_changed_source_do_not_agree(tmp_path)
     assert r.equivalent and r.logits.agree, r.diagnosis.line
     assert "logits KL" in r.diagnosis.line and "top-1" in r.diagnosis.line
     r = compare(a, scaled)
-    assert not r.logits.agree, r.logits.message
-    assert r.logits.kl_mean > r.logits.kl_tolerance and r.logits.culprit_tensors == [v]
-    assert r.diagnosis.line.startswith(f"DIAGNOSIS: SCALED — {v}: B = 1.1 × A (logits diverge")
+    assert r.logits.kl_mean > r.logits.kl_tolerance, r.logits.message
+    assert r.diagnosis.line.startswith(f"DIAGNOSIS: SCALED — {v}: B = 1.1 × A"), r.diagnosis.line
     assert "KL" in r.logits.message and "top-1" in r.logits.message
     assert "LOGITS" not in r.diagnosis.line

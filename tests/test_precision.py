@@ -175,7 +175,7 @@ def test_bench_takes_dtype_bf16(tmp_path):
     # the model bench loads for bf16 multiplies bfloat16 operands: its logits differ from f32
     import cli
     ids = np.arange(8)[None]
-    (mb, vb), (m32, v32) = cli._load(str(model), "cpu", "bf16"), cli._load(str(model), "cpu", "f32")
+    (mb, vb, _), (m32, v32, _) = cli._load(str(model), "cpu", "bf16"), cli._load(str(model), "cpu", "f32")
     assert mb.matmul == "bf16" and m32.matmul is None and mb.dtype == m32.dtype == np.float32
     err = _rel(mb.forward(ids), m32.forward(ids).astype(np.float64))
     vb.close()

@@ -200,7 +200,7 @@ def _args(command: str, seed: Path, mutant: Path, out: Path, variant: int = 0) -
             "logits": ["logits", str(mutant), "--tokens", "1,2,3"],
             "diff": ["diff", str(seed), str(mutant), "--json"],
             "diff-report": ["diff", str(seed), str(mutant), "--report", str(out.with_suffix(".html"))],
-            "qa": ["qa", str(mutant), "--no-gguf", "--json"]}[command]
+            "qa": ["qa", str(mutant), "--no-gguf", "--allow-untrained", "--json"]}[command]
 
 
 ALARMS: list[int] = [0]           # how many alarms fired (a guard may catch the Hang itself)
