@@ -144,16 +144,24 @@ def gate_tensors(ctx: QaContext):
     problems = [f"{m.name} missing" if m.kind == "missing" else f"{m.name} shape {list(m.found)} != "
                 f"{list(m.expected)}" for m in wrong]
     skip = {m.name for m in wrong}
+    from ref.backend import cpu_backend
+    from ref.weights import RowReader
     for name in cfg.tensor_shapes():
         if name in skip:
             continue
-        values = view.tensors[name].numpy(np.float32)
-        if not np.isfinite(values).all():
-            problems.append(f"{name} has {int((~np.isfinite(values)).sum())} non-finite values")
-        if name == "model.embed_tokens.weight":
-            zero_rows = float((np.abs(values).max(axis=1) == 0).mean())
-            if zero_rows > 0.5:
-                problems.append(f"{name}: {zero_rows:.0%} of rows are all zeros")
+        ref = view.tensors[name]
+        # a matrix a block of rows at a time (a 7B's embedding is 2.2 GB as float32)
+        blocks = RowReader(ref, cpu_backend(), np.float32).blocks() if len(ref.shape) == 2 \
+            else [ref.numpy(np.float32)]
+        nonfinite = zero_rows = 0
+        for values in blocks:
+            nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+            if name == "model.embed_tokens.weight":
+                zero_rows += int(np.count_nonzero(np.abs(values).max(axis=1) == 0))
+        if nonfinite:
+            problems.append(f"{name} has {nonfinite} non-finite values")
+        if name == "model.embed_tokens.weight" and zero_rows > 0.5 * ref.shape[0]:
+            problems.append(f"{name}: {zero_rows / ref.shape[0]:.0%} of rows are all zeros")
     if problems:
         return False, "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""), len(problems), 0
     return True, f"{len(cfg.tensor_shapes())} tensors present, shapes right, all finite", \

@@ -20,6 +20,33 @@ def stdlib_files(n: int = 12) -> list[Path]:
     return [root / f for f in names[:n]]
 
 
+SPM_CORPUS_SOURCES = ("json", "textwrap", "difflib", "argparse")
+SPM_SPECIALS = {   # Gemma's ids and names of the special tokens, Llama's defaults otherwise
+    "llama": {},
+    "gemma": dict(pad_id=0, pad_piece="<pad>", eos_id=1, eos_piece="<eos>", bos_id=2,
+                  bos_piece="<bos>", unk_id=3, unk_piece="<unk>", control_symbols=["<mask>"])}
+
+
+def train_spm(directory: Path, style: str, vocab_size: int = 700) -> Path:
+    """A SentencePiece BPE model trained on Python standard library source by the sentencepiece
+    library: "llama" style has a dummy prefix (Llama 2 / Mistral / Phi-3), "gemma" none and
+    Gemma's special-token ids. Returns the .model path."""
+    import importlib
+    import inspect
+
+    import sentencepiece
+    corpus = directory / "spm-corpus.txt"
+    corpus.write_text("\n".join(inspect.getsource(importlib.import_module(m))
+                                for m in SPM_CORPUS_SOURCES), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / style), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=style != "gemma", split_digits=True, user_defined_symbols=["<|user|>"],
+        minloglevel=2, **SPM_SPECIALS[style])
+    return directory / f"{style}.model"
+
+
 @lru_cache(maxsize=4)
 def tokenizer_json(vocab_size: int = 400) -> str:
     """A byte-level BPE tokenizer (GPT-2 style) trained on a few stdlib files."""

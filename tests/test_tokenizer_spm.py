@@ -33,7 +33,7 @@ from apr.gguf_io import write_gguf
 from apr.tokenizer import (TokenizerData, build_tokenizer, from_apr_metadata, from_gguf_fields, from_gguf_kv,
                            from_hf_dir, from_hf_tokenizer_json, to_apr_metadata, to_gguf_fields,
                            to_hf_files)
-from tests.oracles import llama_cpp_convert, state_token_ids
+from tests.oracles import llama_cpp_convert, state_token_ids, train_spm
 from tests.test_families_llama_cpp import save_hf
 from tests.test_tokenizer import models_dir, read_vectors, vocab_path  # noqa: F401 (fixture)
 
@@ -116,32 +116,12 @@ def _kv(path: Path) -> dict:
 
 # --------------------------------------------------------------------------- trained models
 
-CORPUS_SOURCES = ("json", "textwrap", "difflib", "argparse")
-
-
 @pytest.fixture(scope="module")
 def spm_models(tmp_path_factory) -> dict[str, Path]:
     """Two SentencePiece BPE models trained on Python standard library source: one with a dummy
     prefix (Llama 2 / Mistral / Phi-3 style), one without (Gemma style)."""
-    import importlib
-    import inspect
     d = tmp_path_factory.mktemp("spm")
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(inspect.getsource(importlib.import_module(m))
-                                for m in CORPUS_SOURCES), encoding="utf-8")
-    out = {}
-    specials = {   # Gemma's ids and names of the special tokens, Llama's defaults otherwise
-        "llama": {},
-        "gemma": dict(pad_id=0, pad_piece="<pad>", eos_id=1, eos_piece="<eos>", bos_id=2,
-                      bos_piece="<bos>", unk_id=3, unk_piece="<unk>", control_symbols=["<mask>"])}
-    for style, prefix in (("llama", True), ("gemma", False)):
-        sentencepiece.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(d / style), vocab_size=700, model_type="bpe",
-            byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=prefix, split_digits=True,
-            user_defined_symbols=["<|user|>"], minloglevel=2, **specials[style])
-        out[style] = d / f"{style}.model"
-    return out
+    return {style: train_spm(d, style) for style in ("llama", "gemma")}
 
 
 FAMILY_CASES = {
