@@ -15,14 +15,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from apr.dtypes import DTYPES, decode, encode
-from apr.errors import AprError
 from apr.layout import adjacent_to_halves, halves_to_adjacent
 from apr.model import TensorRef
 
 from . import report as R
 from .reader import whole
-from .values import (NOISE_FACTOR, lossiest, lossy, pair_stats, rel_l2, unmeasured,
+from .values import (NOISE_FACTOR, lossiest, lossy, pair_stats, rel_l2, rounded_as, unmeasured,
                      within_rounding)
 
 SHUFFLE_FULL_ROWS = 4096      # match every row up to this many rows, else a sample
@@ -127,18 +125,6 @@ ROUNDED_TO = ("BF16", "F16")      # roundings recognized from the values, whatev
 ROUNDED_PROBE = 4096              # values compared first, before the whole tensor
 
 
-def _rounded(x: np.ndarray, dtype_name: str) -> np.ndarray | None:
-    """x rounded to ``dtype_name`` as a writer rounds it (F16/BF16: to nearest even; a block
-    type: encoded and decoded), or None where that dtype cannot hold x's shape."""
-    dt = DTYPES.get(dtype_name)
-    if dt is None:
-        return None
-    try:
-        return decode(encode(x, dt), dt, x.shape)
-    except (AprError, ValueError):
-        return None
-
-
 def _rounding_of(p: Pair) -> tuple[str, str] | None:
     """(side, dtype) when one side's values are exactly the other's rounded to BF16 or F16,
     or requantized to the dtype that side stores: ("B", "BF16") for B = A rounded to BF16."""
@@ -151,10 +137,10 @@ def _rounding_of(p: Pair) -> tuple[str, str] | None:
         probe_src, probe_dst = src.reshape(-1)[:ROUNDED_PROBE], dst.reshape(-1)[:ROUNDED_PROBE]
         for name in dict.fromkeys(targets[side]):
             if name in ROUNDED_TO:
-                head = _rounded(probe_src, name)
+                head = rounded_as(probe_src, name)
                 if head is None or not np.array_equal(head, probe_dst):
                     continue
-            whole_rounded = _rounded(src, name)
+            whole_rounded = rounded_as(src, name)
             if whole_rounded is not None and np.array_equal(whole_rounded, dst):
                 return side, name
     return None

@@ -133,6 +133,9 @@ class LogitsReport:
     storage: list[str] = field(default_factory=list)    # each side's lossiest storage rounding
     kl_tolerance: float | None = None       # KL allowed (a lossy side: measured), else None
     top1_tolerance: float | None = None     # top-1 agreement required, with it
+    control: str | None = None              # what the bounds were measured on ("A rounded as B stores it")
+    control_kl: float | None = None         # KL and top-1 of that control against its source
+    control_top1: float | None = None
     shared_stages: int = 0          # B's stages with A's weights and input: A's output taken
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apr.dtypes import DTYPES
+from apr.dtypes import DTYPES, decode, encode
+from apr.errors import AprError
 
 from .report import PairStats
 
@@ -189,3 +190,16 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
         if a.size else (0.0,) * 7
     norm = math.sqrt(max(aa, bb))
     return math.sqrt(dd) / norm if norm > 0 else 0.0
+
+
+def rounded_as(x: np.ndarray, dtype_name: str) -> np.ndarray | None:
+    """x rounded to ``dtype_name`` as a writer rounds it (F16/BF16: to nearest even; a block
+    type: encoded and decoded), or None where that dtype cannot hold x's shape or has no
+    encoder here."""
+    dt = DTYPES.get(dtype_name)
+    if dt is None:
+        return None
+    try:
+        return decode(encode(x, dt), dt, x.shape)
+    except (AprError, ValueError):
+        return None
