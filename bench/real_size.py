@@ -25,8 +25,8 @@ renamed when complete, so a killed build is never taken for a finished one):
 - `qwen2.5-0.5b/`: the Qwen2.5-0.5B shape (one safetensors file) for the fine-tune step.
 
 Measurements: each command runs as its own process (`python cli.py ...`) with a timeout; wall
-time, the peak RSS of the process (`wait4`) and, sampled every 0.2 s over the process and its
-children, the peak anonymous memory (RSS minus the memory-mapped file pages, which the kernel
+time, the peak RSS of the process (`wait4`, forked from a small launcher) and, sampled every
+0.2 s over the process and its children, the peak anonymous memory (RSS minus the memory-mapped file pages, which the kernel
 can drop) are recorded. A command that fails is recorded with its last stderr line. Peers:
 llama.cpp (llama-cpp-python, same file, same threads, F32 KV cache) loading the GGUF and
 evaluating the same 16 tokens; PyTorch (transformers' Qwen2ForCausalLM in float32 and
@@ -295,15 +295,33 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+# Runs the measured command as its child and writes that child's ru_maxrss (KiB) to argv[1].
+# Linux carries a process's peak RSS across exec from the process it was forked from, so a
+# command forked straight from this (large, after a build) process would report this
+# process's size as its own peak; forked from this small launcher, it reports its own.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(ru.ru_maxrss))
+sys.exit(min(255, abs(os.waitstatus_to_exitcode(status))))
+"""
+
+
 def measure(name: str, what: str, cmd: list[str], *, timeout: float, threads: int,
             cwd: Path = ROOT, log: Callable[[str], None] = print) -> Result:
     """Run `cmd` to completion (or `timeout`), recording wall time and peak memory."""
     r = Result(name, what, [str(c) for c in cmd])
     log(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(short(c) for c in r.cmd)}")
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory() as scratch:
+        maxrss_file = Path(scratch) / "maxrss"
         t0 = time.perf_counter()
-        proc = subprocess.Popen(r.cmd, stdout=out, stderr=err, cwd=cwd, env=thread_env(threads),
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(maxrss_file), *r.cmd],
+                                stdout=out, stderr=err, cwd=cwd, env=thread_env(threads),
                                 start_new_session=True)
         peak_tree = peak_anon = 0
         status = ru = None
@@ -322,7 +340,8 @@ def measure(name: str, what: str, cmd: list[str], *, timeout: float, threads: in
             time.sleep(0.2)
         r.wall_s = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)    # reaped here, not by Popen
-        r.peak_rss = ru.ru_maxrss * 1024
+        # the command's own peak (the launcher's file); the launcher's if it was killed
+        r.peak_rss = (int(maxrss_file.read_text()) if maxrss_file.exists() else ru.ru_maxrss) * 1024
         r.peak_tree_rss, r.peak_anon = max(peak_tree, r.peak_rss), peak_anon
         out.seek(0)
         err.seek(0)
