@@ -394,9 +394,11 @@ def encode(values: np.ndarray, dtype: DType) -> np.ndarray:
     return _encode_ggml(x, dtype)
 
 
-def decode(raw, dtype: DType, shape: Sequence[int]) -> np.ndarray:
+def decode(raw, dtype: DType, shape: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
     """Raw storage -> values with the logical shape: float32 for float and quantized types
-    (float64 for F64, which float32 would round), the stored integer dtype for integer types."""
+    (float64 for F64, which float32 would round), the stored integer dtype for integer types.
+    ``out``: a float32 array of that shape to write BF16, F16 or F32 values into (a buffer
+    used again, which costs no page faults); ignored for the other types."""
     shape = tuple(int(d) for d in shape)
     data = _as_bytes(raw)
     expect = nbytes(dtype, shape)
@@ -404,14 +406,19 @@ def decode(raw, dtype: DType, shape: Sequence[int]) -> np.ndarray:
         raise FormatError(f"{dtype.name} tensor of shape {list(shape)} needs {expect} bytes, "
                           f"got {data.size}")
     n = n_elements(shape)
+    if out is not None and (out.dtype != np.float32 or out.shape != shape):
+        raise ValueError(f"decode: out must be float32 of shape {list(shape)}")
     if dtype is BF16:           # the upper half of a float32: a shift (2x ml_dtypes' astype)
-        out = np.empty(shape, np.uint32)
-        np.left_shift(data.view("<u2").reshape(shape), 16, out=out, dtype=np.uint32)
-        return out.view(np.float32)
+        bits = np.empty(shape, np.uint32) if out is None else out.view(np.uint32)
+        np.left_shift(data.view("<u2").reshape(shape), 16, out=bits, dtype=np.uint32)
+        return bits.view(np.float32) if out is None else out
     if dtype.numpy is not None:
         arr = data.view(dtype.numpy).reshape(shape)
         if not dtype.is_float or arr.dtype == np.float64:
             return arr
+        if out is not None:
+            np.copyto(out, arr)
+            return out
         return arr.astype(np.float32)
     if n == 0:
         return np.zeros(shape, np.float32)

@@ -64,20 +64,22 @@ class TensorRef:
         (a view of the memory-mapped file)."""
         return self._raw()
 
-    def read(self) -> np.ndarray:
+    def read(self, into: np.ndarray | None = None) -> np.ndarray:
         """Stored data like `raw()`, but as a private copy read from the file. Streaming code
-        uses it so that pages of a large file do not stay resident once a tensor is done."""
+        uses it so that pages of a large file do not stay resident once a tensor is done.
+        ``into``: a flat uint8 buffer of at least `nbytes` to read into (used again)."""
         if self.file_span is None:
             return np.array(self._raw())
-        flat = self._read_span(0, self.nbytes)
+        flat = self._read_span(0, self.nbytes, into)
         if self.dtype.numpy is None:
             return flat
         return flat.view(self.dtype.numpy).reshape(self.shape)
 
-    def _read_span(self, start: int, size: int) -> np.ndarray:
-        """``size`` stored bytes from byte ``start`` of the tensor, read from its file."""
+    def _read_span(self, start: int, size: int, into: np.ndarray | None = None) -> np.ndarray:
+        """``size`` stored bytes from byte ``start`` of the tensor, read from its file (into
+        the first ``size`` bytes of ``into`` where given)."""
         path, offset = self.file_span
-        flat = np.empty(size, dtype=np.uint8)
+        flat = np.empty(size, dtype=np.uint8) if into is None else into[:size]
         with open(path, "rb", buffering=0) as f:
             got = f.readinto(flat) if f.seek(offset + start) == offset + start else 0
         if got != size:
@@ -104,12 +106,15 @@ class TensorRef:
             values = values - values.dtype.type(self.offset)
         return values
 
-    def numpy(self, dtype=np.float32, order: str = "stored") -> np.ndarray:
+    def numpy(self, dtype=np.float32, order: str = "stored", out: np.ndarray | None = None,
+              scratch: np.ndarray | None = None) -> np.ndarray:
         """Decoded values with the HF shape. order="hf" undoes a stored rotary permutation so
-        the rows are in HF order; order="stored" keeps the file's row order."""
+        the rows are in HF order; order="stored" keeps the file's row order. ``out`` (float32,
+        the HF shape) and ``scratch`` (flat uint8, at least `nbytes`): buffers to decode and
+        read into, used again by streaming code (see `decode`; the result may be ``out``)."""
         if order not in ("stored", "hf"):
             raise ValueError(f"order must be 'stored' or 'hf', not {order!r}")
-        values = decode(self.read(), self.dtype, self.shape)
+        values = decode(self.read(scratch), self.dtype, self.shape, out)
         if dtype is not None and values.dtype != dtype:
             values = values.astype(dtype)
         if self.offset:

@@ -90,6 +90,17 @@ def _check_streamed(path: Path, plan: MemoryPlan, ids: np.ndarray) -> None:
         a = generate(loaded, ids[0, :4].tolist(), 6).new_ids
         b = generate(streamed, ids[0, :4].tolist(), 6).new_ids
         assert a == b
+        # a layer's host arrays are used again for the next layer of those shapes (F32, F16,
+        # BF16 read from a file) ...
+        name = "model.layers.0.mlp.down_proj.weight"
+        ref = view.tensors[name]
+        if ref.dtype.name in ("F32", "F16", "BF16") and ref.file_span is not None:
+            assert streamed.params.buffers.reused > 0, path
+        # ... but never one that someone still holds
+        held = streamed.params[name]
+        before = held.copy()
+        streamed.forward(ids)
+        assert np.array_equal(held, before) and np.array_equal(held, loaded.params[name]), path
 
 
 def test_embedding_and_head_rows_of_quantized_blocks(tmp_path):
