@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from . import config_apr, config_gguf, config_hf
 # the key checks keep their names here too (apr.console imports ignoring_keys from apr.config)
-from .config_keys import check_closed_world, ignoring_keys  # noqa: F401
+from .config_keys import SIZE_LIMITS, check_closed_world, ignoring_keys  # noqa: F401
 from .errors import ConfigError, UnsupportedError
 from .names import (ACTIVATIONS, EMBED, FAMILIES, FULL_ATTENTION, LM_HEAD, ROPE_ADJACENT,
                     ROPE_HALVES, SLIDING_ATTENTION, kinds_for)
@@ -25,10 +25,6 @@ from .rope import RopeScaling
 
 # Bounds far above any model shipped, checked before a shape is used to loop or allocate
 # (a layer count of 10^8 from a hostile file would otherwise loop for minutes).
-SIZE_LIMITS = {"hidden_size": 1 << 20, "num_layers": 4096, "num_heads": 1 << 16, "num_kv_heads": 1 << 16,
-               "intermediate_size": 1 << 22, "vocab_size": 1 << 24, "head_dim": 1 << 16,
-               "max_position_embeddings": 1 << 31}
-
 
 @dataclass(frozen=True)
 class Mismatch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
-from .config_keys import check_closed_world, gemma_pattern, mistral_window
+from .config_keys import check_closed_world, check_sizes, gemma_pattern, mistral_window
 from .errors import AprError, ConfigError, UnsupportedError
 from .names import (EMBED, FAMILIES, FULL_ATTENTION, GGUF_ATTN_SOFTCAP_KEY, GGUF_CONFIG_KEYS,
                     GGUF_DEFAULT_ONLY, GGUF_FINAL_SOFTCAP_KEY, GGUF_INERT_KEYS, GGUF_INERT_PREFIXES,
@@ -62,6 +62,7 @@ def from_gguf_kv(cls, kv: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
                ("hidden_size", "num_layers", "num_heads", "intermediate_size") if f not in vals]
     if missing:
         raise ConfigError(f"{where}: missing keys {', '.join(missing)}")
+    check_sizes(vals, where)
     vals.setdefault("num_kv_heads", vals["num_heads"])
     klen = v.get(GGUF_KEY_LENGTH_KEY.format(**a), int)
     if klen:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping
 
-from .config_keys import check_closed_world, gemma_pattern, mistral_window
+from .config_keys import check_closed_world, check_sizes, gemma_pattern, mistral_window
 from .errors import AprError, ConfigError, UnsupportedError
 from .names import (ACTIVATIONS, FAMILIES, FULL_ATTENTION, HF_CONFIG_KEYS, HF_DEFAULT_ONLY,
                     HF_INERT_KEYS, HF_MODELED_KEYS, ROPE_HALVES, SLIDING_ATTENTION, family_from_any)
@@ -51,6 +51,7 @@ def from_hf_config(cls, cfg: Any, where: str = "config.json",
                                            "intermediate_size", "vocab_size") if k not in vals]
     if missing:
         raise ConfigError(f"{where}: missing {', '.join(missing)}")
+    check_sizes(vals, where)
     vals.setdefault("num_kv_heads", vals["num_heads"])
     if FAMILIES[fam].local_rope:
         theta, vals["rope_scaling"], vals["rope_local_theta"], vals["rope_local_scaling"] = \

@@ -1,7 +1,7 @@
 """What the key maps of the three formats share (`apr.config_hf`, `apr.config_apr`,
 `apr.config_gguf`): the closed-world check of a file's config keys, with the keys the user
-said to skip (--ignore-key), and the sliding-window layouts that HF config.json and GGUF
-spell alike.
+said to skip (--ignore-key), the bounds of the sizes (checked as soon as a reader has them),
+and the sliding-window layouts that HF config.json and GGUF spell alike.
 """
 from __future__ import annotations
 
@@ -9,9 +9,26 @@ import contextlib
 import contextvars
 from typing import Any, Iterable, Iterator, Mapping
 
-from .errors import UnsupportedError
+from .errors import ConfigError, UnsupportedError
 from .names import FULL_ATTENTION, SLIDING_ATTENTION
 from .untrusted import Values, describe
+
+# the largest plausible value of each size (a model beyond them is a damaged file)
+SIZE_LIMITS = {"hidden_size": 1 << 20, "num_layers": 4096, "num_heads": 1 << 16, "num_kv_heads": 1 << 16,
+               "intermediate_size": 1 << 22, "vocab_size": 1 << 24, "head_dim": 1 << 16,
+               "max_position_embeddings": 1 << 31}
+
+
+def check_sizes(vals: Mapping[str, Any], where: str) -> None:
+    """The sizes read so far within `SIZE_LIMITS`, checked as soon as they are read: a
+    reader derives per-layer lists (sliding-window layouts) before `ModelConfig.validate`
+    runs, and a damaged layer count of 2^30 must not become a list of 2^30 entries."""
+    bad = [f"{name}={vals[name]} is implausible (more than {limit})"
+           for name, limit in SIZE_LIMITS.items()
+           if isinstance(vals.get(name), int) and vals[name] > limit]
+    if bad:
+        raise ConfigError(f"{where}: " + "; ".join(bad))
+
 
 # keys the user said to skip (--ignore-key): see `ignoring_keys`
 _IGNORED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("ignored_keys",

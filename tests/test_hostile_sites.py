@@ -145,6 +145,28 @@ def test_3_gemma2_gguf_with_no_heads_and_27b_layer_count(seeds, tmp_path):
         one_error(*run(*args)[::2], "num_heads=0")
 
 
+
+@pytest.mark.parametrize("key", ["gguf gemma2", "hf gemma2", "hf"])
+def test_3_a_layer_count_of_2_30_is_refused_before_any_per_layer_list(seeds, tmp_path, key):
+    """A layer count of 2^30 + 2 (a header bit flip the campaign made): the sliding-window
+    layouts (Gemma's pattern, Qwen2's max_window_layers) are lists of one entry per layer, so
+    the count is checked against its bound as soon as it is read, not at validation: one
+    error line under the campaign's 2 GiB bound, from every reader."""
+    from tests.fuzz.campaign import memory_bound
+    layers = (1 << 30) + 2
+    if key.startswith("gguf"):
+        mutant = tmp_path / "m.gguf"
+        m.gguf_set(seeds[key], mutant, {"gemma2.block_count": layers})
+    else:
+        mutant = _hf_copy(seeds, tmp_path, key)
+        cfg = json.loads((mutant / "config.json").read_text())
+        cfg.update(num_hidden_layers=layers, **({} if "gemma2" in key else {"use_sliding_window": True}))
+        (mutant / "config.json").write_text(json.dumps(cfg))
+    with memory_bound():
+        result = run("inspect", mutant)
+    one_error(result[0], result[2], f"num_layers={layers} is implausible (more than 4096)")
+
+
 # --------------------------------------------------------------------------- 4: the tokenizers library
 
 @pytest.mark.parametrize("key,value", [("continuing_subword_prefix", "##"),
