@@ -12,8 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -23,20 +21,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M,Q5_K_M,Q6_K")
     args = ap.parse_args(argv)
-    from safetensors.numpy import load_file, save_file
-
     from apr import llamacpp
     from apr.convert import convert
     from diff import compare
-    from oracles import copy_dir, make_hf_model
+    from oracles import make_hf_model, scaled_copy
 
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         a = make_hf_model(t / "a", "llama", hidden=256, ffn=512, seed=5)
-        b = copy_dir(a, t / "b")
-        sd = load_file(str(b / "model.safetensors"))
-        v = "model.layers.1.self_attn.v_proj.weight"
-        save_file({**sd, v: sd[v] * np.float32(1.1)}, str(b / "model.safetensors"), metadata={"format": "pt"})
+        b = scaled_copy(a, t / "b", "model.layers.1.self_attn.v_proj.weight", 1.1)
         convert(a, t / "a.gguf")
         convert(b, t / "b.gguf")
         print("| type | source | KL | control KL | ratio | top-1 | logits |")

@@ -45,12 +45,9 @@ def models(tmp: Path) -> dict[str, Path]:
 
 def trained(tmp: Path) -> Path:
     from apr.convert import convert
-    from oracles import stdlib_files, write_tokenizer
+    from oracles import write_stdlib_corpus, write_tokenizer
     from ref.train import RunConfig, start_run, train
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    for p in stdlib_files(16):
-        (corpus / p.name).write_text(p.read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = write_stdlib_corpus(tmp / "corpus")
     write_tokenizer(tmp)
     cfg = RunConfig(dataset=str(corpus), run_dir=str(tmp / "run"), tokenizer=str(tmp / "tokenizer.json"),
                     arch="qwen2-tiny", shape=dict(vocab_size=448, hidden_size=256, intermediate_size=512),

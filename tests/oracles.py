@@ -20,6 +20,24 @@ def stdlib_files(n: int = 12) -> list[Path]:
     return [root / f for f in names[:n]]
 
 
+def write_stdlib_corpus(directory: Path, n: int = 16) -> Path:
+    """A text corpus directory of ``n`` standard-library modules (`stdlib_files`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in stdlib_files(n):
+        (directory / p.name).write_text(p.read_text(encoding="utf-8"), encoding="utf-8")
+    return directory
+
+
+def scaled_copy(src: Path, dst: Path, name: str, factor: float) -> Path:
+    """A copy of the HF directory ``src`` whose tensor ``name`` is multiplied by ``factor``."""
+    from safetensors.numpy import load_file, save_file
+    copy_dir(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    save_file({**sd, name: sd[name] * np.float32(factor)}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    return dst
+
+
 SPM_CORPUS_SOURCES = ("json", "textwrap", "difflib", "argparse")
 SPM_SPECIALS = {   # Gemma's ids and names of the special tokens, Llama's defaults otherwise
     "llama": {},

@@ -16,7 +16,7 @@ from apr import llamacpp
 from apr.convert import convert
 from diff import compare
 from diff import report as R
-from oracles import copy_dir, hf_logits, llama_cpp_convert, make_hf_model
+from oracles import copy_dir, hf_logits, llama_cpp_convert, make_hf_model, scaled_copy
 
 
 def run_diff(a, b):
@@ -233,12 +233,9 @@ def test_logits_of_a_quantized_file_from_a_changed_source_do_not_agree(tmp_path)
     the same tokens), so the logits do not agree, and the tensor check names the scaled
     tensor; llama.cpp's clean Q8_0 agrees, its KL within a few percent of the control's; both
     lines print KL and top-1 agreement against the control's."""
-    from safetensors.numpy import load_file, save_file
     a = make_hf_model(tmp_path / "a", "llama", hidden=256, ffn=512, seed=5)
-    b = copy_dir(a, tmp_path / "b")
-    sd = load_file(str(b / "model.safetensors"))
     v = "model.layers.1.self_attn.v_proj.weight"
-    save_file({**sd, v: sd[v] * np.float32(1.1)}, str(b / "model.safetensors"), metadata={"format": "pt"})
+    b = scaled_copy(a, tmp_path / "b", v, 1.1)
     convert(a, tmp_path / "a.gguf")
     convert(b, tmp_path / "b.gguf")
     clean = llamacpp.quantize(tmp_path / "a.gguf", tmp_path / "a-q8.gguf", "Q8_0")

@@ -20,13 +20,10 @@ from test_cli_files import cli
 def good(tmp_path_factory):
     """A small Qwen2 trained by the reference trainer on a few standard-library modules (about
     20 s on a CPU): its loss on qa's sample text is well below ln(vocab)."""
-    from oracles import stdlib_files, write_tokenizer
+    from oracles import write_stdlib_corpus, write_tokenizer
     from ref.train import RunConfig, start_run, train
     root = tmp_path_factory.mktemp("qa")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for p in stdlib_files(16):
-        (corpus / p.name).write_text(p.read_text(encoding="utf-8"), encoding="utf-8")
+    corpus = write_stdlib_corpus(root / "corpus")
     write_tokenizer(root)
     cfg = RunConfig(dataset=str(corpus), run_dir=str(root / "run"), tokenizer=str(root / "tokenizer.json"),
                     arch="qwen2-tiny", shape=dict(vocab_size=448), steps=300, batch_size=8,
