@@ -190,6 +190,9 @@ class StreamedWeights(Mapping):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="weights") if prefetch else None
         self._ahead: tuple[int, Future] | None = None     # (layer, its conversion under way)
         self.buffers = HostBuffers()
+        # one read buffer serves every tensor of a layer: the largest one's size
+        self.scratch_bytes = max((view.tensors[n].nbytes for group in self.layer_names.values()
+                                  for n in group), default=0)
 
     def _convert(self, name: str, reuse: bool = False) -> Any:
         """``name``'s parameter in the compute dtype on the device; with ``reuse``, read and
@@ -198,11 +201,13 @@ class StreamedWeights(Mapping):
         if not (reuse and self.dtype == np.float32 and ref.dtype.name in INTO_DTYPES
                 and ref.file_span is not None):
             return self.backend.to_device(ref.numpy(self.dtype, order="stored"), self.dtype)
-        scratch = self.buffers.take((ref.nbytes,), np.uint8)
-        host = ref.numpy(self.dtype, order="stored", out=self.buffers.take(ref.shape, np.float32),
-                         scratch=scratch)
+        scratch = self.buffers.take((self.scratch_bytes,), np.uint8)
+        out = self.buffers.take(ref.shape, np.float32)
+        host = ref.numpy(self.dtype, order="stored", out=out, scratch=scratch)
         self.buffers.give(scratch)
-        scratch = None
+        if host is not out:                  # a new array (a stored offset subtracted)
+            self.buffers.give(out)
+        scratch = out = None
         device = self.backend.to_device(host, self.dtype)
         if device is not host:               # copied to the device: the host array is free
             self.buffers.give(host)

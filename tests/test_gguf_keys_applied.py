@@ -82,15 +82,10 @@ SPM_FAMILIES = ("gemma2",)
 SPM_ROWS = 768               # the embedding rows: the SentencePiece model's 700 pieces, padded
 
 
-def _spm_model(tmp_path_factory) -> Path:
-    """A Gemma-style SentencePiece model, trained once per run."""
-    global _SPM
-    if _SPM is None:
-        _SPM = train_spm(tmp_path_factory.mktemp("spm"), "gemma")
-    return _SPM
-
-
-_SPM: Path | None = None
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> Path:
+    """A Gemma-style SentencePiece model, trained once per module (about a second)."""
+    return train_spm(tmp_path_factory.mktemp("spm"), "gemma")
 
 
 def tokenizer_for(llama_cpp_src, family: str):
@@ -99,7 +94,7 @@ def tokenizer_for(llama_cpp_src, family: str):
 
 
 @pytest.mark.parametrize("family", list(CASES))
-def test_llama_cpp_converter_keys_are_applied(family, llama_cpp_src, tmp_path, tmp_path_factory):
+def test_llama_cpp_converter_keys_are_applied(family, llama_cpp_src, tmp_path, spm_model):
     values, written = CASES[family]
     spm = family in SPM_FAMILIES    # the converter reads its vocabulary from tokenizer.model
     tokenizer = None if spm else tokenizer_for(llama_cpp_src, family)
@@ -112,7 +107,7 @@ def test_llama_cpp_converter_keys_are_applied(family, llama_cpp_src, tmp_path, t
     d = tmp_path / "hf"
     model.save_pretrained(d)
     if spm:
-        (d / "tokenizer.model").write_bytes(_spm_model(tmp_path_factory).read_bytes())
+        (d / "tokenizer.model").write_bytes(spm_model.read_bytes())
     else:
         for name, text in to_hf_files(tokenizer).items():
             if name == "tokenizer_config.json" and family == "phi3":   # Phi: GPT-2 BPE or nothing
